@@ -1,0 +1,52 @@
+"""Atomic file writes: write to a temp file in the same directory, then rename, so a killed
+run never leaves a half-written output under the final name."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterable, Iterator, TextIO
+
+import yaml
+
+
+@contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "w") -> Iterator[TextIO]:
+    """Open a temp file beside `path`; on clean exit fsync and rename it over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(path: str | os.PathLike, obj, indent: int | None = 2) -> None:
+    with atomic_open(path) as f:
+        json.dump(obj, f, indent=indent, sort_keys=False)
+        f.write("\n")
+
+
+def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> None:
+    with atomic_open(path) as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def write_yaml(path: str | os.PathLike, obj) -> None:
+    with atomic_open(path) as f:
+        yaml.safe_dump(obj, f, sort_keys=False, allow_unicode=True)
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    with atomic_open(path) as f:
+        f.write(text)

@@ -1,0 +1,213 @@
+"""Typed configuration: every YAML under configs/ is loaded into these dataclasses, once.
+
+`load_config(path, overrides)` reads the YAML, applies `--set dotted.key=value` overrides, and
+builds the dataclasses, checking every key and type. Unknown keys, wrong types and bad values
+fail at start with a one-line `PipelineError` naming the key and the fix. Nothing later in the
+pipeline re-reads raw YAML or overrides a setting silently.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+from pipeline.errors import PipelineError
+
+METRIC_KS = (1, 5, 10, 20, 50)  # full-catalogue cut-offs reported for every retriever
+
+
+@dataclass
+class DataConfig:
+    # "ml-100k": classic MovieLens 100K bundled in the recbole wheel (no download; the default).
+    # "ml-latest-small": the paper's "ML-100k" (ratings.csv + movies.csv) from `path`.
+    # "amazon": Amazon 2014 ratings_<category>.csv + meta_<category>.json.gz from `path`.
+    # "generic": `path`/interactions.csv (user,item,timestamp[,rating]) + `path`/items.csv (item,title).
+    dataset: Literal["ml-100k", "ml-latest-small", "amazon", "generic"] = "ml-100k"
+    path: Optional[str] = None  # directory with the raw files (not needed for ml-100k)
+    category: Optional[str] = None  # amazon only: "Beauty", "Video_Games", ...
+    min_rating: Optional[float] = None  # keep ratings >= this; None keeps all (as LlamaRec)
+    min_user_count: int = 5  # iterative k-core: users with fewer interactions are dropped
+    min_item_count: int = 5  # ... and items with fewer
+    # Keep only the first N users (by original id order) before k-core: small slices for
+    # smoke runs and tests. None = all users.
+    max_users: Optional[int] = None
+    cache_dir: str = ".cache/data"  # preprocessed datasets, keyed by a hash of this section
+
+    def validate(self) -> None:
+        if self.dataset != "ml-100k" and not self.path:
+            raise PipelineError(f"data.path is required for dataset {self.dataset!r}: set it to the directory with the raw files")
+        if self.dataset == "amazon" and not self.category:
+            raise PipelineError("data.category is required for dataset 'amazon': set it to e.g. Beauty or Video_Games")
+        if self.min_user_count < 3:
+            raise PipelineError("data.min_user_count must be >= 3: leave-one-out needs train, val and test items per user")
+        if self.min_item_count < 1:
+            raise PipelineError("data.min_item_count must be >= 1")
+        if self.max_users is not None and self.max_users < 1:
+            raise PipelineError("data.max_users must be a positive integer or null")
+
+
+@dataclass
+class RetrieverConfig:
+    # lrurec: ours (paper's retriever); pop: popularity; the rest: recbole model classes.
+    model: Literal["lrurec", "pop", "sasrec", "bert4rec", "narm", "gru4rec"] = "lrurec"
+    max_len: int = 200  # input history length (paper: 200 for MovieLens, 50 for Amazon)
+    hidden: int = 64  # item embedding / model width (paper: 64)
+    n_blocks: int = 2  # LRU blocks (paper: 2); layers for the recbole models
+    dropout: float = 0.1  # embedding / feed-forward dropout
+    attn_dropout: float = 0.1  # dropout inside the LRU layer (attention dropout for SASRec/BERT4Rec)
+    lr: float = 1e-3  # AdamW (paper)
+    weight_decay: float = 0.01  # AdamW (paper)
+    grad_clip: float = 5.0  # max grad norm (paper)
+    batch_size: int = 64
+    max_epochs: int = 200  # upper bound; early stopping normally ends training first
+    patience: int = 10  # epochs without validation NDCG@10 improvement before stopping
+    eval_every: int = 1  # epochs between validations
+    top_k: int = 20  # candidates written per user (paper: 20)
+    device: str = "auto"  # "auto" = cuda if available else cpu
+
+    def validate(self) -> None:
+        for name in ("max_len", "hidden", "n_blocks", "batch_size", "max_epochs", "patience", "eval_every", "top_k"):
+            if getattr(self, name) < 1:
+                raise PipelineError(f"retriever.{name} must be >= 1 (got {getattr(self, name)})")
+        for name in ("dropout", "attn_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise PipelineError(f"retriever.{name} must be in [0, 1) (got {getattr(self, name)})")
+        if self.lr <= 0:
+            raise PipelineError(f"retriever.lr must be > 0 (got {self.lr})")
+
+
+@dataclass
+class RerankerConfig:
+    model: str = "tiny-qwen2"  # HF id or local path; or "smollm2-135m-instruct" / "tiny-qwen2"
+    label_scheme: str = "letters"  # "letters" (A..T) or "numbers" (1..20)
+
+    def validate(self) -> None:
+        pass
+
+
+@dataclass
+class Config:
+    seed: int = 0  # every RNG (python, numpy, torch) is seeded from this
+    data: DataConfig = field(default_factory=DataConfig)
+    retriever: RetrieverConfig = field(default_factory=RetrieverConfig)
+    reranker: RerankerConfig = field(default_factory=RerankerConfig)
+
+    def validate(self) -> None:
+        pass
+
+
+# ----------------------------------------------------------------------------------------
+# Loading
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = (), cls=Config):
+    """YAML file (or None for defaults) + `dotted.key=value` overrides -> validated `cls`."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise PipelineError(f"config file not found: {path} (pass --config with a YAML under configs/)")
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            first = str(e).splitlines()[0] if str(e) else "syntax error"
+            raise PipelineError(f"config file {path} is not valid YAML ({first}): fix its syntax") from None
+        if not isinstance(raw, dict):
+            raise PipelineError(f"config file {path} must hold a mapping of sections, not {type(raw).__name__}")
+    for item in overrides:
+        _apply_override(raw, item)
+    return build(cls, raw, prefix="")
+
+
+def _apply_override(raw: dict, item: str) -> None:
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip():
+        raise PipelineError(f"--set {item!r} is not of the form dotted.key=value")
+    parts = key.strip().split(".")
+    node = raw
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise PipelineError(f"--set {item!r}: {p!r} is not a section")
+    node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+
+
+def build(cls, raw: Any, prefix: str):
+    """Build dataclass `cls` from a mapping, type-checking each field; then call validate()."""
+    where = prefix.rstrip(".") or "config"
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise PipelineError(f"{where} must be a mapping of keys, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise PipelineError(
+            f"unknown config key {prefix}{unknown[0]!r} in {where}: valid keys are {', '.join(sorted(fields))}"
+        )
+    kwargs = {name: _coerce(hints[name], value, f"{prefix}{name}") for name, value in raw.items()}
+    obj = cls(**kwargs)
+    if hasattr(obj, "validate"):
+        obj.validate()
+    return obj
+
+
+def _coerce(tp, value, key: str):
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value, prefix=f"{key}.")
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        non_none = [a for a in args if a is not type(None)]
+        errors = []
+        for a in non_none:
+            try:
+                return _coerce(a, value, key)
+            except PipelineError as e:
+                errors.append(str(e))
+        raise PipelineError(errors[0])
+    if origin is Literal:
+        if value not in args:
+            raise PipelineError(f"config key {key} = {value!r} is not one of {', '.join(map(repr, args))}")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise PipelineError(f"config key {key} must be a list, got {value!r}")
+        inner = args[0] if args else Any
+        return [_coerce(inner, v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise PipelineError(f"config key {key} must be a mapping, got {value!r}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise PipelineError(f"config key {key} must be a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise PipelineError(f"config key {key} must be an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise PipelineError(f"config key {key} must be true or false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise PipelineError(f"config key {key} must be a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {tp} for {key}")  # a bug in the schema, not input
+
+
+def to_dict(cfg) -> dict:
+    """The fully resolved config as plain data (what config.yaml in a run directory holds)."""
+    return dataclasses.asdict(cfg)

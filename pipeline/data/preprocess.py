@@ -1,0 +1,124 @@
+"""Preprocessing (as LlamaRec): drop items without a title, iterative k-core, dense ids, each
+user's items sorted by (timestamp, original item id). Cached on disk, keyed by the config.
+
+Ties in timestamp are broken by the ORIGINAL item id (numeric order when every id is an
+integer, else string order), never by file order or dense ids: in classic ML-100K 416 of 943
+users rated their last two items in the same second, so this rule decides 44% of test targets.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from pipeline.config import DataConfig
+from pipeline.data.dataset import SplitDataset
+from pipeline.data.loaders import load_raw, raw_files
+from pipeline.errors import PipelineError
+
+CACHE_VERSION = 1  # bump when preprocessing changes, so stale caches are not reused
+
+
+def _id_sort_key(ids: pd.Series) -> pd.Series:
+    """Sort key for original ids: numeric when all are integers, else the strings themselves."""
+    if ids.str.fullmatch(r"-?\d+").all():
+        return ids.astype("int64")
+    return ids
+
+
+def k_core(df: pd.DataFrame, min_user: int, min_item: int) -> pd.DataFrame:
+    """Iteratively drop users with < min_user and items with < min_item interactions."""
+    while True:
+        n = len(df)
+        item_counts = df["item"].map(df["item"].value_counts())
+        df = df[item_counts >= min_item]
+        user_counts = df["user"].map(df["user"].value_counts())
+        df = df[user_counts >= min_user]
+        if len(df) == n:
+            return df
+
+
+def preprocess(interactions: pd.DataFrame, titles: dict[str, str], cfg: DataConfig, name: str) -> SplitDataset:
+    df = interactions
+    if cfg.min_rating is not None:
+        df = df[df["rating"] >= cfg.min_rating]
+    df = df[df["item"].isin(titles.keys())]
+    # The same (user, item, timestamp) twice is a duplicated record, not a second interaction.
+    df = df.drop_duplicates(["user", "item", "timestamp"])
+    if cfg.max_users is not None:
+        users = df["user"].drop_duplicates()
+        keep = users.iloc[_id_sort_key(users).argsort(kind="stable")].iloc[: cfg.max_users]
+        df = df[df["user"].isin(set(keep))]
+    df = k_core(df, cfg.min_user_count, cfg.min_item_count)
+    if df.empty:
+        raise PipelineError(
+            f"dataset {name!r} is empty after {cfg.min_user_count}/{cfg.min_item_count}-core filtering: "
+            "use more data (data.max_users) or lower data.min_user_count / data.min_item_count"
+        )
+    df = df.assign(item_key=_id_sort_key(df["item"]), user_key=_id_sort_key(df["user"]))
+    items = df[["item", "item_key"]].drop_duplicates("item").sort_values("item_key", kind="stable")["item"].tolist()
+    users = df[["user", "user_key"]].drop_duplicates("user").sort_values("user_key", kind="stable")["user"].tolist()
+    item_dense = {item: i for i, item in enumerate(items, start=1)}
+    user_dense = {user: u for u, user in enumerate(users)}
+    df = df.assign(i=df["item"].map(item_dense), u=df["user"].map(user_dense))
+    df = df.sort_values(["u", "timestamp", "item_key"], kind="stable")
+    sequences = [list(map(int, s)) for s in df.groupby("u", sort=True)["i"].agg(list)]
+    ds = SplitDataset(
+        name=name,
+        item_ids=[""] + items,
+        titles=[""] + [titles[i] for i in items],
+        user_ids=users,
+        sequences=sequences,
+    )
+    ds.stats = dataset_stats(ds)
+    return ds
+
+
+def dataset_stats(ds: SplitDataset) -> dict:
+    """The columns of the paper's Table 2."""
+    n_inter = sum(len(s) for s in ds.sequences)
+    return {
+        "dataset": ds.name,
+        "users": ds.n_users,
+        "items": ds.n_items,
+        "interactions": n_inter,
+        "avg_length": round(n_inter / ds.n_users, 1),
+        "density": round(n_inter / (ds.n_users * ds.n_items), 4),
+    }
+
+
+def stats_markdown(stats: dict) -> str:
+    head = "| Dataset | Users | Items | Interactions | Avg. length | Density |"
+    row = (
+        f"| {stats['dataset']} | {stats['users']:,} | {stats['items']:,} | {stats['interactions']:,} "
+        f"| {stats['avg_length']} | {stats['density']} |"
+    )
+    return "\n".join([head, "|---|---:|---:|---:|---:|---:|", row])
+
+
+def dataset_name(cfg: DataConfig) -> str:
+    name = cfg.dataset if cfg.dataset != "amazon" else f"amazon-{cfg.category}"
+    return name if cfg.max_users is None else f"{name}-first{cfg.max_users}users"
+
+
+def _cache_key(cfg: DataConfig) -> str:
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "cache_dir"}
+    files = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in raw_files(cfg) if p.exists()]
+    blob = json.dumps({"v": CACHE_VERSION, "cfg": settings, "files": files}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def load_dataset(cfg: DataConfig, use_cache: bool = True) -> SplitDataset:
+    """Load and preprocess the configured dataset, reusing a cached result for the same config
+    and the same raw files."""
+    name = dataset_name(cfg)
+    cache = Path(cfg.cache_dir) / f"{name}-{_cache_key(cfg)}.json"
+    if use_cache and cache.is_file():
+        return SplitDataset.load(cache)
+    ds = preprocess(*load_raw(cfg), cfg, name)
+    if use_cache:
+        ds.save(cache)
+    return ds

@@ -1,0 +1,66 @@
+"""Ranking metrics with one relevant item per user: Recall@k, NDCG@k, MRR@k.
+
+Everything is computed from the 1-based rank of the target; `None` means the target was not
+ranked at all (e.g. it is not among a user's candidates) and scores 0 at every k.
+Ties are broken by item order (lower index first), the same order `torch.topk`/a stable sort
+gives, so a metric and the candidates file never disagree about who is ahead.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterable, Optional, Sequence
+
+import torch
+
+from pipeline.config import METRIC_KS
+
+
+def metric_keys(ks: Iterable[int]) -> list[str]:
+    return [f"{name}@{k}" for k in ks for name in ("NDCG", "Recall", "MRR")]
+
+
+def metrics_from_ranks(ranks: Sequence[Optional[int]], ks: Iterable[int] = METRIC_KS) -> dict[str, float]:
+    """Mean Recall/NDCG/MRR@k over users from each user's 1-based target rank (None = missed)."""
+    ks = list(ks)
+    n = len(ranks)
+    if n == 0:
+        return {key: 0.0 for key in metric_keys(ks)}
+    out = {}
+    for k in ks:
+        hit = [r for r in ranks if r is not None and r <= k]
+        out[f"NDCG@{k}"] = sum(1.0 / math.log2(r + 1) for r in hit) / n
+        out[f"Recall@{k}"] = len(hit) / n
+        out[f"MRR@{k}"] = sum(1.0 / r for r in hit) / n
+    return {key: out[key] for key in metric_keys(ks)}
+
+
+def full_catalogue_ranks(scores: torch.Tensor, targets: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
+    """1-based rank of each target among all items not masked.
+
+    scores: (B, V) item scores; targets: (B,) item indices; masked: (B, V) bool, True for items
+    that cannot be recommended (padding index, the user's input history). The target itself is
+    never masked. Ties go to the lower item index.
+    """
+    scores = scores.float().masked_fill(masked, float("-inf"))
+    target_scores = scores.gather(1, targets[:, None])
+    idx = torch.arange(scores.shape[1], device=scores.device)[None, :]
+    ahead = (scores > target_scores) | ((scores == target_scores) & (idx < targets[:, None]))
+    ahead &= ~masked
+    return ahead.sum(1) + 1
+
+
+def candidate_rank(scores: Sequence[float], candidates: Sequence[str], target: str) -> Optional[int]:
+    """1-based rank of `target` among `candidates` ordered by `scores` (ties: earlier candidate
+    first, i.e. the retriever's order decides); None if the target is not a candidate."""
+    if target not in candidates:
+        return None
+    t = candidates.index(target)
+    s = scores[t]
+    return 1 + sum(1 for i, x in enumerate(scores) if x > s or (x == s and i < t))
+
+
+def coverage_weighted(subset: dict[str, float], n_covered: int, n_users: int) -> dict[str, float]:
+    """Overall metrics from covered-subset metrics (paper Table 1): uncovered users score 0 at
+    every k <= number of candidates, so overall = subset * n_covered / n_users."""
+    w = n_covered / n_users if n_users else 0.0
+    return {key: value * w for key, value in subset.items()}

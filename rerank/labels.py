@@ -1,0 +1,229 @@
+"""Candidate label schemes and their token ids: the ONE place that decides how a candidate is named
+in the prompt and which token ids score it.
+
+A scheme is a list of label strings ("A".."T", "1".."20", or a custom list from the config). A prompt
+with K candidates uses the first K labels; K beyond the list is an error.
+
+Token ids are never taken from a bare label. `derive_label_tokens` tokenizes the real text the model
+reads and is trained on, `prompt + label + answer_end` (answer_end = what the template writes after
+the assistant's answer, e.g. "<|im_end|>\\n" in ChatML), and keeps the tokens after the prompt's own
+tokens. That is the sequence at the answer position, whatever the tokenizer does with spaces or
+newlines (the reference read " A" while it trained "A").
+
+Scoring rule (decided here, used by training and ranking alike): a label is scored by the exact
+log-probability of its label tokens followed by the terminator, the first token of answer_end (the
+end-of-turn token, e.g. <|im_end|>, or EOS for the Alpaca template). With the terminator the scored
+sequences are prefix-free for every scheme: Qwen and SmolLM2 split digits, so "1" is a prefix of
+"10" by tokens, and without the terminator P("1") would also count every "1x" answer. Training
+supervises exactly these tokens (label + terminator), so the probabilities scored at inference are
+the ones that were trained. `LabelTokens.prefix_free` says whether the label tokens alone are
+already unambiguous (true for letters), for callers who want to know.
+"""
+from __future__ import annotations
+
+import string
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+from transformers import PreTrainedTokenizerBase
+
+from pipeline.errors import PipelineError
+
+MAX_LABELS = 20  # the paper's candidate count (retriever top-20); the built-in schemes name 20
+
+
+def encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+    """Token ids of `text` as the model receives them. Prompt strings carry their own special
+    tokens (the chat template writes them), so the tokenizer must add none: the one tokenization
+    rule for prompts, training texts and label derivation."""
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+@dataclass(frozen=True)
+class LabelScheme:
+    """A named list of candidate labels and the sentence that asks for one of them."""
+
+    name: str  # "letters", "numbers" or "custom"
+    labels: tuple[str, ...]  # label of candidate 1, 2, ...; a prompt with K candidates uses the first K
+    # Sentence closing the prompt; {first} and {last} become the first and K-th label.
+    answer_template: str
+
+    def __post_init__(self) -> None:
+        _check_label_strings(self.name, self.labels)
+        if "{first}" not in self.answer_template or "{last}" not in self.answer_template:
+            raise PipelineError(
+                f"label scheme {self.name!r}: answer instruction {self.answer_template!r} must contain "
+                "{first} and {last}: add both placeholders"
+            )
+
+    def for_k(self, k: int) -> tuple[str, ...]:
+        """The labels of a prompt with `k` candidates (the first k of the scheme)."""
+        if k < 1:
+            raise PipelineError(f"a prompt needs at least one candidate (got {k}): check the candidates file")
+        if k > len(self.labels):
+            raise PipelineError(
+                f"{k} candidates but label scheme {self.name!r} has only {len(self.labels)} labels: "
+                f"use at most {len(self.labels)} candidates (retriever.top_k) or a custom scheme with more labels"
+            )
+        return self.labels[:k]
+
+    def answer_instruction(self, k: int) -> str:
+        """E.g. "Answer with only one letter (A-E)." for k=5."""
+        labels = self.for_k(k)
+        return self.answer_template.format(first=labels[0], last=labels[-1])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "labels": list(self.labels), "answer_template": self.answer_template}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "LabelScheme":
+        return cls(name=d["name"], labels=tuple(d["labels"]), answer_template=d["answer_template"])
+
+
+LETTERS = LabelScheme(
+    name="letters",
+    labels=tuple(string.ascii_uppercase[:MAX_LABELS]),  # A..T, as LlamaRec
+    answer_template="Answer with only one letter ({first}-{last}).",
+)
+NUMBERS = LabelScheme(
+    name="numbers",
+    labels=tuple(str(i) for i in range(1, MAX_LABELS + 1)),  # 1..20
+    answer_template="Answer with only one number ({first}-{last}).",
+)
+BUILTIN_SCHEMES: dict[str, LabelScheme] = {s.name: s for s in (LETTERS, NUMBERS)}
+# Sentence for a custom scheme when the config gives none.
+CUSTOM_ANSWER_TEMPLATE = "Answer with only one label ({first}-{last})."
+
+
+def get_scheme(
+    name: str, custom_labels: Optional[Sequence[str]] = None, answer_template: Optional[str] = None
+) -> LabelScheme:
+    """A built-in scheme by name, or "custom" built from `custom_labels` (no code changes needed to
+    try a new scheme: set reranker.label_scheme=custom and reranker.custom_labels in the config)."""
+    if name == "custom":
+        if not custom_labels:
+            raise PipelineError("label scheme 'custom' needs a list of labels: set reranker.custom_labels")
+        return LabelScheme("custom", tuple(custom_labels), answer_template or CUSTOM_ANSWER_TEMPLATE)
+    if name not in BUILTIN_SCHEMES:
+        raise PipelineError(f"unknown label scheme {name!r}: use one of {', '.join([*BUILTIN_SCHEMES, 'custom'])}")
+    if custom_labels:
+        raise PipelineError(f"reranker.custom_labels is only used with label_scheme 'custom' (got {name!r}): remove it")
+    scheme = BUILTIN_SCHEMES[name]
+    if answer_template:
+        scheme = LabelScheme(scheme.name, scheme.labels, answer_template)
+    return scheme
+
+
+def scheme_from_config(cfg: Any) -> LabelScheme:
+    """The scheme a `pipeline.config.RerankerConfig` asks for."""
+    return get_scheme(cfg.label_scheme, cfg.custom_labels, cfg.answer_instruction)
+
+
+def _check_label_strings(name: str, labels: Sequence[str]) -> None:
+    if not labels:
+        raise PipelineError(f"label scheme {name!r} has no labels: give at least one")
+    for lab in labels:
+        if not isinstance(lab, str) or not lab.strip() or lab != lab.strip():
+            raise PipelineError(
+                f"label scheme {name!r}: label {lab!r} must be a non-empty string without surrounding whitespace"
+            )
+    dup = sorted({lab for lab in labels if labels.count(lab) > 1})
+    if dup:
+        raise PipelineError(f"label scheme {name!r} repeats label {dup[0]!r}: every label must be distinct")
+
+
+# ----------------------------------------------------------------------------------------
+# Token ids at the answer position
+
+
+@dataclass(frozen=True)
+class LabelTokens:
+    """The token ids of each label at the answer position, for one tokenizer and prompt format."""
+
+    labels: tuple[str, ...]
+    label_ids: tuple[tuple[int, ...], ...]  # tokens of each label right after the prompt
+    terminator_id: int  # first token after the label (end-of-turn / EOS); same for every label
+
+    @property
+    def scored_ids(self) -> tuple[tuple[int, ...], ...]:
+        """What scores label i: log P(label tokens + terminator | prompt). Also what training supervises."""
+        return tuple(ids + (self.terminator_id,) for ids in self.label_ids)
+
+    @property
+    def multi_token_labels(self) -> tuple[str, ...]:
+        """Labels that take more than one token (e.g. "10".."20" with Qwen's digit splitting)."""
+        return tuple(lab for lab, ids in zip(self.labels, self.label_ids) if len(ids) > 1)
+
+    @property
+    def prefix_free(self) -> bool:
+        """True when no label's tokens are a prefix of another's, i.e. the label tokens alone (without
+        the terminator) already identify the answer. False for numbers with Qwen ("1" vs "10")."""
+        for i, a in enumerate(self.label_ids):
+            for j, b in enumerate(self.label_ids):
+                if i != j and len(a) <= len(b) and b[: len(a)] == a:
+                    return False
+        return True
+
+    def for_k(self, k: int) -> "LabelTokens":
+        """The first k labels (a prompt with k candidates)."""
+        if not 1 <= k <= len(self.labels):
+            raise PipelineError(f"{k} candidates but only {len(self.labels)} labels: use 1..{len(self.labels)} candidates")
+        return LabelTokens(self.labels[:k], self.label_ids[:k], self.terminator_id)
+
+
+def derive_label_tokens(
+    labels: Sequence[str], tokenizer: PreTrainedTokenizerBase, prompt: str, answer_end: str
+) -> LabelTokens:
+    """Label and terminator token ids as they appear after `prompt` in `prompt + label + answer_end`.
+
+    `prompt` must end where the answer starts (chat template with add_generation_prompt=True) and
+    `answer_end` is what the template writes after the answer. Every prompt built with the same
+    `PromptStyle` ends with the same generation prompt, so one derivation holds for all of them.
+    Errors (PipelineError) when a tokenization boundary merges (the prompt's tokens are not a prefix
+    of the joint tokens, or a label merges with the end of turn), when answer_end yields no token,
+    when labels are not told apart (two labels give the same tokens, or a label contains the
+    terminator)."""
+    if not answer_end:
+        raise PipelineError(
+            "the prompt template writes nothing after the answer, so labels have no terminator: "
+            "use a tokenizer whose chat template ends turns, or the alpaca template with an EOS token"
+        )
+    prompt_ids = encode(tokenizer, prompt)
+    n = len(prompt_ids)
+    label_ids: list[tuple[int, ...]] = []
+    terminators: set[int] = set()
+    for lab in labels:
+        with_label = encode(tokenizer, prompt + lab)
+        joint = encode(tokenizer, prompt + lab + answer_end)
+        if with_label[:n] != prompt_ids or joint[:n] != prompt_ids:
+            raise PipelineError(
+                f"label {lab!r} merges with the end of the prompt into different tokens: "
+                "end the prompt with a newline or special token before the answer (fix the prompt template)"
+            )
+        ids = tuple(with_label[n:])
+        tail = tuple(joint[n:])
+        if not ids:
+            raise PipelineError(f"label {lab!r} produces no tokens with this tokenizer: choose another label")
+        if tail[: len(ids)] != ids or len(tail) <= len(ids):
+            raise PipelineError(
+                f"label {lab!r} merges with the end-of-turn text {answer_end!r}: choose labels that end a token"
+            )
+        label_ids.append(ids)
+        terminators.add(tail[len(ids)])
+    if len(terminators) != 1:
+        raise PipelineError(
+            f"the end of turn {answer_end!r} starts with different tokens after different labels: "
+            "choose labels that do not merge with it"
+        )
+    (terminator,) = terminators
+    seen: dict[tuple[int, ...], str] = {}
+    for lab, ids in zip(labels, label_ids):
+        if ids in seen:
+            raise PipelineError(
+                f"labels {seen[ids]!r} and {lab!r} tokenize to the same ids {list(ids)}: "
+                "the scheme is ambiguous, choose distinct labels"
+            )
+        seen[ids] = lab
+        if terminator in ids:
+            raise PipelineError(f"label {lab!r} contains the end-of-turn token {terminator}: remove it from the label")
+    return LabelTokens(tuple(labels), tuple(label_ids), terminator)

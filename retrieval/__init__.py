@@ -1,0 +1,1 @@
+"""First-stage retrieval: LRURec (ours), popularity, and RecBole baselines; candidates files."""

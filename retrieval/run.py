@@ -1,0 +1,37 @@
+"""A whole retriever run: data -> fit -> candidates and metrics for val and test -> run dir."""
+from __future__ import annotations
+
+from pipeline.atomic import write_json, write_text
+from pipeline.candidates import candidates_path, write_rows
+from pipeline.config import Config
+from pipeline.data import SPLITS, load_dataset
+from pipeline.data.preprocess import stats_markdown
+from pipeline.rundir import RunDir
+from retrieval.candidates import retrieve
+from retrieval.registry import build_retriever
+
+
+def train_retriever(cfg: Config, run: RunDir) -> dict:
+    """Fit `cfg.retriever` on `cfg.data`, write candidates_<split>.jsonl and metrics.json."""
+    ds = load_dataset(cfg.data)
+    print(stats_markdown(ds.stats))
+    write_json(run / "dataset_stats.json", ds.stats)
+    retriever = build_retriever(cfg.retriever, ds)
+    summary = retriever.fit(ds, cfg.retriever, cfg.seed, run.path)
+    write_json(run / "train_summary.json", summary)
+    metrics = {}
+    for split in SPLITS:
+        rows, section = retrieve(retriever.score, ds, split, cfg.retriever.top_k)
+        write_rows(candidates_path(run.path, split), rows)
+        metrics = run.update_metrics(split, section)
+    write_text(run / "metrics.md", retriever_table(metrics, cfg.retriever.model))
+    return metrics
+
+
+def retriever_table(metrics: dict, model: str, ks=(5, 10, 20)) -> str:
+    cols = [f"{m}@{k}" for k in ks for m in ("NDCG", "Recall", "MRR")]
+    lines = [f"| {model} split | " + " | ".join(cols) + " | coverage |", "|---" * (len(cols) + 2) + "|"]
+    for split, sec in metrics.items():
+        vals = " | ".join(f"{sec['retriever'][c]:.4f}" for c in cols)
+        lines.append(f"| {split} | {vals} | {sec['coverage']:.4f} |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,25 @@
+"""Train a first-stage retriever and write its candidates files.
+
+    python scripts/train_retriever.py --config configs/retrieval/lrurec_ml-100k.yaml --out runs/lrurec
+        [--set retriever.max_epochs=3 ...]
+
+Writes to --out: config.yaml, run.json, dataset_stats.json, train_summary.json, retriever.pt,
+candidates_val.jsonl, candidates_test.jsonl, metrics.json, metrics.md, tb/ (TensorBoard).
+"""
+from pipeline.cli import parser, run_main
+from pipeline.config import load_config
+from pipeline.rundir import RunDir
+from retrieval.run import train_retriever
+
+
+def main(argv=None):
+    args = parser(__doc__.splitlines()[0]).parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    run = RunDir(args.out).start(cfg, argv)
+    train_retriever(cfg, run)
+    run.finish()
+    print((run / "metrics.md").read_text())
+
+
+if __name__ == "__main__":
+    run_main(main)

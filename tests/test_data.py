@@ -1,0 +1,267 @@
+"""Loaders on small fixture files in each format, 5-core, the split, titles, bad input."""
+import gzip
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import DataConfig, load_config
+from pipeline.data import load_dataset
+from pipeline.data.loaders import clean_movielens_title, clean_title
+from pipeline.data.preprocess import k_core
+from pipeline.errors import PipelineError
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Six users x six items, everything dense enough to survive 5-core except user "u9" (2 ratings)
+# and item "i9" (rated by one user only). Timestamps tie on purpose (see the tie test).
+N_USERS, N_ITEMS = 6, 6
+
+
+def _interactions():
+    rows = []
+    for u in range(1, N_USERS + 1):
+        for k, i in enumerate(range(1, N_ITEMS + 1)):
+            # item order differs per user
+            t = 1000 + 10 * ((k + u) % N_ITEMS)
+            rows.append((str(u), str(i), t))
+    rows.append(("1", "9", 5000))  # item 9: one rating -> removed by 5-core
+    rows += [("9", "1", 7), ("9", "2", 8)]  # user 9: two ratings -> removed
+    # user 3: make its last two items tie (same second) with ids 6 and 2 -> order by item id
+    rows = [(u, i, 9999 if (u == "3" and i in ("6", "2")) else t) for u, i, t in rows]
+    return rows
+
+
+TITLES = {str(i): f"Movie {i}" for i in range(1, N_ITEMS + 1)} | {"9": "Lonely Movie"}
+TITLES["4"] = "Usual Suspects, The"
+
+
+def write_generic(root: Path, rows=None, titles=None):
+    rows = _interactions() if rows is None else rows
+    titles = TITLES if titles is None else titles
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "interactions.csv").write_text("user,item,timestamp,rating\n" + "".join(f"{u},{i},{t},4\n" for u, i, t in rows))
+    (root / "items.csv").write_text("item,title\n" + "".join(f'{i},"{t}"\n' for i, t in titles.items()))
+    return root
+
+
+def write_ml_latest_small(root: Path):
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "ratings.csv").write_text("userId,movieId,rating,timestamp\n" + "".join(f"{u},{i},4.0,{t}\n" for u, i, t in _interactions()))
+    titles = {i: f"{t} (1995)" for i, t in TITLES.items()}
+    titles["5"] = "City of Lost Children, The (Cité des enfants perdus, La) (1995)"
+    (root / "movies.csv").write_text("movieId,title,genres\n" + "".join(f'{i},"{t}",Drama\n' for i, t in titles.items()))
+    return root
+
+
+def write_ml100k(root: Path):
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "ml-100k.inter").write_text(
+        "user_id:token\titem_id:token\trating:float\ttimestamp:float\n" + "".join(f"{u}\t{i}\t4\t{t}\n" for u, i, t in _interactions())
+    )
+    (root / "ml-100k.item").write_text(
+        "item_id:token\tmovie_title:token_seq\trelease_year:token\tclass:token_seq\n"
+        + "".join(f"{i}\t{t}\t1995\tDrama\n" for i, t in TITLES.items())
+    )
+    return root
+
+
+def write_amazon(root: Path, cat="Beauty"):
+    root.mkdir(parents=True, exist_ok=True)
+    asin = {i: f"B00{i}" for i in TITLES}
+    (root / f"ratings_{cat}.csv").write_text("".join(f"A{u},{asin[i]},5.0,{t}\n" for u, i, t in _interactions()))
+    with gzip.open(root / f"meta_{cat}.json.gz", "wt", encoding="utf-8") as f:
+        for i, t in TITLES.items():
+            # Python-literal dicts (single quotes), as the 2014 dumps; one has HTML entities
+            title = "Soap &amp; Glory" if i == "6" else t
+            f.write(repr({"asin": asin[i], "title": title, "price": 3.5, "categories": [["Beauty"]]}) + "\n")
+        f.write(repr({"asin": "B00X", "price": 1.0}) + "\n")  # no title: dropped
+    return root
+
+
+def _cfg(tmp_path, **kw):
+    return DataConfig(cache_dir=str(tmp_path / "cache"), **kw)
+
+
+@pytest.mark.parametrize("fmt", ["generic", "ml-latest-small", "ml-100k", "amazon"])
+def test_each_loader_gives_the_same_5core_dataset(tmp_path, fmt):
+    root = tmp_path / fmt
+    writer = {"generic": write_generic, "ml-latest-small": write_ml_latest_small, "ml-100k": write_ml100k, "amazon": write_amazon}[fmt]
+    writer(root)
+    kw = {"category": "Beauty"} if fmt == "amazon" else {}
+    ds = load_dataset(_cfg(tmp_path, dataset=fmt, path=str(root), **kw))
+    assert ds.n_users == N_USERS and ds.n_items == N_ITEMS  # user 9 and item 9 filtered out
+    assert ds.stats["interactions"] == N_USERS * N_ITEMS
+    assert ds.stats["avg_length"] == 6.0
+    title4 = ds.titles[ds.item_index()[("B004" if fmt == "amazon" else "4")]]
+    assert title4.startswith("The Usual Suspects")
+    if fmt in ("ml-latest-small", "ml-100k"):
+        assert title4 == "The Usual Suspects (1995)"
+    if fmt == "ml-latest-small":
+        assert ds.titles[ds.item_index()["5"]] == "The City of Lost Children (1995)"
+    if fmt == "amazon":
+        assert ds.titles[ds.item_index()["B006"]] == "Soap & Glory"
+
+
+def test_split_targets_are_last_interactions_and_ties_break_by_original_item_id(tmp_path):
+    rows = _interactions()
+    ds = load_dataset(_cfg(tmp_path, dataset="generic", path=str(write_generic(tmp_path / "g", rows))))
+    by_user = {}
+    for u, i, t in rows:
+        if i != "9":  # item 9 is removed by 5-core
+            by_user.setdefault(u, []).append((t, int(i)))
+    for u_idx, user in enumerate(ds.user_ids):
+        expected = [str(i) for t, i in sorted(by_user[user])]
+        got = [ds.item_ids[i] for i in ds.sequences[u_idx]]
+        assert got == expected
+        assert ds.item_ids[ds.targets("test")[u_idx]] == expected[-1]
+        assert ds.item_ids[ds.targets("val")[u_idx]] == expected[-2]
+        assert [ds.item_ids[i] for i in ds.train_sequence(u_idx)] == expected[:-2]
+        assert ds.inputs("test")[u_idx] == ds.sequences[u_idx][:-1]
+    # user 3 rated items 6 and 2 in the same second: item "2" < "6" numerically, so 6 is last
+    u3 = ds.user_ids.index("3")
+    assert ds.item_ids[ds.targets("test")[u3]] == "6"
+    assert ds.item_ids[ds.targets("val")[u3]] == "2"
+
+
+def test_tie_break_is_numeric_not_string_order(tmp_path):
+    # items "10" and "9" tie; numerically 9 < 10, so 10 is the test target (string order would say 9)
+    rows = [(str(u), str(i), 100 + i) for u in range(1, 6) for i in range(1, 9)]
+    rows += [(str(u), "9", 500) for u in range(1, 6)] + [(str(u), "10", 500) for u in range(1, 6)]
+    titles = {str(i): f"T{i}" for i in range(1, 11)}
+    ds = load_dataset(_cfg(tmp_path, dataset="generic", path=str(write_generic(tmp_path / "g", rows, titles))))
+    assert {ds.item_ids[t] for t in ds.targets("test")} == {"10"}
+    assert {ds.item_ids[t] for t in ds.targets("val")} == {"9"}
+
+
+def test_dense_ids_follow_original_numeric_order(tmp_path):
+    ds = load_dataset(_cfg(tmp_path, dataset="generic", path=str(write_generic(tmp_path / "g"))))
+    assert ds.item_ids == ["", "1", "2", "3", "4", "5", "6"]
+    assert ds.user_ids == ["1", "2", "3", "4", "5", "6"]
+
+
+def test_k_core_is_iterative():
+    import pandas as pd
+
+    # item c has 2 users; removing it leaves user y with 2 items -> y removed -> item b drops to 2
+    df = pd.DataFrame(
+        [("x", "a"), ("x", "b"), ("x", "c"), ("y", "a"), ("y", "b"), ("y", "c"), ("z", "a"), ("z", "b")],
+        columns=["user", "item"],
+    )
+    assert len(k_core(df, 3, 3)) == 0
+    assert len(k_core(df, 2, 2)) == 8
+
+
+def test_items_without_titles_are_dropped_before_k_core(tmp_path):
+    titles = {k: v for k, v in TITLES.items() if k != "6"}
+    ds = load_dataset(_cfg(tmp_path, dataset="generic", path=str(write_generic(tmp_path / "g", titles=titles)), min_item_count=1))
+    assert "6" not in ds.item_ids
+
+
+def test_max_users_slices_before_k_core(tmp_path):
+    ds = load_dataset(_cfg(tmp_path, dataset="generic", path=str(write_generic(tmp_path / "g")), max_users=5, min_item_count=1))
+    assert ds.user_ids == ["1", "2", "3", "4", "5"]
+
+
+def test_cache_reused_and_keyed_by_config(tmp_path):
+    root = write_generic(tmp_path / "g")
+    cfg = _cfg(tmp_path, dataset="generic", path=str(root))
+    load_dataset(cfg)
+    files = list((tmp_path / "cache").glob("*.json"))
+    assert len(files) == 1
+    assert load_dataset(cfg).sequences == load_dataset(cfg, use_cache=False).sequences
+    load_dataset(_cfg(tmp_path, dataset="generic", path=str(root), min_item_count=1))
+    assert len(list((tmp_path / "cache").glob("*.json"))) == 2
+
+
+def test_bundled_ml100k_statistics_and_ties():
+    """Classic ML-100K from the recbole wheel: SPEC's figures after 5-core."""
+    ds = load_dataset(DataConfig(), use_cache=False)
+    assert (ds.n_users, ds.n_items, ds.stats["interactions"], ds.stats["avg_length"]) == (943, 1349, 99287, 105.3)
+    assert ds.titles[ds.item_index()["1"]] == "Toy Story (1995)"
+
+
+def test_title_cleaning():
+    assert clean_title("Birdcage, The") == "The Birdcage"
+    assert clean_title("Man for All Seasons, A") == "A Man for All Seasons"
+    assert clean_title("Affair to Remember, An") == "An Affair to Remember"
+    assert clean_title("  Tom &amp;  Jerry ") == "Tom & Jerry"
+    assert clean_movielens_title("Seven (Se7en) (1995)") == "Seven (1995)"
+    assert clean_movielens_title("Usual Suspects, The", "1995") == "The Usual Suspects (1995)"
+
+
+# ---------------------------------------------------------------------------- bad input
+
+
+def test_missing_file_is_one_line_error(tmp_path):
+    with pytest.raises(PipelineError, match="interactions.csv not found"):
+        load_dataset(_cfg(tmp_path, dataset="generic", path=str(tmp_path / "nowhere")))
+
+
+def test_missing_columns_is_one_line_error(tmp_path):
+    root = tmp_path / "g"
+    root.mkdir()
+    (root / "interactions.csv").write_text("user,item\n1,2\n")
+    (root / "items.csv").write_text("item,title\n2,X\n")
+    with pytest.raises(PipelineError, match=r"missing column\(s\) timestamp"):
+        load_dataset(_cfg(tmp_path, dataset="generic", path=str(root)))
+
+
+def test_amazon_meta_is_never_evaluated(tmp_path):
+    root = write_amazon(tmp_path / "a")
+    with gzip.open(root / "meta_Beauty.json.gz", "wt") as f:
+        f.write("__import__('os').system('touch PWNED')\n")
+    with pytest.raises(PipelineError, match="line 1 is not a Python/JSON dict literal"):
+        load_dataset(_cfg(tmp_path, dataset="amazon", path=str(root), category="Beauty"))
+    assert not Path("PWNED").exists()
+
+
+def _run_script(tmp_path, *args):
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "train_retriever.py"), "--out", str(out), *args],
+        capture_output=True, text=True, cwd=tmp_path, timeout=120,
+    )
+    return proc, out
+
+
+@pytest.mark.parametrize(
+    "setup, sets, message",
+    [
+        ("missing", [], "interactions.csv not found"),
+        ("nocols", [], "missing column(s)"),
+        ("tiny", [], "empty after 5/5-core filtering"),
+        ("ok", ["retriever.bogus=1"], "unknown config key retriever.'bogus'"),
+        ("ok", ["retriever.lr=fast"], "retriever.lr must be a number"),
+    ],
+)
+def test_script_bad_input_one_line_error_nonzero_exit_no_outputs(tmp_path, setup, sets, message):
+    root = tmp_path / "data"
+    if setup == "nocols":
+        root.mkdir()
+        (root / "interactions.csv").write_text("user,item\n1,2\n")
+        (root / "items.csv").write_text("item,title\n2,X\n")
+    elif setup == "tiny":
+        write_generic(root, rows=[("1", "1", 1), ("1", "2", 2), ("2", "1", 3)])
+    elif setup == "ok":
+        write_generic(root)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"data:\n  dataset: generic\n  path: {root}\n  cache_dir: {tmp_path / 'cache'}\nretriever:\n  model: pop\n")
+    sets = [x for s in sets for x in ("--set", s)]
+    proc, out = _run_script(tmp_path, "--config", str(cfg), *sets)
+    assert proc.returncode != 0
+    err = proc.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], proc.stderr
+    assert not (out / "candidates_test.jsonl").exists() and not (out / "metrics.json").exists()
+
+
+def test_config_unknown_key_and_bad_value():
+    with pytest.raises(PipelineError, match="unknown config key data.'pathh'"):
+        load_config(None, ["data.pathh=x"])
+    with pytest.raises(PipelineError, match="retriever.model = 'lru' is not one of"):
+        load_config(None, ["retriever.model=lru"])
+    with pytest.raises(PipelineError, match="data.path is required"):
+        load_config(None, ["data.dataset=generic"])
+    cfg = load_config(None, ["retriever.max_epochs=3", "data.max_users=50"])
+    assert cfg.retriever.max_epochs == 3 and cfg.data.max_users == 50
