@@ -180,6 +180,16 @@ def test_bundled_ml100k_statistics_and_ties():
     ds = load_dataset(DataConfig(), use_cache=False)
     assert (ds.n_users, ds.n_items, ds.stats["interactions"], ds.stats["avg_length"]) == (943, 1349, 99287, 105.3)
     assert ds.titles[ds.item_index()["1"]] == "Toy Story (1995)"
+    # 416 users rated their last two items in the same second: the tie rule decides those targets
+    from pipeline.data.loaders import load_ml100k
+
+    raw, _ = load_ml100k()
+    ts = {(u, i): t for u, i, t in zip(raw.user, raw.item, raw.timestamp)}
+    tied = [u for u, s in enumerate(ds.sequences)
+            if ts[ds.user_ids[u], ds.item_ids[s[-1]]] == ts[ds.user_ids[u], ds.item_ids[s[-2]]]]
+    assert len(tied) == 416
+    # ... and for each, the later item is the one with the larger original (numeric) id
+    assert all(int(ds.item_ids[ds.sequences[u][-1]]) > int(ds.item_ids[ds.sequences[u][-2]]) for u in tied)
 
 
 def test_title_cleaning():
