@@ -84,10 +84,40 @@ class RetrieverConfig:
 @dataclass
 class RerankerConfig:
     model: str = "tiny-qwen2"  # HF id or local path; or "smollm2-135m-instruct" / "tiny-qwen2"
-    label_scheme: str = "letters"  # "letters" (A..T) or "numbers" (1..20)
+    # Model loading (rerank/models.py).
+    dtype: str = "auto"  # "auto" = bfloat16 on GPU (float16 if unsupported), float32 on CPU
+    device: str = "auto"  # "auto" = cuda if available else cpu
+    load_in_4bit: bool = False  # NF4 base weights via bitsandbytes (paper: 4-bit); CUDA only
+    backend: Literal["hf", "unsloth"] = "hf"  # unsloth: faster LoRA training; CUDA only
+    model_cache_dir: str = ".cache/models"  # where tiny-qwen2 / smollm2-135m-instruct are built once
+    # Labels (rerank/labels.py): "letters" (A..T), "numbers" (1..20), or "custom" (custom_labels).
+    label_scheme: Literal["letters", "numbers", "custom"] = "letters"
+    custom_labels: Optional[list[str]] = None  # label_scheme=custom only: the labels, candidate 1 first
+    # Closing sentence of the prompt; {first}/{last} become the first and K-th label. None = the
+    # scheme's own ("Answer with only one letter (A-T).").
+    answer_instruction: Optional[str] = None
+    # Prompt (rerank/prompts.py).
+    prompt_template: Literal["auto", "chat", "alpaca"] = "auto"  # auto: the tokenizer's chat template if any, else Alpaca-style
+    max_history: int = 20  # most recent history items shown (paper: 20)
+    title_max_tokens: int = 32  # each title cut to this many tokens (paper: 32)
+    max_prompt_tokens: int = 1536  # longer prompts drop history oldest first, never candidates (paper: 1536)
 
     def validate(self) -> None:
-        pass
+        if self.dtype not in ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"):
+            raise PipelineError(f"reranker.dtype {self.dtype!r} is not one of auto, float32, bfloat16, float16")
+        if (self.label_scheme == "custom") != bool(self.custom_labels):
+            raise PipelineError(
+                "reranker.custom_labels must be set exactly when reranker.label_scheme is 'custom': set both or neither"
+            )
+        if self.custom_labels and len(set(self.custom_labels)) != len(self.custom_labels):
+            raise PipelineError("reranker.custom_labels repeats a label: every label must be distinct")
+        if self.answer_instruction is not None and not all(p in self.answer_instruction for p in ("{first}", "{last}")):
+            raise PipelineError("reranker.answer_instruction must contain {first} and {last}: add both placeholders")
+        if self.max_history < 0:
+            raise PipelineError(f"reranker.max_history must be >= 0 (got {self.max_history})")
+        for name in ("title_max_tokens", "max_prompt_tokens"):
+            if getattr(self, name) < 1:
+                raise PipelineError(f"reranker.{name} must be >= 1 (got {getattr(self, name)})")
 
 
 @dataclass

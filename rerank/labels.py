@@ -39,6 +39,19 @@ def encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
+def _check_label_strings(name: str, labels: Sequence[str]) -> None:
+    if not labels:
+        raise PipelineError(f"label scheme {name!r} has no labels: give at least one")
+    for lab in labels:
+        if not isinstance(lab, str) or not lab.strip() or lab != lab.strip():
+            raise PipelineError(
+                f"label scheme {name!r}: label {lab!r} must be a non-empty string without surrounding whitespace"
+            )
+    dup = sorted({lab for lab in labels if labels.count(lab) > 1})
+    if dup:
+        raise PipelineError(f"label scheme {name!r} repeats label {dup[0]!r}: every label must be distinct")
+
+
 @dataclass(frozen=True)
 class LabelScheme:
     """A named list of candidate labels and the sentence that asks for one of them."""
@@ -119,19 +132,6 @@ def scheme_from_config(cfg: Any) -> LabelScheme:
     return get_scheme(cfg.label_scheme, cfg.custom_labels, cfg.answer_instruction)
 
 
-def _check_label_strings(name: str, labels: Sequence[str]) -> None:
-    if not labels:
-        raise PipelineError(f"label scheme {name!r} has no labels: give at least one")
-    for lab in labels:
-        if not isinstance(lab, str) or not lab.strip() or lab != lab.strip():
-            raise PipelineError(
-                f"label scheme {name!r}: label {lab!r} must be a non-empty string without surrounding whitespace"
-            )
-    dup = sorted({lab for lab in labels if labels.count(lab) > 1})
-    if dup:
-        raise PipelineError(f"label scheme {name!r} repeats label {dup[0]!r}: every label must be distinct")
-
-
 # ----------------------------------------------------------------------------------------
 # Token ids at the answer position
 
@@ -163,6 +163,11 @@ class LabelTokens:
                 if i != j and len(a) <= len(b) and b[: len(a)] == a:
                     return False
         return True
+
+    def describe(self) -> str:
+        """One line for logs, e.g. "20 labels, multi-token: 10, 11, ..., 20; terminator id 151645"."""
+        multi = ", ".join(self.multi_token_labels) or "none"
+        return f"{len(self.labels)} labels, multi-token: {multi}; terminator id {self.terminator_id}"
 
     def for_k(self, k: int) -> "LabelTokens":
         """The first k labels (a prompt with k candidates)."""

@@ -17,17 +17,19 @@ items are dropped oldest first, never candidates.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Sequence
 
+from jinja2.exceptions import TemplateError
 from transformers import PreTrainedTokenizerBase
 
 from pipeline.atomic import write_json
 from pipeline.errors import PipelineError
-from rerank.labels import LabelScheme, LabelTokens, derive_label_tokens, encode, get_scheme
+from rerank.labels import LabelScheme, LabelTokens, derive_label_tokens, encode, scheme_from_config
 
 STYLE_FILE = "prompt_style.json"  # saved beside a model / adapter
 FORMAT_VERSION = 1  # bump when the rendering code changes the text for the same PromptStyle
@@ -60,7 +62,8 @@ class PromptStyle:
     history_header: str = "User history:"
     candidate_header: str = "Candidate pool:"
     history_item_format: str = "{index}. {title}"  # index = 1..n, oldest first
-    candidate_format: str = "{label}. {title}"
+    # "(A) Title": set apart from the numbered history, so "(3)" never reads as history item 3
+    candidate_format: str = "({label}) {title}"
     # Extra chat-template variables: Qwen3 templates think unless told not to; others ignore it.
     chat_template_kwargs: dict[str, Any] = field(default_factory=lambda: {"enable_thinking": False})
     # Fingerprint of the tokenizer's chat template this style was made for (None for alpaca);
@@ -132,22 +135,27 @@ def make_style(
         raise PipelineError("prompt template 'chat' but the tokenizer has no chat template: use template auto or alpaca")
     if template not in ("chat", "alpaca"):
         raise PipelineError(f"unknown prompt template {template!r}: use auto, chat or alpaca")
-    style = PromptStyle(scheme=scheme, template=template, chat_template_sha256=_template_sha256(tokenizer) if template == "chat" else None, **settings)
-    if template == "chat" and "instruction_role" not in settings:
+    fingerprint = _template_sha256(tokenizer) if template == "chat" else None
+    style = PromptStyle(scheme=scheme, template=template, chat_template_sha256=fingerprint, **settings)
+    if template == "chat":
         try:
             _render_chat(tokenizer, style, "x", generation_prompt=True)
-        except Exception:  # jinja raises e.g. "System role not supported" from the template itself
+        except TemplateError as e:  # e.g. "System role not supported", raised by the template itself
+            if "instruction_role" in settings:
+                raise PipelineError(f"the tokenizer's chat template refuses this conversation ({e}): use prompt_template alpaca") from e
             style = dataclasses.replace(style, instruction_role="user")
-            _render_chat(tokenizer, style, "x", generation_prompt=True)
+            try:
+                _render_chat(tokenizer, style, "x", generation_prompt=True)
+            except TemplateError as e2:
+                raise PipelineError(f"the tokenizer's chat template refuses a user turn ({e2}): use prompt_template alpaca") from e2
     return style
 
 
 def style_from_config(cfg: Any, tokenizer: PreTrainedTokenizerBase) -> PromptStyle:
     """The PromptStyle a `pipeline.config.RerankerConfig` asks for."""
-    scheme = get_scheme(cfg.label_scheme, cfg.custom_labels, cfg.answer_instruction)
     return make_style(
         tokenizer,
-        scheme,
+        scheme_from_config(cfg),
         template=cfg.prompt_template,
         max_history=cfg.max_history,
         title_max_tokens=cfg.title_max_tokens,
@@ -171,7 +179,12 @@ def check_tokenizer(style: PromptStyle, tokenizer: PreTrainedTokenizerBase) -> N
 def cut_title(title: str, tokenizer: PreTrainedTokenizerBase, max_tokens: int) -> str:
     """Whitespace collapsed to single spaces (a title must stay on its line), then cut to the
     first `max_tokens` tokens; a character split by the cut is dropped."""
-    title = " ".join(str(title).split())
+    return _cut_title(tokenizer, str(title), max_tokens)
+
+
+@functools.lru_cache(maxsize=1 << 16)  # titles repeat across the many prompts of a run
+def _cut_title(tokenizer: PreTrainedTokenizerBase, title: str, max_tokens: int) -> str:
+    title = " ".join(title.split())
     ids = encode(tokenizer, title)
     if len(ids) <= max_tokens:
         return title
@@ -245,18 +258,33 @@ def _fit(
     cands = [cut_title(t, tokenizer, style.title_max_tokens) for t in candidates]
     shown = list(history)[-style.max_history :] if style.max_history else []
     hist = [cut_title(t, tokenizer, style.title_max_tokens) for t in shown]
-    while True:
-        user_text = _input_text(hist, cands, labels, style)
+
+    def render(n_keep: int) -> tuple[str, str, int]:
+        kept = hist[len(hist) - n_keep :]  # the n_keep most recent items
+        user_text = _input_text(kept, cands, labels, style)
         prompt = _render(tokenizer, style, user_text)
-        n_tokens = len(encode(tokenizer, prompt))
-        if n_tokens <= style.max_prompt_tokens:
-            return prompt, user_text
-        if not hist:
-            raise PipelineError(
-                f"the {len(cands)} candidates alone make a {n_tokens}-token prompt > max_prompt_tokens "
-                f"{style.max_prompt_tokens}: raise reranker.max_prompt_tokens or lower reranker.title_max_tokens"
-            )
-        hist = hist[1:]  # drop the oldest item, never a candidate
+        return prompt, user_text, len(encode(tokenizer, prompt))
+
+    best = render(len(hist))
+    if best[2] <= style.max_prompt_tokens:
+        return best[0], best[1]
+    best = render(0)
+    if best[2] > style.max_prompt_tokens:
+        raise PipelineError(
+            f"the {len(cands)} candidates alone make a {best[2]}-token prompt > max_prompt_tokens "
+            f"{style.max_prompt_tokens}: raise reranker.max_prompt_tokens or lower reranker.title_max_tokens"
+        )
+    # Keep the most recent items that fit (drop oldest first, never a candidate). The length grows
+    # with every item kept (a line more, indices renumbered), so bisect on the count.
+    lo, hi = 0, len(hist)  # render(lo) fits, render(hi) does not
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        attempt = render(mid)
+        if attempt[2] <= style.max_prompt_tokens:
+            lo, best = mid, attempt
+        else:
+            hi = mid
+    return best[0], best[1]
 
 
 def answer_end(tokenizer: PreTrainedTokenizerBase, style: PromptStyle) -> str:

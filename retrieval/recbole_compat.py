@@ -20,6 +20,11 @@ Workarounds, and why each is needed:
    would leak into the models.
 3. ... and that does not touch the environment: recbole's `_init_device` sets
    CUDA_VISIBLE_DEVICES (hiding all GPUs but one for the whole process); we pass the device.
+4. autograd anomaly detection restored after the import: importing
+   `recbole.model.sequential_recommender` runs `torch.autograd.set_detect_anomaly(True)` at
+   module level (sine.py), which records a Python stack trace for every autograd op in the
+   whole process (measured: NARM training ~2x slower; it slows LRURec too once recbole is
+   imported).
 Not needed here: `torch.load(weights_only=False)` (only recbole's Trainer and pretrained-model
 loaders call torch.load; our checkpoints are plain state dicts), `setuptools<81` (only
 `recbole.quick_start` imports ray; we never import it), `pandas<3` (only recbole's Dataset
@@ -38,11 +43,17 @@ for _name, _target in _NUMPY2_ALIASES.items():
     if not hasattr(np, _name):
         setattr(np, _name, _target)
 
+_anomaly_before = torch.is_anomaly_enabled()
+_anomaly_check_nan_before = torch.is_anomaly_check_nan_enabled()
+
 from recbole.config import Config  # noqa: E402  (must follow the numpy aliases)
 from recbole.data.interaction import Interaction  # noqa: E402
 from recbole.data.transform import construct_transform  # noqa: E402
 from recbole.model.abstract_recommender import SequentialRecommender  # noqa: E402
 from recbole.model.sequential_recommender import BERT4Rec, GRU4Rec, NARM, SASRec  # noqa: E402
+
+# 4. undo recbole's process-wide set_detect_anomaly(True).
+torch.autograd.set_detect_anomaly(_anomaly_before, check_nan=_anomaly_check_nan_before)
 
 __all__ = [
     "Interaction",
