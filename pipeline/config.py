@@ -101,6 +101,46 @@ class RerankerConfig:
     max_history: int = 20  # most recent history items shown (paper: 20)
     title_max_tokens: int = 32  # each title cut to this many tokens (paper: 32)
     max_prompt_tokens: int = 1536  # longer prompts drop history oldest first, never candidates (paper: 1536)
+    # Ranking (rerank/ranker.py).
+    # Prompts per forward pass, sorted by length so a batch wastes little padding; 16 prompts of
+    # ~600 tokens fit a 7B model in bf16 with room to spare, and larger batches gain nothing on CPU.
+    rank_batch_size: int = 16
+    # Candidate orders averaged per user (position-bias control); 1 = the retriever's order only,
+    # one pass per user (paper). P > 1 costs P passes: the original order, then seeded shuffles.
+    rank_permutations: int = 1
+    # Training (rerank/train.py). Samples (rerank/samples.py): every prefix of each user's TRAIN
+    # sequence is a prompt; its candidates are the target + negatives, shuffled.
+    # "random": negatives drawn uniformly from items outside the user's history so far (paper);
+    # "retriever": the user's candidates_train.jsonl top-K first (hard negatives), topped up at random.
+    train_negatives: Literal["random", "retriever"] = "random"
+    train_candidates: int = 20  # candidates per training prompt, target included (paper: 1 + 19 negatives)
+    train_min_history: int = 1  # a prefix needs this many earlier items (paper: 1, targets from the 2nd item on)
+    train_max_prefixes_per_user: Optional[int] = None  # only each user's last N prefixes (CPU runs); None = all (paper)
+    max_train_samples: Optional[int] = None  # seeded uniform sample of this many prefixes (CPU runs); None = all (paper)
+    supervise_end_of_turn: bool = True  # loss on label + end-of-turn token (paper: label + EOS); false = label only
+    lora_r: int = 8  # LoRA rank (paper)
+    lora_alpha: int = 32  # LoRA scale numerator: updates scaled by alpha / r (paper)
+    lora_dropout: float = 0.05  # dropout on the LoRA input (paper)
+    lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])  # (paper)
+    learning_rate: float = 1e-4  # peak learning rate (paper)
+    num_epochs: float = 1.0  # passes over the samples (paper: 1); early stopping may end training sooner
+    train_batch_size: int = 16  # prompts per device per forward pass (paper: 16 on MovieLens, 12 on Amazon)
+    grad_accum_steps: int = 1  # batches per optimizer step (paper: 1)
+    warmup_steps: int = 100  # linear warm-up steps, then linear decay to 0 (paper: 100)
+    weight_decay: float = 0.0  # AdamW weight decay on the LoRA weights (paper: the Trainer's default, 0)
+    max_grad_norm: float = 1.0  # gradient clipping (paper: the Trainer's default, 1.0)
+    # A transformers optimizer name; the paper's "paged_adamw_32bit" needs bitsandbytes on CUDA.
+    optim: str = "adamw_torch"
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, slower (paper: on)
+    eval_steps: int = 100  # optimizer steps between validations, each followed by a checkpoint (paper: 100)
+    patience: int = 20  # validations without a better val NDCG@10 before stopping early (paper: 20)
+    # Validation ranks a seeded sample of this many covered val users (rank_batch_size prompts per
+    # pass); None = all (paper).
+    val_max_users: Optional[int] = None
+    logging_steps: int = 10  # optimizer steps between training-loss logs to TensorBoard (paper: 10)
+    save_total_limit: int = 3  # checkpoints kept under <run>/checkpoints; the best one always survives (paper: 3)
+    dataloader_workers: int = 0  # processes building prompts; 0 = the training process (prompt building is cheap)
+    resume: bool = False  # continue from the last checkpoint under <run>/checkpoints (same config and samples)
 
     def validate(self) -> None:
         if self.dtype not in ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"):
@@ -118,6 +158,31 @@ class RerankerConfig:
         for name in ("title_max_tokens", "max_prompt_tokens"):
             if getattr(self, name) < 1:
                 raise PipelineError(f"reranker.{name} must be >= 1 (got {getattr(self, name)})")
+        # Ranking (rerank/ranker.py).
+        for name in ("rank_batch_size", "rank_permutations"):
+            if getattr(self, name) < 1:
+                raise PipelineError(f"reranker.{name} must be >= 1 (got {getattr(self, name)})")
+        # Training (rerank/train.py).
+        if self.train_candidates < 2:
+            raise PipelineError(f"reranker.train_candidates must be >= 2: the target and at least one negative (got {self.train_candidates})")
+        for name in ("train_min_history", "warmup_steps", "dataloader_workers"):
+            if getattr(self, name) < 0:
+                raise PipelineError(f"reranker.{name} must be >= 0 (got {getattr(self, name)})")
+        for name in ("train_max_prefixes_per_user", "max_train_samples", "val_max_users"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise PipelineError(f"reranker.{name} must be a positive integer or null (got {getattr(self, name)})")
+        for name in ("lora_r", "train_batch_size", "grad_accum_steps", "eval_steps", "patience", "logging_steps", "save_total_limit"):
+            if getattr(self, name) < 1:
+                raise PipelineError(f"reranker.{name} must be >= 1 (got {getattr(self, name)})")
+        for name in ("lora_alpha", "learning_rate", "num_epochs", "max_grad_norm"):
+            if getattr(self, name) <= 0:
+                raise PipelineError(f"reranker.{name} must be > 0 (got {getattr(self, name)})")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise PipelineError(f"reranker.lora_dropout must be in [0, 1) (got {self.lora_dropout})")
+        if self.weight_decay < 0:
+            raise PipelineError(f"reranker.weight_decay must be >= 0 (got {self.weight_decay})")
+        if not self.lora_target_modules:
+            raise PipelineError("reranker.lora_target_modules is empty: name the layers to adapt, e.g. [q_proj, v_proj]")
 
 
 @dataclass
@@ -126,6 +191,9 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     retriever: RetrieverConfig = field(default_factory=RetrieverConfig)
     reranker: RerankerConfig = field(default_factory=RerankerConfig)
+    # train_reranker.py: the retriever run directory whose candidates_<split>.jsonl are reranked.
+    # run_experiment.py writes both stages into --out and ignores this.
+    retriever_run: Optional[str] = None
 
     def validate(self) -> None:
         pass

@@ -10,14 +10,17 @@ the assistant's answer, e.g. "<|im_end|>\\n" in ChatML), and keeps the tokens af
 tokens. That is the sequence at the answer position, whatever the tokenizer does with spaces or
 newlines (the reference read " A" while it trained "A").
 
-Scoring rule (decided here, used by training and ranking alike): a label is scored by the exact
-log-probability of its label tokens followed by the terminator, the first token of answer_end (the
-end-of-turn token, e.g. <|im_end|>, or EOS for the Alpaca template). With the terminator the scored
-sequences are prefix-free for every scheme: Qwen and SmolLM2 split digits, so "1" is a prefix of
-"10" by tokens, and without the terminator P("1") would also count every "1x" answer. Training
-supervises exactly these tokens (label + terminator), so the probabilities scored at inference are
-the ones that were trained. `LabelTokens.prefix_free` says whether the label tokens alone are
-already unambiguous (true for letters), for callers who want to know.
+Scoring rule (decided here, used by the ranker): a label is scored by the exact log-probability of
+its label tokens, followed by the terminator (the first token of answer_end: the end-of-turn token,
+e.g. <|im_end|>, or EOS for the Alpaca template) ONLY when its tokens are a proper prefix of another
+label's tokens among the labels in use (the first K). Qwen and SmolLM2 split digits, so with numbers
+and K=20 "1" is a prefix of "10".."19" and "2" of "20": they are scored as "1"+terminator and
+"2"+terminator, otherwise P("1") would also count every "1x" answer. With K <= 9 numbers, and with
+letters at any K, no label extends another, so every label is scored by its label tokens alone: one
+forward pass for single-token labels, as in the paper. These scored sequences are prefix-free for
+every scheme (the terminator is in no label). Training supervises label + terminator always
+(`LabelTokens.trained_ids`), so every probability the ranker reads, the terminator's after a full
+label included, is one that was trained.
 """
 from __future__ import annotations
 
@@ -146,8 +149,20 @@ class LabelTokens:
 
     @property
     def scored_ids(self) -> tuple[tuple[int, ...], ...]:
-        """What scores label i: log P(label tokens + terminator | prompt). Also what training supervises."""
+        """What scores label i at ranking: log P(these tokens | prompt). The label tokens, plus the
+        terminator only when they are a proper prefix of another label's tokens (e.g. "1" when "10"
+        is in use); depends on K, so take it from `for_k(K)`. Prefix-free for every scheme."""
+        return tuple(ids + (self.terminator_id,) if self._extended(ids) else ids for ids in self.label_ids)
+
+    @property
+    def trained_ids(self) -> tuple[tuple[int, ...], ...]:
+        """What training supervises for label i: its tokens followed by the terminator, always (so
+        the terminator's probability after a complete label, read by `scored_ids`, is trained)."""
         return tuple(ids + (self.terminator_id,) for ids in self.label_ids)
+
+    def _extended(self, ids: tuple[int, ...]) -> bool:
+        """True when `ids` is a proper prefix of another label's tokens."""
+        return any(len(other) > len(ids) and other[: len(ids)] == ids for other in self.label_ids)
 
     @property
     def multi_token_labels(self) -> tuple[str, ...]:
@@ -156,8 +171,8 @@ class LabelTokens:
 
     @property
     def prefix_free(self) -> bool:
-        """True when no label's tokens are a prefix of another's, i.e. the label tokens alone (without
-        the terminator) already identify the answer. False for numbers with Qwen ("1" vs "10")."""
+        """True when no label's tokens are a prefix of another's, i.e. every label is scored by its
+        tokens alone (no terminator). False for numbers 1..20 with Qwen ("1" vs "10")."""
         for i, a in enumerate(self.label_ids):
             for j, b in enumerate(self.label_ids):
                 if i != j and len(a) <= len(b) and b[: len(a)] == a:
@@ -165,9 +180,11 @@ class LabelTokens:
         return True
 
     def describe(self) -> str:
-        """One line for logs, e.g. "20 labels, multi-token: 10, 11, ..., 20; terminator id 151645"."""
+        """One line for logs, e.g. "20 labels, multi-token: 10, ..., 20; scored with terminator id
+        151645: 1, 2"."""
         multi = ", ".join(self.multi_token_labels) or "none"
-        return f"{len(self.labels)} labels, multi-token: {multi}; terminator id {self.terminator_id}"
+        ended = ", ".join(lab for lab, ids in zip(self.labels, self.label_ids) if self._extended(ids)) or "none"
+        return f"{len(self.labels)} labels, multi-token: {multi}; scored with terminator id {self.terminator_id}: {ended}"
 
     def for_k(self, k: int) -> "LabelTokens":
         """The first k labels (a prompt with k candidates)."""

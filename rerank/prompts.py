@@ -318,7 +318,7 @@ def build_training_text(
 ) -> str:
     """`build_prompt(...)` + the label of candidates[target_index] + the end of turn. With a chat
     template this is the template's rendering of the answered conversation, checked to start with
-    the inference prompt byte for byte. Train on `LabelTokens.scored_ids[target_index]`, the tokens
+    the inference prompt byte for byte. Train on `LabelTokens.trained_ids[target_index]`, the tokens
     right after the prompt's tokens."""
     prompt, user_text = _fit(history, candidates, tokenizer, style)
     labels = style.scheme.for_k(len(candidates))

@@ -18,7 +18,7 @@ def build_retriever(cfg: RetrieverConfig, ds: SplitDataset) -> Retriever:
     if cfg.model == "pop":
         from retrieval.popularity import PopularityRetriever
 
-        return PopularityRetriever()
+        return PopularityRetriever(ds.n_items)
     if cfg.model in RECBOLE_MODELS:
         from retrieval.recbole_models import RecboleRetriever
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 from pipeline.atomic import write_json, write_text
 from pipeline.candidates import candidates_path, write_rows
 from pipeline.config import Config
-from pipeline.data import SPLITS, load_dataset
+from pipeline.data import CANDIDATE_SPLITS, SPLITS, load_dataset
 from pipeline.data.preprocess import stats_markdown
 from pipeline.rundir import RunDir
 from retrieval.candidates import retrieve
@@ -12,18 +12,20 @@ from retrieval.registry import build_retriever
 
 
 def train_retriever(cfg: Config, run: RunDir) -> dict:
-    """Fit `cfg.retriever` on `cfg.data`, write candidates_<split>.jsonl and metrics.json."""
+    """Fit `cfg.retriever` on `cfg.data`; write candidates_{train,val,test}.jsonl and metrics.json
+    (val and test)."""
     ds = load_dataset(cfg.data)
     print(stats_markdown(ds.stats))
     write_json(run / "dataset_stats.json", ds.stats)
     retriever = build_retriever(cfg.retriever, ds)
     summary = retriever.fit(ds, cfg.retriever, cfg.seed, run.path)
-    write_json(run / "train_summary.json", summary)
+    write_json(run / "retriever_summary.json", summary)
     metrics = {}
-    for split in SPLITS:
+    for split in CANDIDATE_SPLITS:
         rows, section = retrieve(retriever.score, ds, split, cfg.retriever.top_k)
         write_rows(candidates_path(run.path, split), rows)
-        metrics = run.update_metrics(split, section)
+        if split in SPLITS:  # train targets were fitted on: their metrics would flatter the model
+            metrics = run.update_metrics(split, section)
     write_text(run / "metrics.md", retriever_table(metrics, cfg.retriever.model))
     return metrics
 

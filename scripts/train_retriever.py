@@ -3,8 +3,8 @@
     python scripts/train_retriever.py --config configs/retrieval/lrurec_ml-100k.yaml --out runs/lrurec
         [--set retriever.max_epochs=3 ...]
 
-Writes to --out: config.yaml, run.json, dataset_stats.json, train_summary.json, retriever.pt,
-candidates_val.jsonl, candidates_test.jsonl, metrics.json, metrics.md, tb/ (TensorBoard).
+Writes to --out: config.yaml, run.json, dataset_stats.json, retriever_summary.json, retriever.pt,
+candidates_{train,val,test}.jsonl, metrics.json, metrics.md, tb/ (TensorBoard).
 """
 from pipeline.cli import parser, run_main
 from pipeline.config import load_config

@@ -93,8 +93,9 @@ def test_label_ids_are_the_tokens_at_the_answer_position(tok_name, scheme):
     for i in range(20):
         text = build_training_text(history, cands, i, tok, style)
         seen = _answer_tokens(tok, text, prompt)
-        assert tuple(seen[: len(lt.scored_ids[i])]) == lt.scored_ids[i]
-        assert lt.scored_ids[i] == lt.label_ids[i] + (end_of_turn,)
+        # Training sees the label then the end of turn; the ranker scores a prefix of that.
+        assert tuple(seen[: len(lt.trained_ids[i])]) == lt.trained_ids[i] == lt.label_ids[i] + (end_of_turn,)
+        assert lt.trained_ids[i][: len(lt.scored_ids[i])] == lt.scored_ids[i]
         assert tok.decode(list(lt.label_ids[i])) == scheme.labels[i]
 
 
@@ -109,11 +110,36 @@ def test_letters_are_single_tokens_numbers_10_to_20_are_two(tok_name):
     assert numbers.describe().startswith("20 labels, multi-token: 10, 11, 12")
     # Digits split: "1" is a prefix of "10" by tokens ...
     assert numbers.label_ids[9][:1] == numbers.label_ids[0] and not numbers.prefix_free
-    # ... but the scored sequences (with the terminator) are not prefixes of one another.
+    # ... so "1" and "2" (prefixes of "10".."19", "20") are scored with the terminator, the rest
+    # by their tokens alone; the scored sequences are then not prefixes of one another.
     scored = numbers.scored_ids
+    end = numbers.terminator_id
+    assert scored[0] == numbers.label_ids[0] + (end,) and scored[1] == numbers.label_ids[1] + (end,)
+    assert all(scored[i] == numbers.label_ids[i] for i in range(2, 20))
+    assert numbers.describe().endswith(f"scored with terminator id {end}: 1, 2")
     for a in scored:
         for b in scored:
             assert a == b or b[: len(a)] != a
+
+
+@pytest.mark.parametrize("tok_name", ["qwen", "smollm2"])
+def test_terminator_is_scored_only_after_a_label_that_another_in_use_extends(tok_name):
+    tok = TOKENIZERS[tok_name]()
+    numbers = label_tokens(tok, make_style(tok, NUMBERS))
+    end = numbers.terminator_id
+    # K=10: only "1" is extended (by "10"); K <= 9: nothing is, so no terminator at all.
+    ten = numbers.for_k(10)
+    assert ten.scored_ids[0] == ten.label_ids[0] + (end,) and ten.scored_ids[1:] == ten.label_ids[1:]
+    assert numbers.for_k(9).scored_ids == numbers.label_ids[:9]
+    assert numbers.for_k(12).scored_ids[1] == numbers.label_ids[1]  # "2" is extended only by "20"
+    # Letters are single tokens and never extend one another: the paper's pure one-pass scoring.
+    letters = label_tokens(tok, make_style(tok, LETTERS))
+    assert letters.scored_ids == letters.label_ids and all(len(ids) == 1 for ids in letters.scored_ids)
+    assert letters.trained_ids == tuple(ids + (end,) for ids in letters.label_ids)
+    # Custom labels: digits split, so "x1" is "x" then "1" and extends "x"; "y" extends nothing.
+    lt = label_tokens(tok, make_style(tok, get_scheme("custom", ["x", "x1", "y"])))
+    assert lt.label_ids[1][:1] == lt.label_ids[0]
+    assert lt.scored_ids == (lt.label_ids[0] + (end,), lt.label_ids[1], lt.label_ids[2])
 
 
 def test_qwen_answer_label_is_not_the_space_prefixed_token():

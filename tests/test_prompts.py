@@ -172,7 +172,7 @@ def test_alpaca_template_without_a_chat_template():
     lt = label_tokens(tok, style, prompt=prompt)
     assert lt.terminator_id == tok.eos_token_id
     seen = encode(tok, text)[len(encode(tok, prompt)) :]
-    assert tuple(seen) == lt.scored_ids[2]
+    assert tuple(seen) == lt.trained_ids[2]
 
 
 def test_template_without_system_role_gets_the_instruction_in_the_user_turn():

@@ -13,7 +13,10 @@ from pathlib import Path
 
 from pipeline.atomic import write_json
 
-SPLITS = ("val", "test")
+SPLITS = ("val", "test")  # evaluated splits
+# Candidate files are also written for "train" (target = last train item, input = the train items
+# before it): the reranker can take hard negatives from them without seeing val/test items.
+CANDIDATE_SPLITS = ("train", "val", "test")
 
 
 @dataclass

@@ -1,0 +1,117 @@
+"""Training samples -> token ids with loss labels, and left-padded batches.
+
+`encode_example` tokenizes the training text (`prompts.build_training_text`: the inference prompt +
+the target's label + the end of turn) and supervises exactly the answer: the target's label tokens,
+plus the terminator (the end-of-turn / EOS token, `LabelTokens.terminator_id`) when
+`supervise_end_of_turn` (the paper trains label + EOS). Positions are measured from the token length
+of the inference prompt (`prompts.build_prompt`), never hard-coded, and checked: the training
+tokens must start with exactly the prompt's tokens, and the supervised tokens must be the ids
+`LabelTokens` derived for that label, the ids the ranker scores.
+
+Batches are padded on the LEFT, so every answer ends at the last column, as at inference.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from pipeline.errors import PipelineError
+from rerank.labels import LabelTokens, encode
+from rerank.prompts import PromptStyle, build_prompt, build_training_text, label_tokens
+from rerank.samples import TrainSample
+
+IGNORE_INDEX = -100  # label value that torch's cross_entropy and the HF losses skip
+
+
+def encode_example(
+    history: Sequence[str],
+    candidates: Sequence[str],
+    target_index: int,
+    tokenizer: PreTrainedTokenizerBase,
+    style: PromptStyle,
+    tokens: LabelTokens,
+    supervise_end_of_turn: bool = True,  # paper: the label and EOS carry the loss
+) -> dict[str, list[int]]:
+    """{"input_ids", "labels"} of one training text: `labels` is IGNORE_INDEX everywhere except the
+    answer's supervised tokens, which hold their own ids. `history` / `candidates` are titles."""
+    prompt_ids = encode(tokenizer, build_prompt(history, candidates, tokenizer, style))
+    input_ids = encode(tokenizer, build_training_text(history, candidates, target_index, tokenizer, style))
+    n = len(prompt_ids)
+    if input_ids[:n] != prompt_ids:
+        raise PipelineError(
+            "the training text does not start with the inference prompt's tokens (the answer merges with the prompt): "
+            "fix the prompt template so the prompt ends with a newline or special token"
+        )
+    answer = tokens.label_ids[target_index] + ((tokens.terminator_id,) if supervise_end_of_turn else ())
+    if tuple(input_ids[n : n + len(answer)]) != answer:
+        raise PipelineError(
+            f"the answer tokens {input_ids[n : n + len(answer)]} after the prompt differ from the label tokens "
+            f"{list(answer)} the ranker scores: derive LabelTokens with the same tokenizer and prompt style"
+        )
+    labels = [IGNORE_INDEX] * len(input_ids)
+    labels[n : n + len(answer)] = answer
+    return {"input_ids": input_ids, "labels": labels}
+
+
+class TrainingTexts(torch.utils.data.Dataset):
+    """The encoded training examples of `samples`, built on access (prompt building is per item, so
+    DataLoader workers share it and a capped run never builds what it does not use)."""
+
+    def __init__(
+        self,
+        samples: Sequence[TrainSample],
+        titles: Sequence[str],  # dense id -> title (SplitDataset.titles)
+        tokenizer: PreTrainedTokenizerBase,
+        style: PromptStyle,
+        supervise_end_of_turn: bool = True,  # paper: label + EOS
+        tokens: Optional[LabelTokens] = None,  # derived from (tokenizer, style) when None
+    ) -> None:
+        self.samples = list(samples)
+        self.titles = titles
+        self.tokenizer = tokenizer
+        self.style = style
+        self.supervise_end_of_turn = supervise_end_of_turn
+        self.tokens = tokens if tokens is not None else label_tokens(tokenizer, style)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict[str, list[int]]:
+        s = self.samples[index]
+        return encode_example(
+            [self.titles[i] for i in s.history],
+            [self.titles[i] for i in s.candidates],
+            s.target_index,
+            self.tokenizer,
+            self.style,
+            self.tokens,
+            self.supervise_end_of_turn,
+        )
+
+
+@dataclass(frozen=True)
+class LeftPadCollator:
+    """Examples -> {"input_ids", "attention_mask", "labels"} tensors, padded on the left."""
+
+    pad_token_id: int
+
+    def __call__(self, features: Sequence[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+        def pad(rows: list[list[int]], value: int) -> torch.Tensor:
+            tensors = [torch.tensor(r, dtype=torch.long) for r in rows]
+            return torch.nn.utils.rnn.pad_sequence(tensors, batch_first=True, padding_value=value, padding_side="left")
+
+        ids = [f["input_ids"] for f in features]
+        return {
+            "input_ids": pad(ids, self.pad_token_id),
+            "attention_mask": pad([[1] * len(r) for r in ids], 0),
+            "labels": pad([f["labels"] for f in features], IGNORE_INDEX),
+        }
+
+
+def collator_for(tokenizer: PreTrainedTokenizerBase) -> LeftPadCollator:
+    if tokenizer.pad_token_id is None:
+        raise PipelineError("the tokenizer has no pad token: load it with rerank.models (which sets one)")
+    return LeftPadCollator(tokenizer.pad_token_id)

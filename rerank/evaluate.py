@@ -1,0 +1,139 @@
+"""Rerank one split's candidates and measure it: the rankings rows and the split's metrics.json section.
+
+Only covered users (target among the candidates) are sent to the model (SPEC: the others are not
+sent to the LLM); every number comes from pipeline/metrics.py:
+- `subset`: the reranker on the covered users (paper Table 3, right);
+- `overall`: coverage-weighted, subset * n_covered / n_users (paper Table 1): for k <= the
+  candidate count an uncovered user scores 0 whatever the order;
+- `retriever_subset`: the retriever's order on the covered users (paper Table 3, left);
+- `retriever`: the retriever's order over all users, ranks within its candidates. For k <= the
+  candidate count this equals the full-catalogue metric; the caller may put the retriever run's
+  own metrics.json section (full catalogue, also k = 50) in its place.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional, Sequence
+
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from pipeline.data.dataset import SplitDataset
+from pipeline.errors import PipelineError
+from pipeline.metrics import candidate_rank, coverage_weighted, metrics_from_ranks
+from rerank.prompts import PromptStyle
+from rerank.ranker import rank_rows
+
+# Cut-offs reported for the reranker: at most the 20 candidates it orders (k = 50 would equal 20).
+RERANK_KS = (1, 5, 10, 20)
+TABLE_KS = (5, 10)  # the paper's tables report @5 and @10
+TABLE_METRICS = ("NDCG", "Recall", "MRR")
+ROW_FIELDS = ("user", "history", "candidates", "scores", "target")  # the candidates-file fields
+
+
+def titles_by_item(dataset: SplitDataset) -> dict[str, str]:
+    """Original item id -> title, the lookup `rank_split` takes."""
+    return {item: title for item, title in zip(dataset.item_ids[1:], dataset.titles[1:])}
+
+
+def is_covered(row: Mapping[str, Any]) -> bool:
+    """True when the user's target is among its candidates (only these users go to the LLM)."""
+    return row["target"] in row["candidates"]
+
+
+def rank_split(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    style: PromptStyle,
+    rows: Sequence[Mapping[str, Any]],
+    titles: Mapping[str, str],
+    cfg: Any,
+    seed: int = 0,
+    progress: bool = True,
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """(rankings rows, metrics section) for one split's candidates rows.
+
+    `titles`: original item id -> title (`titles_by_item`); `cfg`: a `RerankerConfig`
+    (rank_batch_size, rank_permutations); `seed`: the run's seed (candidate orders when
+    rank_permutations > 1). Rankings rows exist for covered users only (the others have no reranker
+    scores): the candidates-file fields with `scores` = reranker scores in `candidates` order, plus
+    "label_scheme"."""
+    covered = [row for row in rows if is_covered(row)]
+    scores = rank_rows(
+        model,
+        tokenizer,
+        style,
+        covered,
+        titles,
+        batch_size=cfg.rank_batch_size,
+        permutations=cfg.rank_permutations,
+        seed=seed,
+        progress=progress,
+    )
+    rankings = [
+        {**{key: row[key] for key in ROW_FIELDS}, "scores": s, "label_scheme": style.scheme.name}
+        for row, s in zip(covered, scores)
+    ]
+    return rankings, split_metrics(rows, rankings)
+
+
+def split_metrics(
+    rows: Sequence[Mapping[str, Any]], rankings: Sequence[Mapping[str, Any]], ks: Sequence[int] = RERANK_KS
+) -> dict[str, Any]:
+    """The metrics.json section of one split from ALL users' candidates rows (retriever order) and
+    the covered users' rankings rows (reranker scores), matched by user."""
+    n_users = len(rows)
+    if n_users == 0:
+        raise PipelineError("no users in the candidates file: regenerate it with the retriever")
+    by_user: dict[str, Mapping[str, Any]] = {}
+    for rk in rankings:
+        if rk["user"] in by_user:
+            raise PipelineError(f"user {rk['user']!r} is ranked twice: rank each split's candidates file once")
+        by_user[rk["user"]] = rk
+    covered = [row for row in rows if is_covered(row)]
+    missing = [row["user"] for row in covered if row["user"] not in by_user]
+    if missing or len(by_user) != len(covered):
+        raise PipelineError(
+            f"the rankings do not match the covered users ({len(by_user)} ranked, {len(covered)} covered"
+            f"{', e.g. user ' + repr(missing[0]) + ' unranked' if missing else ''}): rank the same candidates file"
+        )
+    reranked = [_ranked(by_user[row["user"]], row) for row in covered]
+    subset = metrics_from_ranks(reranked, ks)
+    return {
+        "retriever": metrics_from_ranks([_retriever_rank(row) for row in rows], ks),
+        "retriever_subset": metrics_from_ranks([_retriever_rank(row) for row in covered], ks),
+        "subset": subset,
+        "overall": coverage_weighted(subset, len(covered), n_users),
+        "coverage": len(covered) / n_users,
+        "n_users": n_users,
+        "n_covered": len(covered),
+    }
+
+
+def _retriever_rank(row: Mapping[str, Any]) -> Optional[int]:
+    """The target's 1-based position in retriever order (the candidates are stored in it)."""
+    return row["candidates"].index(row["target"]) + 1 if is_covered(row) else None
+
+
+def _ranked(rk: Mapping[str, Any], row: Mapping[str, Any]) -> Optional[int]:
+    if list(rk["candidates"]) != list(row["candidates"]) or rk["target"] != row["target"]:
+        raise PipelineError(f"user {row['user']!r}: rankings and candidates disagree: rank the same candidates file")
+    return candidate_rank(rk["scores"], rk["candidates"], rk["target"])
+
+
+def markdown_table(section: Mapping[str, Any], ks: Sequence[int] = TABLE_KS) -> str:
+    """Retriever vs reranker on the covered subset and overall (NDCG/Recall/MRR @5 and @10), as
+    a markdown table for one split's metrics section."""
+    cols = [f"{m}@{k}" for k in ks for m in TABLE_METRICS]
+    lines = [
+        f"coverage {section['coverage']:.4f} ({section['n_covered']}/{section['n_users']} users)",
+        "",
+        "| | " + " | ".join(cols) + " |",
+        "|---" * (len(cols) + 1) + "|",
+    ]
+    for name, key in (
+        ("Retriever (subset)", "retriever_subset"),
+        ("Reranker (subset)", "subset"),
+        ("Retriever (overall)", "retriever"),
+        ("Reranker (overall)", "overall"),
+    ):
+        lines.append(f"| {name} | " + " | ".join(f"{section[key][c]:.4f}" for c in cols) + " |")
+    return "\n".join(lines) + "\n"

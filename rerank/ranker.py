@@ -1,0 +1,240 @@
+"""One-pass ranking: each candidate's score is the log-probability of its label at the answer position.
+
+`score_prompts` runs ONE forward pass over a left-padded batch of prompts and projects only the
+last position onto the vocabulary (`logits_to_keep=1`: the full (sequence x vocabulary) logits are
+never formed). Its log-softmax gives every single-token label's score at once, as in the paper.
+Labels scored by more than one token (`LabelTokens.scored_ids`: multi-token labels, and the
+terminator after a label that another label extends, e.g. "1" + end-of-turn next to "10") need the
+distribution after each distinct proper prefix. Those prefixes form a trie; each of its deepest
+internal nodes is fed as a short continuation (a few tokens) on the KV cache of the same pass, one
+cache row per path, and every label's score is the sum of log-probs along its path.
+
+`rank_rows` turns candidates-file rows into prompts (rerank/prompts.py), scores them, and returns
+each row's scores in the order of its `candidates`; `permutations > 1` averages each candidate's
+score over several seeded candidate orders (position-bias control).
+"""
+from __future__ import annotations
+
+import random
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from pipeline.errors import PipelineError
+from rerank.labels import LabelTokens, encode
+from rerank.prompts import PromptStyle, build_prompt, label_tokens
+
+# Prompts per forward pass. 16 prompts of ~600 tokens (20 history + 20 candidates) take a few GB
+# of activations and KV cache even for a 7B model in bf16; on 2 CPU cores larger batches gain
+# nothing. Prompts are sorted by length first, so a batch wastes little padding.
+DEFAULT_BATCH_SIZE = 16
+
+
+# ----------------------------------------------------------------------------------------
+# The trie of scored sequences
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What runs after the first pass. `paths`: the trie's deepest internal nodes (proper prefixes
+    of scored sequences that no other such prefix extends), each fed after the prompt; `where`:
+    every internal node -> (path index, position in that path) whose output is the distribution
+    after that prefix. No paths when every scored sequence is one token (letters)."""
+
+    paths: tuple[tuple[int, ...], ...]
+    where: dict[tuple[int, ...], tuple[int, int]]
+
+    @property
+    def depth(self) -> int:
+        return max((len(p) for p in self.paths), default=0)
+
+
+def _plan(scored: Sequence[tuple[int, ...]]) -> _Plan:
+    prefixes = {seq[:d] for seq in scored for d in range(1, len(seq))}
+    deepest = sorted(p for p in prefixes if not any(len(q) > len(p) and q[: len(p)] == p for q in prefixes))
+    where: dict[tuple[int, ...], tuple[int, int]] = {}
+    for m, path in enumerate(deepest):
+        for d in range(1, len(path) + 1):
+            where.setdefault(path[:d], (m, d - 1))
+    return _Plan(tuple(deepest), where)
+
+
+# ----------------------------------------------------------------------------------------
+# Scoring
+
+
+def score_prompts(
+    model: PreTrainedModel,
+    prompts_ids: Sequence[Sequence[int] | np.ndarray],
+    label_tokens: LabelTokens,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    pad_id: int | None = None,
+    progress: bool = True,
+) -> list[list[float]]:
+    """log P(label_tokens.scored_ids[i] | prompt) for every prompt (row) and label i (column).
+
+    `prompts_ids`: token ids of prompts that end where the answer starts (`labels.encode` of
+    `build_prompt`); `label_tokens`: already `for_k(K)` for K-candidate prompts; `pad_id`: the
+    tokenizer's pad token (masked out, so any id works; None = the model config's). Results are
+    in the input order whatever the batching."""
+    if batch_size < 1:
+        raise PipelineError(f"ranking batch size must be >= 1 (got {batch_size}): set reranker.rank_batch_size")
+    if pad_id is None:
+        pad_id = model.config.pad_token_id
+    if pad_id is None:
+        raise PipelineError("no pad token id for batched scoring: pass the tokenizer's pad_token_id")
+    if any(len(p) == 0 for p in prompts_ids):
+        raise PipelineError("an empty prompt cannot be scored: build prompts with rerank.prompts.build_prompt")
+    scored = label_tokens.scored_ids
+    plan = _plan(scored)
+    # Longest first: similar lengths share a batch (little padding), and the largest batch runs
+    # first, so running out of memory shows at once.
+    order = sorted(range(len(prompts_ids)), key=lambda i: -len(prompts_ids[i]))
+    out: list[list[float]] = [[] for _ in prompts_ids]
+    device = model.get_input_embeddings().weight.device  # where the token ids go (also under a device map)
+    was_training = model.training
+    model.eval()  # no dropout; restored below, so a trainer can rank for validation mid-training
+    try:
+        with torch.inference_mode():
+            starts = range(0, len(order), batch_size)
+            for start in tqdm(starts, desc="ranking", unit="batch", disable=not progress or len(starts) <= 1):
+                idx = order[start : start + batch_size]
+                scores = _score_batch(model, [prompts_ids[i] for i in idx], scored, plan, pad_id, device)
+                for i, row in zip(idx, scores.tolist()):
+                    out[i] = row
+    finally:
+        model.train(was_training)
+    return out
+
+
+def _score_batch(
+    model: PreTrainedModel,
+    batch: list[Sequence[int] | np.ndarray],
+    scored: Sequence[tuple[int, ...]],
+    plan: _Plan,
+    pad_id: int,
+    device: torch.device,
+) -> torch.Tensor:
+    """(B, K) label scores for one batch: the prompt pass, then the trie's continuations."""
+    n, width = len(batch), max(len(p) for p in batch)
+    input_ids = torch.full((n, width), pad_id, dtype=torch.long)
+    mask = torch.zeros((n, width), dtype=torch.long)
+    for r, ids in enumerate(batch):  # left padding: every prompt ends at the last column
+        input_ids[r, width - len(ids) :] = torch.as_tensor(ids, dtype=torch.long)
+        mask[r, width - len(ids) :] = 1
+    input_ids, mask = input_ids.to(device), mask.to(device)
+    # Positions count real tokens only, so a padded prompt sees the positions it has alone.
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    need_cache = bool(plan.paths)
+    out = model(
+        input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=need_cache, logits_to_keep=1
+    )
+    if out.logits.shape[1] != 1:
+        raise PipelineError(
+            f"{type(model).__name__} ignores logits_to_keep and computed logits for every position: "
+            "use a transformers causal LM class that supports it (all current ones do)"
+        )
+    first = out.logits[:, -1].float().log_softmax(-1)  # (B, V): log P(first token | prompt)
+    scores = first[:, [seq[0] for seq in scored]]  # (B, K)
+    if not need_cache:
+        return scores
+    cont = _continuations(model, out.past_key_values, mask, plan, pad_id)  # (B, M, D, V)
+    k_idx, m_idx, d_idx, tok = [], [], [], []
+    for k, seq in enumerate(scored):
+        for d in range(1, len(seq)):
+            m, pos = plan.where[seq[:d]]
+            k_idx.append(k), m_idx.append(m), d_idx.append(pos), tok.append(seq[d])
+    terms = cont[:, m_idx, d_idx, tok]  # (B, T): log P(token d of label k | prompt + its prefix)
+    return scores.index_add(1, torch.as_tensor(k_idx, device=scores.device), terms)
+
+
+def _continuations(model: PreTrainedModel, cache: Any, mask: torch.Tensor, plan: _Plan, pad_id: int) -> torch.Tensor:
+    """Log-probs after every token of every trie path, fed on the prompt's KV cache: (B, M, D, V)."""
+    n, m, depth = mask.shape[0], len(plan.paths), plan.depth
+    if not hasattr(cache, "batch_repeat_interleave"):
+        raise PipelineError(
+            f"{type(model).__name__} returned no transformers Cache ({type(cache).__name__}), so multi-token "
+            "labels cannot be scored on it: use letters, or a transformers causal LM class"
+        )
+    cache.batch_repeat_interleave(m)  # row r becomes rows r*m .. r*m+m-1, one per path
+    # Shorter paths are right-padded: a causal model's earlier outputs do not see later tokens.
+    paths = torch.tensor([p + (pad_id,) * (depth - len(p)) for p in plan.paths], device=mask.device)
+    ids = paths.repeat(n, 1)  # (B*M, D), path j of prompt r at row r*m + j
+    cont_mask = torch.cat([mask.repeat_interleave(m, 0), torch.ones_like(ids)], dim=1)
+    lengths = mask.sum(1).repeat_interleave(m)  # the continuation starts right after the prompt
+    positions = lengths[:, None] + torch.arange(depth, device=mask.device)[None, :]
+    out = model(
+        input_ids=ids, attention_mask=cont_mask, position_ids=positions, past_key_values=cache, use_cache=True,
+        logits_to_keep=depth,
+    )
+    return out.logits.float().log_softmax(-1).view(n, m, depth, -1)
+
+
+# ----------------------------------------------------------------------------------------
+# Candidates rows
+
+
+def candidate_orders(k: int, permutations: int, seed: int, user: str) -> list[list[int]]:
+    """`permutations` candidate orders for one row (lists of candidate indices, slot by slot): the
+    original order first, then seeded shuffles. Seeded by (seed, user), so a user's orders do not
+    depend on which other rows are ranked with it."""
+    if permutations < 1:
+        raise PipelineError(f"permutations must be >= 1 (got {permutations}): set reranker.rank_permutations")
+    rng = random.Random(f"{seed}:{user}")
+    orders = [list(range(k))]
+    for _ in range(permutations - 1):
+        order = list(range(k))
+        rng.shuffle(order)
+        orders.append(order)
+    return orders
+
+
+def rank_rows(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    style: PromptStyle,
+    rows: Sequence[Mapping[str, Any]],
+    titles_by_item: Mapping[str, str],
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    permutations: int = 1,
+    seed: int = 0,
+    progress: bool = True,
+) -> list[list[float]]:
+    """Reranker scores for candidates-file rows (original item ids), each list in the order of its
+    row's `candidates`. A prompt shows the history titles and the candidate titles labelled by slot.
+    `permutations` = 1: the retriever's order (the paper); P > 1: each candidate's score is the mean
+    over P candidate orders, the first the original one, the rest seeded by (seed, user)."""
+    tokens = label_tokens(tokenizer, style)  # one derivation holds for every prompt of the style
+    # Prompts grouped by candidate count K: the labels in use (and so the scored sequences) depend on K.
+    jobs: dict[int, list[tuple[int, list[int], np.ndarray]]] = defaultdict(list)  # K -> (row, order, ids)
+    for r, row in enumerate(tqdm(rows, desc="prompts", unit="row", disable=not progress)):
+        cands = list(row["candidates"])
+        history = [_title(titles_by_item, item) for item in row["history"]]
+        titles = [_title(titles_by_item, item) for item in cands]
+        for order in candidate_orders(len(cands), permutations, seed, str(row["user"])):
+            prompt = build_prompt(history, [titles[j] for j in order], tokenizer, style)
+            # int32 arrays: a split's prompts are held at once (for length sorting), ~4 bytes a token.
+            jobs[len(cands)].append((r, order, np.asarray(encode(tokenizer, prompt), dtype=np.int32)))
+    out = [[0.0] * len(row["candidates"]) for row in rows]
+    for k, group in jobs.items():
+        scores = score_prompts(
+            model, [ids for _, _, ids in group], tokens.for_k(k), batch_size, tokenizer.pad_token_id, progress
+        )
+        for (r, order, _), slot_scores in zip(group, scores):
+            for slot, j in enumerate(order):  # the candidate in `slot` is candidates[j]
+                out[r][j] += slot_scores[slot] / permutations
+    return out
+
+
+def _title(titles_by_item: Mapping[str, str], item: str) -> str:
+    try:
+        return titles_by_item[item]
+    except KeyError:
+        raise PipelineError(
+            f"item {item!r} has no title: the candidates file was made from another dataset; regenerate it with the same data config"
+        ) from None

@@ -1,0 +1,186 @@
+"""Training samples for the LLM reranker, as LlamaRec builds them.
+
+Every prefix of every user's TRAIN sequence (`SplitDataset.train_sequence`: all but the last two
+items, so validation and test targets never appear) is one sample: target = item t, history = the
+items before it (the prompt builder shows the last `max_history`), candidates = the target and K-1
+negatives, shuffled. The paper uses every prefix whose history has at least one item.
+
+Negatives never repeat and never come from the history so far or the target (LlamaRec's rule:
+later items of the same user's train sequence may be negatives, as in the paper):
+- "random": uniform over the catalogue (the paper).
+- "retriever": hard negatives, the user's retriever candidates from candidates_train.jsonl (the
+  retriever's top-K for the user's last train item, its input history masked) in retriever order,
+  then topped up at random. The row's target must be the user's last train item, which proves the
+  file was made from this dataset's train split.
+
+Deterministic: a sample's candidates depend only on (seed, user, t), never on which other samples
+are kept, so capping with `max_samples` / `max_prefixes_per_user` does not change the samples kept.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Literal, Optional, Sequence
+
+import numpy as np
+
+from pipeline.data.dataset import SplitDataset
+from pipeline.errors import PipelineError
+
+log = logging.getLogger(__name__)
+
+Negatives = Literal["random", "retriever"]
+_CAP_STREAM = 1  # RNG stream of the max_samples draw, apart from the per-sample streams
+
+
+@dataclass(frozen=True)
+class TrainSample:
+    """One training prompt, in dense item ids (titles: `SplitDataset.titles`)."""
+
+    user: int  # dense user index
+    position: int  # index t of the target in the user's train sequence
+    history: tuple[int, ...]  # items before the target, oldest first (the last `history_len` kept)
+    candidates: tuple[int, ...]  # shuffled; candidate i gets label i
+    target_index: int  # where the target is in `candidates`
+
+    @property
+    def target(self) -> int:
+        return self.candidates[self.target_index]
+
+
+def build_samples(
+    ds: SplitDataset,
+    *,
+    n_candidates: int = 20,  # paper: target + 19 negatives
+    negatives: Negatives = "random",  # paper: random
+    seed: int = 0,
+    history_len: int = 20,  # history items stored per sample; the prompt shows at most max_history (paper: 20)
+    min_history: int = 1,  # paper: prefixes from the 2nd item on
+    max_prefixes_per_user: Optional[int] = None,  # None = every prefix (paper)
+    max_samples: Optional[int] = None,  # None = every prefix (paper)
+    retriever_rows: Optional[Sequence[dict[str, Any]]] = None,  # candidates_train.jsonl rows ("retriever")
+) -> list[TrainSample]:
+    """The training samples of `ds`, ordered by (user, position)."""
+    if n_candidates < 2:
+        raise PipelineError(f"training prompts need the target and at least one negative (got {n_candidates} candidates)")
+    if seed < 0:
+        raise PipelineError(f"seed must be >= 0 (got {seed})")
+    if negatives not in ("random", "retriever"):
+        raise PipelineError(f"unknown negatives {negatives!r}: use random or retriever")
+    hard: dict[int, list[int]] = {}
+    if negatives == "retriever":
+        if retriever_rows is None:
+            raise PipelineError("train_negatives 'retriever' needs candidates_train.jsonl: run the retriever first, or use random")
+        hard = _hard_negatives(ds, retriever_rows)
+    elif retriever_rows is not None:
+        raise PipelineError("retriever rows were given but negatives is 'random': set train_negatives=retriever or drop them")
+
+    prefixes = _prefixes(ds, min_history, max_prefixes_per_user)
+    if max_samples is not None and len(prefixes) > max_samples:
+        keep = np.random.default_rng([seed, _CAP_STREAM]).choice(len(prefixes), size=max_samples, replace=False)
+        prefixes = [prefixes[i] for i in sorted(keep.tolist())]
+
+    samples = []
+    for u, t in prefixes:
+        seq = ds.train_sequence(u)
+        seen = set(seq[: t + 1])  # history so far + the target
+        rng = np.random.default_rng([seed, u, t])
+        negs = [i for i in hard.get(u, ()) if i not in seen][: n_candidates - 1]
+        negs += _random_items(rng, ds.n_items, seen | set(negs), n_candidates - 1 - len(negs), u)
+        pool = [seq[t], *negs]  # the target first, so its shuffled index is order.index(0)
+        order = rng.permutation(n_candidates).tolist()
+        cands = [pool[i] for i in order]
+        samples.append(
+            TrainSample(
+                user=u,
+                position=t,
+                history=tuple(seq[max(0, t - history_len) : t]) if history_len else (),
+                candidates=tuple(cands),
+                target_index=order.index(0),
+            )
+        )
+    return samples
+
+
+def samples_from_config(
+    ds: SplitDataset, cfg: Any, seed: int, retriever_rows: Optional[Sequence[dict[str, Any]]] = None
+) -> list[TrainSample]:
+    """The samples a `pipeline.config.RerankerConfig` asks for; `retriever_rows` (candidates_train.jsonl)
+    are used only with train_negatives=retriever."""
+    return build_samples(
+        ds,
+        n_candidates=cfg.train_candidates,
+        negatives=cfg.train_negatives,
+        seed=seed,
+        history_len=cfg.max_history,
+        min_history=cfg.train_min_history,
+        max_prefixes_per_user=cfg.train_max_prefixes_per_user,
+        max_samples=cfg.max_train_samples,
+        retriever_rows=retriever_rows if cfg.train_negatives == "retriever" else None,
+    )
+
+
+def _prefixes(ds: SplitDataset, min_history: int, max_per_user: Optional[int]) -> list[tuple[int, int]]:
+    """(user, t) of every kept prefix: t >= min_history, the last `max_per_user` per user."""
+    if min_history < 0:
+        raise PipelineError(f"min_history must be >= 0 (got {min_history})")
+    out = []
+    for u in range(ds.n_users):
+        ts = list(range(min_history, len(ds.train_sequence(u))))
+        if max_per_user is not None:
+            ts = ts[-max_per_user:] if max_per_user > 0 else []
+        out.extend((u, t) for t in ts)
+    if not out:
+        raise PipelineError(
+            f"no training prefix has {min_history} earlier train items: lower reranker.train_min_history or use more data"
+        )
+    return out
+
+
+def _random_items(rng: np.random.Generator, n_items: int, excluded: set[int], n: int, user: int) -> list[int]:
+    """`n` distinct items from 1..n_items outside `excluded`, uniformly."""
+    if n <= 0:
+        return []
+    free = n_items - sum(1 for i in excluded if 1 <= i <= n_items)
+    if free < n:
+        raise PipelineError(
+            f"user index {user} has only {free} items left for {n} negatives: lower reranker.train_candidates"
+        )
+    if len(excluded) * 2 > n_items:  # dense exclusion: draw from the explicit free list
+        pool = np.array([i for i in range(1, n_items + 1) if i not in excluded])
+        return rng.choice(pool, size=n, replace=False).tolist()
+    out: list[int] = []
+    taken = set(excluded)
+    while len(out) < n:  # rejection sampling; >= half the catalogue is free, so this ends fast
+        for i in rng.integers(1, n_items + 1, size=2 * n).tolist():
+            if i not in taken:
+                taken.add(i)
+                out.append(i)
+                if len(out) == n:
+                    break
+    return out
+
+
+def _hard_negatives(ds: SplitDataset, rows: Sequence[dict[str, Any]]) -> dict[int, list[int]]:
+    """Dense user index -> the user's retriever candidates (dense ids, retriever order)."""
+    users = {uid: u for u, uid in enumerate(ds.user_ids)}
+    items = ds.item_index()
+    out: dict[int, list[int]] = {}
+    for row in rows:
+        u = users.get(row["user"])
+        if u is None:
+            raise PipelineError(f"candidates_train row for unknown user {row['user']!r}: regenerate it with the same data config")
+        seq = ds.train_sequence(u)
+        if not seq or items.get(row["target"]) != seq[-1]:
+            raise PipelineError(
+                f"candidates_train row of user {row['user']!r} has target {row['target']!r}, not the user's last train "
+                "item: it is not a train-split candidates file of this dataset; pass candidates_train.jsonl of this run"
+            )
+        unknown = [i for i in row["candidates"] if i not in items]
+        if unknown:
+            raise PipelineError(f"candidates_train row of user {row['user']!r} has unknown item {unknown[0]!r}: regenerate it")
+        out[u] = [items[i] for i in row["candidates"]]
+    missing = ds.n_users - len(out)
+    if missing:
+        log.warning("%d users have no candidates_train row: their negatives are all random", missing)
+    return out

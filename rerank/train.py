@@ -1,0 +1,380 @@
+"""LoRA fine-tuning of the reranker with the transformers Trainer (LlamaRec's recipe).
+
+`train_reranker` wraps the base model with a peft LoRA adapter and trains it on the training
+samples (rerank/samples.py, encoded by rerank/collate.py). The loss is the cross-entropy of the
+answer's supervised tokens only (label + end of turn), and only those positions are projected onto
+the vocabulary: the model's `logits_to_keep` gets a boolean (batch, sequence) mask of the positions
+that predict a supervised token, so the (sequence x vocabulary) logits are never formed.
+
+Every `eval_steps` optimizer steps (and at the end) the adapter ranks the validation rows (covered
+val users, capped by `val_max_users`) with the ranker (rerank/ranker.py) and logs NDCG/Recall/MRR@k
+to TensorBoard (<run>/tensorboard); a checkpoint follows each validation (<run>/checkpoints,
+resumable). Training stops after `patience` validations without a better NDCG@10, the best
+checkpoint is loaded back and saved as <run>/adapter (peft format: adapter_config.json +
+adapter_model.safetensors, with prompt_style.json beside it). `load_adapter` reads it back.
+
+Runs under `accelerate launch` too: all training goes through the Trainer.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from transformers import (
+    EarlyStoppingCallback,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    Trainer,
+    TrainingArguments,
+    set_seed,
+)
+from transformers.integrations import TensorBoardCallback
+from transformers.trainer_utils import get_last_checkpoint
+
+from pipeline.atomic import write_json
+from pipeline.data.dataset import SplitDataset
+from pipeline.errors import PipelineError
+from pipeline.metrics import candidate_rank, metrics_from_ranks
+from rerank.collate import IGNORE_INDEX, TrainingTexts, collator_for
+from rerank.prompts import PromptStyle
+from rerank.samples import TrainSample
+
+log = logging.getLogger(__name__)
+
+ADAPTER_DIR = "adapter"  # the best adapter, peft format, + prompt_style.json
+CHECKPOINT_DIR = "checkpoints"  # Trainer checkpoints (adapter, optimizer, scheduler, RNG, state)
+TENSORBOARD_DIR = "tensorboard"  # TensorBoard event files
+SUMMARY_FILE = "train_summary.json"
+VAL_KS = (1, 5, 10)  # validation cut-offs (paper: rerank_metric_ks)
+VAL_METRIC = "NDCG@10"  # early stopping / best adapter metric (paper)
+
+# (model, covered val rows) -> each row's scores aligned with row["candidates"].
+ScoreRows = Callable[[torch.nn.Module, Sequence[Mapping[str, Any]]], list[list[float]]]
+
+
+# ----------------------------------------------------------------------------------------
+# LoRA
+
+
+def lora_config(cfg: Any) -> LoraConfig:
+    """The LoRA adapter a `pipeline.config.RerankerConfig` asks for."""
+    return LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=list(cfg.lora_target_modules),
+        bias="none",  # LlamaRec: only the low-rank matrices train
+        task_type="CAUSAL_LM",
+    )
+
+
+def add_lora(model: PreTrainedModel, cfg: Any, seed: int) -> PeftModel:
+    """`model` wrapped with a fresh LoRA adapter, initialised from `seed`. The LoRA layers are
+    injected into `model` itself (peft works in place), so `model` runs the adapter afterwards."""
+    if cfg.backend == "unsloth":
+        raise PipelineError("LoRA training is wired for backend hf only: set reranker.backend=hf for training")
+    if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
+        # QLoRA, as the paper: norms in fp32, input grads enabled for checkpointing through frozen weights.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+    set_seed(seed)
+    try:
+        with _quiet_peft():
+            return get_peft_model(model, lora_config(cfg))
+    except ValueError as e:  # e.g. "Target modules {...} not found in the base model"
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise PipelineError(f"cannot add LoRA to {type(model).__name__} ({first}): fix reranker.lora_target_modules") from e
+
+
+@contextlib.contextmanager
+def _quiet_peft() -> Iterator[None]:
+    """peft 0.21 reads transformers' deprecated `is_gradient_checkpointing`: hide that FutureWarning only."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
+
+
+# ----------------------------------------------------------------------------------------
+# Loss at the supervised positions only
+
+
+def supervised_logits(
+    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, targets): the vocabulary logits at each position that predicts a supervised token
+    (labels != IGNORE_INDEX), (N, V), and those N tokens. Only these N positions go through the
+    output layer. Positions count real tokens only, as at ranking, so left padding changes nothing."""
+    predicts = labels[:, 1:] != IGNORE_INDEX  # position p predicts token p + 1
+    keep = F.pad(predicts, (0, 1), value=False)  # (B, L) bool: the positions whose logits we need
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        logits_to_keep=keep,
+        use_cache=False,
+    )
+    n = int(predicts.sum())
+    if out.logits.dim() != 2 or out.logits.shape[0] != n:
+        raise PipelineError(
+            f"{type(model).__name__} ignored the boolean logits_to_keep mask (logits {tuple(out.logits.shape)}, want ({n}, V)): "
+            "use a transformers causal LM class that supports it (transformers >= 5)"
+        )
+    return out.logits, labels[:, 1:][predicts]
+
+
+class RerankTrainer(Trainer):
+    """The Trainer with the answer-only loss and ranking validation (NDCG@k of the val rows)."""
+
+    def __init__(
+        self, *args: Any, score_rows: Optional[ScoreRows] = None, val_rows: Sequence[Mapping[str, Any]] = (), **kwargs: Any
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.score_rows = score_rows
+        self.val_rows = list(val_rows)
+        # Count supervised tokens over each accumulated batch (num_items_in_batch), so the loss is the
+        # token mean over the whole optimizer step, as the stock causal-LM loss is.
+        self.model_accepts_loss_kwargs = True
+
+    def compute_loss(
+        self,
+        model: torch.nn.Module,
+        inputs: dict[str, torch.Tensor],
+        return_outputs: bool = False,
+        num_items_in_batch: Optional[torch.Tensor | int] = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, Any]:
+        logits, targets = supervised_logits(model, inputs["input_ids"], inputs["attention_mask"], inputs["labels"])
+        loss = F.cross_entropy(logits.float(), targets, reduction="sum")
+        if num_items_in_batch is None:
+            loss = loss / max(targets.numel(), 1)
+        else:
+            loss = loss / num_items_in_batch
+            if self.args.average_tokens_across_devices and self.args.world_size > 1:
+                loss = loss * self.args.world_size  # the count is summed over processes; DDP averages gradients
+        return (loss, {"logits": logits}) if return_outputs else loss
+
+    def evaluate(
+        self, eval_dataset: Any = None, ignore_keys: Optional[list[str]] = None, metric_key_prefix: str = "eval"
+    ) -> dict[str, float]:
+        """Rank the validation rows with the current adapter; log and return eval_NDCG@k etc."""
+        if self.score_rows is None or not self.val_rows:
+            return {}
+        model = self.accelerator.unwrap_model(self.model)
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                scores = self.score_rows(model, self.val_rows)
+        finally:
+            model.train(was_training)
+        metrics = {f"{metric_key_prefix}_{k}": v for k, v in ranking_metrics(scores, self.val_rows).items()}
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
+
+# ----------------------------------------------------------------------------------------
+# Validation
+
+
+def ranking_metrics(scores: Sequence[Sequence[float]], rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """NDCG/Recall/MRR@VAL_KS of rows scored by `scores` (target rank among each row's candidates)."""
+    if len(scores) != len(rows):
+        raise PipelineError(f"the scorer returned {len(scores)} score lists for {len(rows)} rows: fix the scorer")
+    ranks = [candidate_rank(s, r["candidates"], r["target"]) for s, r in zip(scores, rows)]
+    return metrics_from_ranks(ranks, VAL_KS)
+
+
+def select_val_rows(rows: Sequence[Mapping[str, Any]], max_users: Optional[int], seed: int) -> list[Mapping[str, Any]]:
+    """The covered rows (target among the candidates: the users the reranker sees), a seeded uniform
+    sample of `max_users` of them when given, in file order."""
+    covered = [r for r in rows if r["target"] in r["candidates"]]
+    if max_users is not None and len(covered) > max_users:
+        keep = np.random.default_rng([seed, 2]).choice(len(covered), size=max_users, replace=False)
+        covered = [covered[i] for i in sorted(keep.tolist())]
+    return covered
+
+
+def ranking_scorer(
+    tokenizer: PreTrainedTokenizerBase, style: PromptStyle, titles_by_item: Mapping[str, str], batch_size: int
+) -> ScoreRows:
+    """The ranker (rerank/ranker.py, one pass, the retriever's candidate order) as a ScoreRows."""
+    from rerank.ranker import rank_rows
+
+    def score(model: torch.nn.Module, rows: Sequence[Mapping[str, Any]]) -> list[list[float]]:
+        return rank_rows(model, tokenizer, style, rows, titles_by_item, batch_size=batch_size, progress=False)
+
+    return score
+
+
+# ----------------------------------------------------------------------------------------
+# Training
+
+
+def train_reranker(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    style: PromptStyle,
+    ds: SplitDataset,
+    train_samples: Sequence[TrainSample],
+    val_rows: Sequence[Mapping[str, Any]],
+    cfg: Any,
+    out_dir: str | Path,
+    *,
+    seed: int = 0,
+    score_rows: Optional[ScoreRows] = None,
+) -> dict[str, Any]:
+    """Train a LoRA adapter; save the best one to <out_dir>/adapter and return a summary (also
+    written to <out_dir>/train_summary.json).
+
+    `cfg`: a RerankerConfig; `val_rows`: val candidates rows (original ids), reduced here to covered
+    users (and `val_max_users`); with none, there is no validation and the last adapter is kept.
+    `score_rows`: the validation scorer, default the ranker. `model` gets the LoRA layers in place
+    and holds the best adapter afterwards (call `model.eval()` before ranking with it)."""
+    out = Path(out_dir)
+    ckpt_dir = out / CHECKPOINT_DIR
+    resume_from = _checkpoint_to_resume(ckpt_dir, cfg.resume)
+    if not train_samples:
+        raise PipelineError("no training samples: check the dataset and reranker.max_train_samples")
+    val = select_val_rows(val_rows, cfg.val_max_users, seed)
+    if not val:
+        log.warning("no covered validation rows: training without validation or early stopping, keeping the last adapter")
+    if val and score_rows is None:
+        titles = {item: title for item, title in zip(ds.item_ids[1:], ds.titles[1:])}
+        score_rows = ranking_scorer(tokenizer, style, titles, cfg.rank_batch_size)
+
+    peft_model = add_lora(model, cfg, seed)
+    on_cuda = next(peft_model.parameters()).device.type == "cuda"
+    bf16 = on_cuda and torch.cuda.is_bf16_supported()
+    args = TrainingArguments(
+        output_dir=str(ckpt_dir),
+        per_device_train_batch_size=cfg.train_batch_size,
+        gradient_accumulation_steps=cfg.grad_accum_steps,
+        num_train_epochs=cfg.num_epochs,
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type="linear",  # warm-up then linear decay (the paper's Trainer default)
+        warmup_steps=cfg.warmup_steps,
+        weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm,
+        optim=cfg.optim,
+        bf16=bf16,  # autocast on GPUs with bf16; fp32 on CPU
+        fp16=on_cuda and not bf16,
+        use_cpu=not on_cuda,
+        activation_checkpointing=cfg.gradient_checkpointing,  # transformers 5's name for gradient checkpointing
+        activation_checkpointing_kwargs={"use_reentrant": False},  # works with frozen inputs (LoRA)
+        logging_steps=cfg.logging_steps,
+        logging_first_step=True,
+        report_to="none",  # TensorBoard is added below with its folder in the run directory
+        eval_strategy="steps" if val else "no",
+        eval_steps=cfg.eval_steps,
+        save_strategy="steps",
+        save_steps=cfg.eval_steps,  # a checkpoint after every validation, so the best one exists
+        save_total_limit=cfg.save_total_limit,
+        load_best_model_at_end=bool(val),
+        metric_for_best_model=VAL_METRIC if val else None,
+        greater_is_better=True,
+        restore_callback_states_from_checkpoint=True,  # resume keeps the early-stopping counter
+        seed=seed,
+        data_seed=seed,
+        dataloader_num_workers=cfg.dataloader_workers,
+        remove_unused_columns=False,  # the collator's keys are exactly the model's inputs
+        label_names=["labels"],
+    )
+    tensorboard = TensorBoardCallback()
+    tensorboard.logging_dir = str(out / TENSORBOARD_DIR)
+    callbacks = [tensorboard] + ([EarlyStoppingCallback(early_stopping_patience=cfg.patience)] if val else [])
+    trainer = RerankTrainer(
+        model=peft_model,
+        args=args,
+        train_dataset=TrainingTexts(train_samples, ds.titles, tokenizer, style, cfg.supervise_end_of_turn),
+        eval_dataset=val or None,  # not iterated (evaluate ranks val rows); the Trainer wants one
+        data_collator=collator_for(tokenizer),
+        callbacks=callbacks,
+        score_rows=score_rows,
+        val_rows=val,
+    )
+    result = trainer.train(resume_from_checkpoint=resume_from)
+
+    adapter_dir = out / ADAPTER_DIR
+    if trainer.is_world_process_zero():
+        _save_adapter(trainer.accelerator.unwrap_model(trainer.model), style, adapter_dir)
+    trainer.accelerator.wait_for_everyone()
+    state = trainer.state
+    history = [
+        {"step": e["step"], **{k[len("eval_") :]: v for k, v in e.items() if k.startswith("eval_")}}
+        for e in state.log_history
+        if f"eval_{VAL_METRIC}" in e
+    ]
+    summary = {
+        "n_train_samples": len(train_samples),
+        "n_val_users": len(val),
+        "global_step": state.global_step,
+        "max_steps": state.max_steps,
+        "stopped_early": state.global_step < state.max_steps,
+        "best_metric": {VAL_METRIC: state.best_metric} if val else None,
+        "best_step": state.best_global_step if val else state.global_step,
+        "train_loss": result.training_loss,
+        "train_runtime_s": result.metrics.get("train_runtime"),
+        "resumed_from": resume_from,
+        "adapter_dir": str(adapter_dir),
+        "validations": history,
+    }
+    if trainer.is_world_process_zero():
+        write_json(out / SUMMARY_FILE, summary)
+    return summary
+
+
+def _checkpoint_to_resume(ckpt_dir: Path, resume: bool) -> Optional[str]:
+    last = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
+    if resume and last is None:
+        raise PipelineError(f"reranker.resume is set but {ckpt_dir} holds no checkpoint: unset resume to start afresh")
+    if not resume and last is not None:
+        raise PipelineError(
+            f"{ckpt_dir} already holds checkpoints: set reranker.resume=true to continue, or use a fresh --out"
+        )
+    return last
+
+
+def _save_adapter(model: PeftModel, style: PromptStyle, adapter_dir: Path) -> None:
+    """peft's save_pretrained + prompt_style.json, written to a temporary folder and renamed into place."""
+    adapter_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=adapter_dir.parent, prefix=f".{adapter_dir.name}."))
+    try:
+        model.save_pretrained(str(tmp))
+        style.save(tmp)
+        if adapter_dir.exists():
+            shutil.rmtree(adapter_dir)
+        os.replace(tmp, adapter_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def resolve_adapter_dir(directory: str | Path) -> Path:
+    """The adapter folder: `directory` itself, or its adapter/ (a training run directory)."""
+    d = Path(directory)
+    for cand in (d, d / ADAPTER_DIR):
+        if (cand / "adapter_config.json").is_file():
+            return cand
+    raise PipelineError(f"no adapter_config.json in {d} or {d / ADAPTER_DIR}: point to a reranker training run or its adapter folder")
+
+
+def load_adapter(base_model: PreTrainedModel, directory: str | Path, is_trainable: bool = False) -> PeftModel:
+    """The trained reranker: `base_model` (a fresh one: peft injects the layers in place) with the
+    adapter from `directory` (a run directory or its adapter/), in eval mode. Its prompt format:
+    `PromptStyle.load(resolve_adapter_dir(directory))`."""
+    path = resolve_adapter_dir(directory)
+    with _quiet_peft():
+        model = PeftModel.from_pretrained(base_model, str(path), is_trainable=is_trainable)
+    if not is_trainable:
+        model.eval()
+    return model

@@ -1,0 +1,143 @@
+"""Reranking a split and its metrics section (rerank/evaluate.py)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from pipeline.config import load_config
+from pipeline.data.dataset import SplitDataset
+from pipeline.errors import PipelineError
+from pipeline.metrics import coverage_weighted
+from rerank import evaluate
+from rerank.evaluate import markdown_table, rank_split, split_metrics, titles_by_item
+from rerank.labels import LETTERS
+from rerank.models import TINY_QWEN2, load_model_and_tokenizer
+from rerank.prompts import make_style
+from tests.rerank_fixtures import CACHE_DIR, qwen_tokenizer, titles
+
+ITEMS = {f"i{n}": t for n, t in enumerate(titles(12, "item "))}
+
+
+def _row(user: str, cands: list[str], target: str) -> dict:
+    return {"user": user, "history": ["i10", "i11"], "candidates": cands, "scores": [-float(j) for j in range(len(cands))], "target": target}
+
+
+# Four users, five candidates each. Retriever ranks of the target: a 3, b 1, c not covered, d 5.
+ROWS = [
+    _row("a", ["i0", "i1", "i2", "i3", "i4"], "i2"),
+    _row("b", ["i5", "i6", "i7", "i8", "i9"], "i5"),
+    _row("c", ["i0", "i1", "i2", "i3", "i4"], "i9"),
+    _row("d", ["i9", "i8", "i7", "i6", "i5"], "i5"),
+]
+# Reranker scores (candidates order). Target ranks: a 1, b 2, d 1 (a tie with d's first candidate
+# goes to the earlier one, so d's target needs a strictly higher score).
+RERANKER = {
+    "a": [0.1, 0.2, 0.9, 0.3, 0.0],
+    "b": [0.5, 0.8, 0.1, 0.0, 0.2],
+    "d": [0.3, 0.0, 0.0, 0.1, 0.4],
+}
+CFG = load_config(None).reranker
+
+
+def _fake_rank_rows(seen: list):
+    def fake(model, tokenizer, style, rows, titles, batch_size, permutations, seed, progress):
+        seen.extend(r["user"] for r in rows)
+        return [RERANKER[r["user"]] for r in rows]
+
+    return fake
+
+
+def _ndcg(r: int) -> float:
+    return 1.0 / math.log2(r + 1)
+
+
+def test_hand_built_rows_give_exact_metrics(monkeypatch):
+    seen: list = []
+    monkeypatch.setattr(evaluate, "rank_rows", _fake_rank_rows(seen))
+    tok = qwen_tokenizer()
+    rankings, m = rank_split(None, tok, make_style(tok, LETTERS), ROWS, ITEMS, CFG, progress=False)
+    assert seen == ["a", "b", "d"]  # the uncovered user c never reaches the model
+    assert m["n_users"] == 4 and m["n_covered"] == 3 and m["coverage"] == 0.75
+    # Reranker on the covered users: ranks 1, 2, 1.
+    sub = m["subset"]
+    assert sub["Recall@1"] == pytest.approx(2 / 3) and sub["NDCG@1"] == pytest.approx(2 / 3)
+    assert sub["Recall@5"] == pytest.approx(1.0)
+    assert sub["NDCG@5"] == pytest.approx((1 + _ndcg(2) + 1) / 3)
+    assert sub["MRR@5"] == pytest.approx((1 + 0.5 + 1) / 3)
+    # Overall: coverage-weighted, every key.
+    assert set(m["overall"]) == set(sub) == {f"{n}@{k}" for k in (1, 5, 10, 20) for n in ("NDCG", "Recall", "MRR")}
+    for key, value in sub.items():
+        assert m["overall"][key] == pytest.approx(value * 0.75)
+    # Retriever order on the covered users: ranks 3, 1, 5; over all users: 3, 1, miss, 5.
+    rs = m["retriever_subset"]
+    assert rs["Recall@1"] == pytest.approx(1 / 3) and rs["Recall@5"] == pytest.approx(1.0)
+    assert rs["NDCG@5"] == pytest.approx((_ndcg(3) + 1 + _ndcg(5)) / 3)
+    assert rs["MRR@5"] == pytest.approx((1 / 3 + 1 + 1 / 5) / 3)
+    r = m["retriever"]
+    assert r["NDCG@5"] == pytest.approx((_ndcg(3) + 1 + _ndcg(5)) / 4)
+    assert r["Recall@1"] == pytest.approx(1 / 4) and r["Recall@20"] == pytest.approx(3 / 4)
+    assert r == pytest.approx(coverage_weighted(rs, 3, 4))  # the same identity holds for the retriever
+    # Rankings rows: covered users only, candidates-file fields + reranker scores + label scheme.
+    assert [x["user"] for x in rankings] == ["a", "b", "d"]
+    for x, row in zip(rankings, [ROWS[0], ROWS[1], ROWS[3]]):
+        assert x["scores"] == RERANKER[row["user"]] and x["label_scheme"] == "letters"
+        assert {k: x[k] for k in ("user", "history", "candidates", "target")} == {k: row[k] for k in ("user", "history", "candidates", "target")}
+
+
+def test_split_metrics_refuses_rankings_of_other_rows():
+    rankings = [{**ROWS[i], "scores": RERANKER[ROWS[i]["user"]]} for i in (0, 1, 3)]
+    assert split_metrics(ROWS, rankings)["n_covered"] == 3
+    with pytest.raises(PipelineError, match="do not match"):
+        split_metrics(ROWS, rankings[:2])
+    with pytest.raises(PipelineError, match="twice"):
+        split_metrics(ROWS, rankings + rankings[:1])
+    other = [dict(rankings[0], candidates=list(reversed(rankings[0]["candidates"])))] + rankings[1:]
+    with pytest.raises(PipelineError, match="disagree"):
+        split_metrics(ROWS, other)
+    with pytest.raises(PipelineError, match="no users"):
+        split_metrics([], [])
+
+
+def test_markdown_table_shows_retriever_and_reranker_subset_and_overall():
+    rankings = [{**ROWS[i], "scores": RERANKER[ROWS[i]["user"]]} for i in (0, 1, 3)]
+    table = markdown_table(split_metrics(ROWS, rankings))
+    lines = table.strip().split("\n")
+    assert lines[0] == "coverage 0.7500 (3/4 users)"
+    assert lines[2] == "| | NDCG@5 | Recall@5 | MRR@5 | NDCG@10 | Recall@10 | MRR@10 |"
+    assert lines[5].startswith("| Reranker (subset) | ") and f"{(1 + 0.5 + 1) / 3:.4f}" in lines[5]
+    assert lines[7].startswith("| Reranker (overall) | ") and f"{(1 + 0.5 + 1) / 4:.4f}" in lines[7]
+    assert [ln.split(" | ")[0] for ln in lines[4:]] == ["| Retriever (subset)", "| Reranker (subset)", "| Retriever (overall)", "| Reranker (overall)"]
+
+
+def test_ranking_config_is_validated():
+    cfg = load_config(None, ["reranker.rank_batch_size=4", "reranker.rank_permutations=3"]).reranker
+    assert (cfg.rank_batch_size, cfg.rank_permutations) == (4, 3)
+    assert (CFG.rank_batch_size, CFG.rank_permutations) == (16, 1)
+    for key in ("rank_batch_size", "rank_permutations"):
+        with pytest.raises(PipelineError, match=key):
+            load_config(None, [f"reranker.{key}=0"])
+
+
+def test_titles_by_item_maps_original_ids():
+    ds = SplitDataset(name="x", item_ids=["", "10", "7"], titles=["", "Ten", "Seven"], user_ids=["u"], sequences=[[1, 2, 1]])
+    assert titles_by_item(ds) == {"10": "Ten", "7": "Seven"}
+
+
+def test_real_model_ranks_only_covered_users_with_permutations():
+    model, tok = load_model_and_tokenizer(TINY_QWEN2, cache_dir=CACHE_DIR)
+    prompts_seen: list[int] = []
+    hook = model.register_forward_pre_hook(lambda mod, args, kwargs: prompts_seen.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
+    cfg = load_config(None, ["reranker.rank_permutations=2", "reranker.rank_batch_size=8"]).reranker
+    try:
+        rankings, m = rank_split(model, tok, make_style(tok, LETTERS), ROWS, ITEMS, cfg, seed=5, progress=False)
+    finally:
+        hook.remove()
+    assert sum(prompts_seen) == 3 * 2  # 3 covered users x 2 orders; letters need one pass each
+    assert [x["user"] for x in rankings] == ["a", "b", "d"]
+    assert all(len(x["scores"]) == 5 and all(s < 0 for s in x["scores"]) for x in rankings)  # log-probs
+    assert m["n_covered"] == 3 and m["overall"]["NDCG@10"] == pytest.approx(m["subset"]["NDCG@10"] * 0.75)
+    again, _ = rank_split(model, tok, make_style(tok, LETTERS), ROWS, ITEMS, cfg, seed=5, progress=False)
+    assert [x["scores"] for x in again] == [x["scores"] for x in rankings]  # seeded: deterministic
+    assert torch.is_grad_enabled()  # inference_mode did not leak
