@@ -117,6 +117,13 @@ def test_batches_right_padded_and_bert4rec_masked():
     # targets follow the rule: the item after each input's last item
     assert ((seq.gather(1, (length - 1)[:, None])[:, 0] % N_ITEMS) + 1 == batch["item_id"]).all()
 
+    # instances_per_epoch: each epoch a fresh sample of that many prefix instances
+    capped = RecboleRetriever("gru4rec", ds, tiny_cfg("gru4rec"), "cpu", instances_per_epoch=50)
+    seqs = [ds.train_sequence(u) for u in range(ds.n_users)]
+    epoch1 = [b["item_id"] for b in capped.batches(seqs, 16, rng)]
+    epoch2 = [b["item_id"] for b in capped.batches(seqs, 16, rng)]
+    assert [len(b) for b in epoch1] == [16, 16, 16, 2] and not torch.equal(torch.cat(epoch1), torch.cat(epoch2))
+
     bert = RecboleRetriever("bert4rec", ds, tiny_cfg("bert4rec"), "cpu")
     batch = next(iter(bert.batches([ds.train_sequence(u) for u in range(ds.n_users)], 64, rng)))
     mask_token = N_ITEMS + 1  # recbole: dataset.num(item_id) = n_items + 1

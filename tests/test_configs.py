@@ -1,0 +1,22 @@
+"""Every YAML under configs/ loads into the typed config, and its header gives the command."""
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import Config, load_config
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
+
+
+def test_there_are_configs():
+    names = {p.name for p in CONFIGS}
+    assert {"smoke.yaml", "default.yaml", "lrurec_ml-100k.yaml", "sasrec_ml-100k.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(p.parents[1])))
+def test_config_loads_and_header_names_its_command(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, Config)
+    header = [line for line in path.read_text().splitlines() if line.startswith("#")]
+    rel = path.relative_to(path.parents[2]).as_posix()
+    assert any("python scripts/" in line and f"--config {rel}" in line for line in header), f"{rel}: header lacks its command"
