@@ -18,9 +18,6 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal, Union
@@ -28,6 +25,7 @@ from typing import Any, Literal, Union
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from pipeline.atomic import atomic_dir
 from pipeline.errors import PipelineError
 
 TINY_QWEN2 = "tiny-qwen2"
@@ -222,17 +220,9 @@ def _cached(folder: Path, recipe: dict[str, Any], build) -> Path:
     stamp = folder / BUILD_FILE
     if stamp.is_file() and json.loads(stamp.read_text(encoding="utf-8")) == json.loads(json.dumps(recipe)):
         return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
-    try:
+    with atomic_dir(folder) as tmp:
         build(tmp)
         (tmp / BUILD_FILE).write_text(json.dumps(recipe, indent=2) + "\n", encoding="utf-8")
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return folder
 
 

@@ -19,9 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
@@ -41,7 +38,7 @@ from transformers import (
 from transformers.integrations import TensorBoardCallback
 from transformers.trainer_utils import get_last_checkpoint
 
-from pipeline.atomic import write_json
+from pipeline.atomic import atomic_dir, write_json
 from pipeline.data.dataset import SplitDataset
 from pipeline.errors import PipelineError
 from pipeline.metrics import candidate_rank, metrics_from_ranks
@@ -346,17 +343,9 @@ def _checkpoint_to_resume(ckpt_dir: Path, resume: bool) -> Optional[str]:
 
 def _save_adapter(model: PeftModel, style: PromptStyle, adapter_dir: Path) -> None:
     """peft's save_pretrained + prompt_style.json, written to a temporary folder and renamed into place."""
-    adapter_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=adapter_dir.parent, prefix=f".{adapter_dir.name}."))
-    try:
+    with atomic_dir(adapter_dir) as tmp:
         model.save_pretrained(str(tmp))
         style.save(tmp)
-        if adapter_dir.exists():
-            shutil.rmtree(adapter_dir)
-        os.replace(tmp, adapter_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def resolve_adapter_dir(directory: str | Path) -> Path:

@@ -67,3 +67,15 @@ def test_rankings_match_candidates_and_recompute_to_the_metrics(smoke_run):
             assert not set(c["candidates"]) & set(c["history"])
         recomputed = metrics_from_ranks([candidate_rank(r["scores"], r["candidates"], r["target"]) for r in ranks], [1, 5, 10, 20])
         assert recomputed == pytest.approx(metrics[split]["subset"])
+
+
+def test_fixed_seed_gives_identical_candidates_rankings_and_metrics(smoke_run, tmp_path):
+    out, _ = smoke_run
+    again = tmp_path / "again"
+    proc = subprocess.run(
+        [sys.executable, "scripts/run_experiment.py", "--config", "configs/experiments/smoke.yaml", "--out", str(again)],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in ["candidates_val.jsonl", "candidates_test.jsonl", "rankings_val.jsonl", "rankings_test.jsonl", "metrics.json"]:
+        assert (again / name).read_bytes() == (out / name).read_bytes(), name
