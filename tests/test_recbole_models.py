@@ -73,6 +73,11 @@ def test_fit_learns_successor_rule(name, tmp_path):
     expected = torch.tensor([s[-1] % N_ITEMS + 1 for s in ds.inputs("test")])
     assert (top == expected).float().mean() > 0.5
 
+    # The checkpoint fit wrote holds the best weights: a fresh retriever scores the same.
+    fresh = RecboleRetriever(name, ds, cfg, "cpu")
+    fresh.load_checkpoint(tmp_path / "retriever.pt")
+    torch.testing.assert_close(fresh.score(ds.inputs("test")), scores)
+
 
 @pytest.mark.parametrize("name", MODELS)
 def test_score_columns_are_item_logits(name):
@@ -132,7 +137,8 @@ def test_batches_right_padded_and_bert4rec_masked():
 
 
 def test_recbole_compat_imports_in_fresh_process():
-    """numpy 2 removed aliases recbole 1.2.1 reads; the adapter must make a clean import work."""
+    """numpy 2 removed aliases recbole 1.2.1 reads; the adapter must make a clean import work,
+    and leave no process-wide side effects (argv parsing, CUDA_VISIBLE_DEVICES, anomaly mode)."""
     code = (
         "import numpy as np; assert int(np.__version__.split('.')[0]) >= 2, np.__version__\n"
         "from retrieval.recbole_compat import recbole_model_class, make_recbole_config, Interaction\n"
@@ -141,6 +147,7 @@ def test_recbole_compat_imports_in_fresh_process():
         "assert c['MAX_ITEM_LIST_LENGTH'] == 5 and c['loss_type'] == 'CE' and c['ITEM_ID_FIELD'] == 'item_id'\n"
         "assert c['hidden_size'] == 64, c['hidden_size']  # recbole's SASRec default, not argv\n"
         "assert 'CUDA_VISIBLE_DEVICES' not in os.environ\n"
+        "assert not torch.is_anomaly_enabled()  # recbole's sine.py turns it on at import\n"
         "print('ok')\n"
     )
     # --hidden_size=999 would become a recbole hyper-parameter if Config read sys.argv.
