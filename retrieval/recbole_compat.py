@@ -23,8 +23,8 @@ Workarounds, and why each is needed:
 4. autograd anomaly detection restored after the import: importing
    `recbole.model.sequential_recommender` runs `torch.autograd.set_detect_anomaly(True)` at
    module level (sine.py), which records a Python stack trace for every autograd op in the
-   whole process (measured: NARM training ~2x slower; it slows LRURec too once recbole is
-   imported).
+   whole process (measured on ML-100K, max_len 50, batch 64, 1 thread: NARM 235 vs 75 ms per
+   step, SASRec 158 vs 81; it would slow LRURec too once recbole is imported).
 Not needed here: `torch.load(weights_only=False)` (only recbole's Trainer and pretrained-model
 loaders call torch.load; our checkpoints are plain state dicts), `setuptools<81` (only
 `recbole.quick_start` imports ray; we never import it), `pandas<3` (only recbole's Dataset

@@ -22,5 +22,5 @@ def build_retriever(cfg: RetrieverConfig, ds: SplitDataset) -> Retriever:
     if cfg.model in RECBOLE_MODELS:
         from retrieval.recbole_models import RecboleRetriever
 
-        return RecboleRetriever(cfg.model, ds, cfg, device)
+        return RecboleRetriever(cfg.model, ds, cfg, device, instances_per_epoch=cfg.instances_per_epoch)
     raise ValueError(cfg.model)  # unreachable: the config's Literal type is checked at load

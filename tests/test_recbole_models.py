@@ -24,6 +24,16 @@ MODELS = ("sasrec", "bert4rec", "narm", "gru4rec")
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Tiny models gain nothing from a second thread, and on a shared 2-core machine a second
+    OpenMP thread competing with another process made these tests ~20x slower (measured)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def successor_dataset(n_users: int = N_USERS, n_items: int = N_ITEMS, seed: int = 0) -> SplitDataset:
     """User u: a random start s, then s, s+1, s+2, ... (wrapping n_items -> 1), 10-16 items."""
     rng = np.random.default_rng(seed)
