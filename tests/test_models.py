@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import unicodedata
 
 import pytest
@@ -148,7 +147,6 @@ def test_missing_local_folder_and_package_are_pipeline_errors(tmp_path):
         packaged_file("no-such-distribution-xyz", "x.bin")
 
 
-@pytest.mark.skipif(os.environ.get("RERANK_SLOW_TESTS") != "1", reason="loads the 135M model (~15 s first time); set RERANK_SLOW_TESTS=1")
 def test_smollm2_loads_as_a_plain_fp32_checkpoint():
     model, tok = load_model_and_tokenizer(SMOLLM2, device="cpu", cache_dir=CACHE_DIR)
     assert type(model).__name__ == "LlamaForCausalLM" and model.dtype == torch.float32

@@ -1,7 +1,6 @@
 """One-pass ranking (rerank/ranker.py): scores equal plain forward / teacher-forced log-probs."""
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
@@ -15,7 +14,6 @@ from rerank.ranker import _plan, candidate_orders, rank_rows, score_prompts
 from tests.rerank_fixtures import CACHE_DIR, titles
 
 TOL = 1e-4  # float32 log-probs from differently shaped (padded / cached) computations
-SLOW = os.environ.get("RERANK_SLOW_TESTS") == "1"
 
 
 @pytest.fixture(scope="module")
@@ -242,7 +240,6 @@ def test_unknown_item_title_is_an_error(tiny):
         rank_rows(model, tok, make_style(tok, LETTERS), [row], ITEMS, progress=False)
 
 
-@pytest.mark.skipif(not SLOW, reason="SmolLM2 forwards take ~1 s each on 2 cores: set RERANK_SLOW_TESTS=1")
 def test_llama_architecture_smollm2_numbers_equal_teacher_forcing():
     model, tok = load_model_and_tokenizer(SMOLLM2, cache_dir=CACHE_DIR)
     style = make_style(tok, NUMBERS)
