@@ -15,6 +15,7 @@ from pipeline.atomic import write_jsonl
 from pipeline.errors import PipelineError
 
 REQUIRED = {"user": str, "history": list, "candidates": list, "scores": list, "target": str}
+ROW_FIELDS = tuple(REQUIRED)  # the fields every candidates/rankings row has
 
 
 def candidates_path(run_dir: str | Path, split: str) -> Path:

@@ -16,6 +16,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from pipeline.candidates import ROW_FIELDS
 from pipeline.data.dataset import SplitDataset
 from pipeline.errors import PipelineError
 from pipeline.metrics import candidate_rank, coverage_weighted, metrics_from_ranks
@@ -26,7 +27,6 @@ from rerank.ranker import rank_rows
 RERANK_KS = (1, 5, 10, 20)
 TABLE_KS = (5, 10)  # the paper's tables report @5 and @10
 TABLE_METRICS = ("NDCG", "Recall", "MRR")
-ROW_FIELDS = ("user", "history", "candidates", "scores", "target")  # the candidates-file fields
 
 
 def titles_by_item(dataset: SplitDataset) -> dict[str, str]:

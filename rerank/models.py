@@ -26,6 +26,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from pipeline.atomic import atomic_dir
+from pipeline.device import resolve_device
 from pipeline.errors import PipelineError
 
 TINY_QWEN2 = "tiny-qwen2"
@@ -125,7 +126,7 @@ def load_model_and_tokenizer(
     torch dtype / its name. device: "auto" = cuda if available, else cpu. load_in_4bit: NF4
     base weights via bitsandbytes (CUDA only). backend "unsloth": unsloth's FastLanguageModel
     (CUDA only; max_seq_length is its context size)."""
-    device = _resolve_device(device)
+    device = resolve_device(device)
     torch_dtype = _resolve_dtype(dtype, device)
     if backend not in ("hf", "unsloth"):
         raise PipelineError(f"unknown model backend {backend!r}: use hf or unsloth")
@@ -310,14 +311,6 @@ def _finish_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizer
             raise PipelineError("the tokenizer has neither a pad nor an EOS token: use a tokenizer that defines one")
         tokenizer.pad_token = tokenizer.eos_token  # masked out by the attention mask anyway
     return tokenizer
-
-
-def _resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise PipelineError(f"device {device!r} requested but no CUDA GPU is available: use device auto or cpu")
-    return device
 
 
 def _resolve_dtype(dtype: DType, device: str) -> torch.dtype:

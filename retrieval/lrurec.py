@@ -28,6 +28,7 @@ from torch import nn
 
 from pipeline.config import RetrieverConfig
 from pipeline.data import SplitDataset
+from pipeline.device import resolve_device
 from retrieval import training
 
 # Ref: LRULayer(r_min=0.8, r_max=0.99), the LRU paper's ring for |lambda| at init, and phases
@@ -341,7 +342,7 @@ class LRURecRetriever:
     def __init__(self, n_items: int, cfg: RetrieverConfig, device: str | torch.device = "cpu"):
         self.n_items = n_items
         self.cfg = cfg
-        self.device = training.resolve_device(device) if isinstance(device, str) else device
+        self.device = torch.device(resolve_device(device)) if isinstance(device, str) else device
         self.module = LRURec(n_items, cfg.hidden, cfg.n_blocks, cfg.dropout, cfg.attn_dropout).to(self.device)
 
     # -- Retriever --------------------------------------------------------------------

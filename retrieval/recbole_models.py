@@ -35,6 +35,7 @@ import torch
 
 from pipeline.config import RetrieverConfig
 from pipeline.data import SplitDataset
+from pipeline.device import resolve_device
 from retrieval import training
 from retrieval.recbole_compat import Interaction, construct_transform, make_recbole_config, recbole_model_class
 
@@ -161,7 +162,7 @@ class RecboleRetriever:
             raise ValueError(f"instances_per_epoch must be >= 1 or None (got {instances_per_epoch})")
         self.name = name
         self.instances_per_epoch = instances_per_epoch
-        self.device = training.resolve_device(device) if isinstance(device, str) else torch.device(device)
+        self.device = torch.device(resolve_device(device)) if isinstance(device, str) else torch.device(device)
         self._build(ds.n_items, cfg)
 
     def _build(self, n_items: int, cfg: RetrieverConfig) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 from pipeline.config import RetrieverConfig
 from pipeline.data import SplitDataset
 from retrieval.base import Retriever
-from retrieval.training import resolve_device
+from pipeline.device import resolve_device
 
 RECBOLE_MODELS = ("sasrec", "bert4rec", "narm", "gru4rec")
 

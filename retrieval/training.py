@@ -48,18 +48,13 @@ def seed_everything(seed: int) -> np.random.Generator:
     return np.random.default_rng(seed)
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def fit(model: TrainableRetriever, ds: SplitDataset, cfg: RetrieverConfig, seed: int, out_dir: Path) -> dict:
     """Train with early stopping on validation NDCG@10; leaves the best weights loaded."""
     from torch.utils.tensorboard import SummaryWriter
 
     rng = seed_everything(seed)
     out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)  # retriever.pt is saved here
     writer = SummaryWriter(str(out_dir / "tb"))
     opt = torch.optim.AdamW(model.module.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     train_seqs = [ds.train_sequence(u) for u in range(ds.n_users)]
