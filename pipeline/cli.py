@@ -19,6 +19,10 @@ def parser(description: str, config_required: bool = True) -> argparse.ArgumentP
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
         help="override one config value, e.g. --set retriever.max_epochs=3 (repeatable)",
     )
+    p.add_argument(
+        "--resume", action="store_true",
+        help="continue an interrupted run in --out: finished stages are kept, training resumes from its last checkpoint",
+    )
     return p
 
 

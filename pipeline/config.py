@@ -192,17 +192,67 @@ class RerankerConfig:
 
 
 @dataclass
+class AnalysisConfig:
+    """Settings of the analysis scripts (compare_labels.py, generation_baseline.py,
+    position_bias.py, compare_training.py); the pipeline stages ignore this section."""
+
+    split: Literal["val", "test"] = "test"  # the split the analyses rank and report
+    # Covered users the model-running analyses (generation, position bias) look at: a seeded
+    # uniform sample, so CPU runs stay short. None = all covered users.
+    max_users: Optional[int] = None
+    # compare_labels.py / compare_training.py: variant name -> reranker overrides. Each variant is a
+    # full reranker run (train + rank) on the same candidates, data, model, seed and budget, so a
+    # third label scheme is one more entry here, e.g.
+    #   lower: {label_scheme: custom, custom_labels: [a, b, ..., t]}
+    variants: dict[str, dict] = field(default_factory=dict)
+    # generation_baseline.py: transformers' generate, greedy. "greedy": the model's one answer
+    # (top-1 only); "list": asked for every label, best first (a full ranking).
+    generation_modes: list[str] = field(default_factory=lambda: ["greedy", "list"])
+    generation_batch_size: int = 8  # prompts per generate call
+    # position_bias.py: candidate orders per user; the first is the retriever's, the second a
+    # seeded shuffle, and all of them are averaged for the permutation-averaged ranking.
+    position_permutations: int = 4
+
+    def validate(self) -> None:
+        if self.max_users is not None and self.max_users < 1:
+            raise PipelineError(f"analysis.max_users must be a positive integer or null (got {self.max_users})")
+        for name, overrides in self.variants.items():
+            if not isinstance(overrides, dict):
+                raise PipelineError(f"analysis.variants.{name} must be a mapping of reranker keys, got {overrides!r}")
+        bad = [m for m in self.generation_modes if m not in ("greedy", "list")]
+        if bad or not self.generation_modes:
+            raise PipelineError(f"analysis.generation_modes must list greedy and/or list (got {self.generation_modes})")
+        if self.generation_batch_size < 1:
+            raise PipelineError(f"analysis.generation_batch_size must be >= 1 (got {self.generation_batch_size})")
+        if self.position_permutations < 2:
+            raise PipelineError(
+                f"analysis.position_permutations must be >= 2: the retriever order and at least one shuffle (got {self.position_permutations})"
+            )
+
+
+@dataclass
 class Config:
     seed: int = 0  # every RNG (python, numpy, torch) is seeded from this
     data: DataConfig = field(default_factory=DataConfig)
     retriever: RetrieverConfig = field(default_factory=RetrieverConfig)
     reranker: RerankerConfig = field(default_factory=RerankerConfig)
+    analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
     # train_reranker.py: the retriever run directory whose candidates_<split>.jsonl are reranked.
     # run_experiment.py writes both stages into --out and ignores this.
     retriever_run: Optional[str] = None
 
     def validate(self) -> None:
-        pass
+        for name in self.analysis.variants:
+            variant_config(self, name)  # every variant's reranker keys are checked at start too
+
+
+def variant_config(cfg: Config, name: str) -> Config:
+    """`cfg` with analysis.variants[name] applied to its reranker section (validated like the rest)."""
+    if name not in cfg.analysis.variants:
+        raise PipelineError(f"no variant {name!r} in analysis.variants (have: {', '.join(cfg.analysis.variants) or 'none'})")
+    merged = {**to_dict(cfg.reranker), **cfg.analysis.variants[name]}
+    reranker = build(RerankerConfig, merged, prefix=f"analysis.variants.{name}.")
+    return dataclasses.replace(cfg, reranker=reranker)
 
 
 # ----------------------------------------------------------------------------------------

@@ -194,6 +194,59 @@ def candidate_orders(k: int, permutations: int, seed: int, user: str) -> list[li
     return orders
 
 
+PromptJob = tuple[int, list[int], np.ndarray]  # (row index, candidate order slot by slot, prompt token ids)
+
+
+def encode_rows(
+    tokenizer: PreTrainedTokenizerBase,
+    style: PromptStyle,
+    rows: Sequence[Mapping[str, Any]],
+    titles_by_item: Mapping[str, str],
+    permutations: int = 1,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict[int, list[PromptJob]]:
+    """The tokenized prompts of candidates-file rows, grouped by candidate count K (the labels in
+    use, and so the scored sequences, depend on K): one prompt per row and candidate order
+    (`candidate_orders`). This is everything the ranker does before the model runs."""
+    jobs: dict[int, list[PromptJob]] = defaultdict(list)
+    for r, row in enumerate(tqdm(rows, desc="prompts", unit="row", disable=not progress)):
+        cands = list(row["candidates"])
+        history = [_title(titles_by_item, item) for item in row["history"]]
+        titles = [_title(titles_by_item, item) for item in cands]
+        for order in candidate_orders(len(cands), permutations, seed, str(row["user"])):
+            prompt = build_prompt(history, [titles[j] for j in order], tokenizer, style)
+            # int32 arrays: a split's prompts are held at once (for length sorting), ~4 bytes a token.
+            jobs[len(cands)].append((r, order, np.asarray(encode(tokenizer, prompt), dtype=np.int32)))
+    return jobs
+
+
+def score_orders(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    style: PromptStyle,
+    rows: Sequence[Mapping[str, Any]],
+    titles_by_item: Mapping[str, str],
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    permutations: int = 1,
+    seed: int = 0,
+    progress: bool = True,
+) -> list[list[tuple[list[int], list[float]]]]:
+    """Per row, one (order, slot_scores) pair per candidate order: `order[slot]` is the index in
+    row["candidates"] of the candidate shown in `slot`, `slot_scores[slot]` its label's score. The
+    first order is the retriever's (identity). Position-bias analyses read these; `rank_rows`
+    averages them."""
+    tokens = label_tokens(tokenizer, style)  # one derivation holds for every prompt of the style
+    out: list[list[tuple[list[int], list[float]]]] = [[] for _ in rows]
+    for k, group in encode_rows(tokenizer, style, rows, titles_by_item, permutations, seed, progress).items():
+        scores = score_prompts(
+            model, [ids for _, _, ids in group], tokens.for_k(k), batch_size, tokenizer.pad_token_id, progress
+        )
+        for (r, order, _), slot_scores in zip(group, scores):
+            out[r].append((order, slot_scores))
+    return out
+
+
 def rank_rows(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -209,23 +262,10 @@ def rank_rows(
     row's `candidates`. A prompt shows the history titles and the candidate titles labelled by slot.
     `permutations` = 1: the retriever's order (the paper); P > 1: each candidate's score is the mean
     over P candidate orders, the first the original one, the rest seeded by (seed, user)."""
-    tokens = label_tokens(tokenizer, style)  # one derivation holds for every prompt of the style
-    # Prompts grouped by candidate count K: the labels in use (and so the scored sequences) depend on K.
-    jobs: dict[int, list[tuple[int, list[int], np.ndarray]]] = defaultdict(list)  # K -> (row, order, ids)
-    for r, row in enumerate(tqdm(rows, desc="prompts", unit="row", disable=not progress)):
-        cands = list(row["candidates"])
-        history = [_title(titles_by_item, item) for item in row["history"]]
-        titles = [_title(titles_by_item, item) for item in cands]
-        for order in candidate_orders(len(cands), permutations, seed, str(row["user"])):
-            prompt = build_prompt(history, [titles[j] for j in order], tokenizer, style)
-            # int32 arrays: a split's prompts are held at once (for length sorting), ~4 bytes a token.
-            jobs[len(cands)].append((r, order, np.asarray(encode(tokenizer, prompt), dtype=np.int32)))
+    per_order = score_orders(model, tokenizer, style, rows, titles_by_item, batch_size, permutations, seed, progress)
     out = [[0.0] * len(row["candidates"]) for row in rows]
-    for k, group in jobs.items():
-        scores = score_prompts(
-            model, [ids for _, _, ids in group], tokens.for_k(k), batch_size, tokenizer.pad_token_id, progress
-        )
-        for (r, order, _), slot_scores in zip(group, scores):
+    for r, pairs in enumerate(per_order):
+        for order, slot_scores in pairs:
             for slot, j in enumerate(order):  # the candidate in `slot` is candidates[j]
                 out[r][j] += slot_scores[slot] / permutations
     return out
