@@ -1,27 +1,12 @@
 """The smoke experiment end to end (both stages, real scripts): the run-directory contract of
 SPEC.md, candidates/rankings consistency, and the metrics relations the paper's tables rely on."""
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from pipeline.candidates import read_rows
 from pipeline.metrics import candidate_rank, metrics_from_ranks
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("smoke") / "run"
-    proc = subprocess.run(
-        [sys.executable, "scripts/run_experiment.py", "--config", "configs/experiments/smoke.yaml", "--out", str(out)],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return out, proc.stdout
+from conftest import run_script
 
 
 def test_run_directory_has_every_contract_file(smoke_run):
@@ -72,10 +57,7 @@ def test_rankings_match_candidates_and_recompute_to_the_metrics(smoke_run):
 def test_fixed_seed_gives_identical_candidates_rankings_and_metrics(smoke_run, tmp_path):
     out, _ = smoke_run
     again = tmp_path / "again"
-    proc = subprocess.run(
-        [sys.executable, "scripts/run_experiment.py", "--config", "configs/experiments/smoke.yaml", "--out", str(again)],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
-    )
+    proc = run_script("scripts/run_experiment.py", "--config", "configs/experiments/smoke.yaml", "--out", str(again))
     assert proc.returncode == 0, proc.stderr[-3000:]
     for name in ["candidates_val.jsonl", "candidates_test.jsonl", "rankings_val.jsonl", "rankings_test.jsonl", "metrics.json"]:
         assert (again / name).read_bytes() == (out / name).read_bytes(), name
