@@ -147,6 +147,13 @@ class RerankerConfig:
     save_total_limit: int = 3  # checkpoints kept under <run>/checkpoints; the best one always survives (paper: 3)
     dataloader_workers: int = 0  # processes building prompts; 0 = the training process (prompt building is cheap)
     resume: bool = False  # continue from the last checkpoint under <run>/checkpoints (same config and samples)
+    # Stage 1, optional domain-adaptive pre-training (not in the paper; rerank/pretrain.py): causal-LM
+    # loss on every token of the users' TRAIN histories rendered as text (windows of max_history
+    # items in the prompt's history format), training the LoRA adapter that the reranking fine-tune
+    # (stage 2) then continues. 0 = off (paper: fine-tune only).
+    pretrain_steps: int = 0
+    pretrain_learning_rate: float = 1e-4  # stage-1 peak learning rate (linear decay, no warm-up)
+    pretrain_batch_size: int = 8  # history windows per stage-1 optimizer step
 
     def validate(self) -> None:
         if self.dtype not in ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"):
@@ -171,7 +178,7 @@ class RerankerConfig:
         # Training (rerank/train.py).
         if self.train_candidates < 2:
             raise PipelineError(f"reranker.train_candidates must be >= 2: the target and at least one negative (got {self.train_candidates})")
-        for name in ("train_min_history", "warmup_steps", "dataloader_workers"):
+        for name in ("train_min_history", "warmup_steps", "dataloader_workers", "pretrain_steps"):
             if getattr(self, name) < 0:
                 raise PipelineError(f"reranker.{name} must be >= 0 (got {getattr(self, name)})")
         for name in ("train_max_prefixes_per_user", "max_train_samples", "val_max_users"):
@@ -180,7 +187,9 @@ class RerankerConfig:
         for name in ("lora_r", "train_batch_size", "grad_accum_steps", "eval_steps", "patience", "logging_steps", "save_total_limit"):
             if getattr(self, name) < 1:
                 raise PipelineError(f"reranker.{name} must be >= 1 (got {getattr(self, name)})")
-        for name in ("lora_alpha", "learning_rate", "num_epochs", "max_grad_norm"):
+        if self.pretrain_batch_size < 1:
+            raise PipelineError(f"reranker.pretrain_batch_size must be >= 1 (got {self.pretrain_batch_size})")
+        for name in ("lora_alpha", "learning_rate", "num_epochs", "max_grad_norm", "pretrain_learning_rate"):
             if getattr(self, name) <= 0:
                 raise PipelineError(f"reranker.{name} must be > 0 (got {getattr(self, name)})")
         if not 0.0 <= self.lora_dropout < 1.0:

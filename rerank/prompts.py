@@ -207,6 +207,15 @@ def _input_text(history: Sequence[str], candidates: Sequence[str], labels: Seque
     )
 
 
+def history_text(history: Sequence[str], tokenizer: PreTrainedTokenizerBase, style: PromptStyle) -> str:
+    """A history as the prompt shows it ("User history:" + numbered titles, each cut to
+    `title_max_tokens`), with no template around it: the text of domain-adaptive pre-training
+    (rerank/pretrain.py), so stage 1 sees items in exactly the form the reranking prompts use."""
+    titles = [cut_title(t, tokenizer, style.title_max_tokens) for t in history]
+    lines = [style.history_item_format.format(index=i, title=t) for i, t in enumerate(titles, start=1)]
+    return "\n".join([style.history_header, *lines])
+
+
 def _messages(style: PromptStyle, user_text: str) -> list[dict[str, str]]:
     if style.instruction_role == "system":
         return [{"role": "system", "content": style.instruction}, {"role": "user", "content": user_text}]

@@ -43,6 +43,7 @@ from pipeline.data.dataset import SplitDataset
 from pipeline.errors import PipelineError
 from pipeline.metrics import candidate_rank, metrics_from_ranks
 from rerank.collate import IGNORE_INDEX, TrainingTexts, collator_for
+from rerank.pretrain import pretrain_stage
 from rerank.prompts import PromptStyle
 from rerank.samples import TrainSample
 
@@ -75,15 +76,18 @@ def lora_config(cfg: Any) -> LoraConfig:
     )
 
 
-def add_lora(model: PreTrainedModel, cfg: Any, seed: int) -> PeftModel:
-    """`model` wrapped with a fresh LoRA adapter, initialised from `seed`. The LoRA layers are
-    injected into `model` itself (peft works in place), so `model` runs the adapter afterwards."""
+def add_lora(model: PreTrainedModel, cfg: Any, seed: int, init_adapter: Optional[Path] = None) -> PeftModel:
+    """`model` wrapped with a fresh LoRA adapter, initialised from `seed` (or, with `init_adapter`,
+    the trainable adapter saved there: stage 2 of a two-stage run). The LoRA layers are injected
+    into `model` itself (peft works in place), so `model` runs the adapter afterwards."""
     if cfg.backend == "unsloth":
         raise PipelineError("LoRA training is wired for backend hf only: set reranker.backend=hf for training")
     if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
         # QLoRA, as the paper: norms in fp32, input grads enabled for checkpointing through frozen weights.
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
     set_seed(seed)
+    if init_adapter is not None:
+        return load_adapter(model, init_adapter, is_trainable=True)
     try:
         with _quiet_peft():
             return get_peft_model(model, lora_config(cfg))
@@ -249,7 +253,9 @@ def train_reranker(
         titles = {item: title for item, title in zip(ds.item_ids[1:], ds.titles[1:])}
         score_rows = ranking_scorer(tokenizer, style, titles, cfg.rank_batch_size)
 
-    peft_model = add_lora(model, cfg, seed)
+    # Stage 1 (optional): domain-adaptive pre-training; stage 2 continues its adapter.
+    init_adapter = pretrain_stage(model, tokenizer, style, ds, cfg, out, seed) if cfg.pretrain_steps > 0 else None
+    peft_model = add_lora(model, cfg, seed, init_adapter)
     on_cuda = next(peft_model.parameters()).device.type == "cuda"
     bf16 = on_cuda and torch.cuda.is_bf16_supported()
     args = TrainingArguments(
@@ -303,7 +309,7 @@ def train_reranker(
 
     adapter_dir = out / ADAPTER_DIR
     if trainer.is_world_process_zero():
-        _save_adapter(trainer.accelerator.unwrap_model(trainer.model), style, adapter_dir)
+        save_adapter(trainer.accelerator.unwrap_model(trainer.model), style, adapter_dir)
     trainer.accelerator.wait_for_everyone()
     state = trainer.state
     history = [
@@ -324,6 +330,7 @@ def train_reranker(
         "resumed_from": resume_from,
         "adapter_dir": str(adapter_dir),
         "validations": history,
+        "pretrain_adapter": str(init_adapter) if init_adapter is not None else None,
     }
     if trainer.is_world_process_zero():
         write_json(out / SUMMARY_FILE, summary)
@@ -341,7 +348,7 @@ def _checkpoint_to_resume(ckpt_dir: Path, resume: bool) -> Optional[str]:
     return last
 
 
-def _save_adapter(model: PeftModel, style: PromptStyle, adapter_dir: Path) -> None:
+def save_adapter(model: PeftModel, style: PromptStyle, adapter_dir: Path) -> None:
     """peft's save_pretrained + prompt_style.json, written to a temporary folder and renamed into place."""
     with atomic_dir(adapter_dir) as tmp:
         model.save_pretrained(str(tmp))

@@ -1,0 +1,211 @@
+"""Reranker variants on the same candidates, compared in one table.
+
+A comparison (scripts/compare_labels.py, scripts/compare_training.py) is a config whose
+`analysis.variants` maps a name to reranker overrides. Every variant shares the data, the
+retriever's candidates, the model, the seed and every other setting, so the table isolates what
+the overrides change. Each variant is a complete reranker run directory (<out>/<name>/, the same
+files train_reranker.py writes); finished variants are kept when the comparison is run again, so
+adding a third scheme to the config trains only that one.
+
+Candidates come from `retriever_run` when the config sets it, else a retriever is trained once
+into <out>/retriever/.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import yaml
+
+from pipeline.candidates import candidates_path, rankings_path, read_rows
+from pipeline.config import Config, to_dict, variant_config
+from pipeline.errors import PipelineError
+from pipeline.rundir import RunDir
+from rerank.pretrain import PRETRAIN_SUMMARY
+
+RETRIEVER_DIR = "retriever"
+SPLIT = "test"  # the split compared (the paper's tables are test)
+TABLE_COLUMNS = ("NDCG@5", "Recall@5", "NDCG@10", "Recall@10", "MRR@10")
+
+
+def candidates_source(cfg: Config, out: Path) -> Path:
+    """The retriever run whose candidates every variant reranks: `retriever_run`, or one trained
+    into <out>/retriever (kept when already finished)."""
+    if cfg.retriever_run:
+        src = Path(cfg.retriever_run)
+        if not candidates_path(src, SPLIT).is_file():
+            raise PipelineError(f"retriever_run {src} holds no {candidates_path(src, SPLIT).name}: run scripts/train_retriever.py first")
+        return src
+    from retrieval.run import train_retriever  # only when this comparison trains its own retriever
+
+    src = out / RETRIEVER_DIR
+    if _finished_retriever(src):
+        print(f"retriever: kept the finished run in {src}")
+        return src
+    run = RunDir(src).start(cfg)
+    train_retriever(cfg, run)
+    run.finish()
+    return src
+
+
+def _finished_retriever(path: Path) -> bool:
+    return all(candidates_path(path, s).is_file() for s in ("train", "val", "test")) and (path / "metrics.json").is_file()
+
+
+def run_variants(cfg: Config, out: Path, argv: Optional[Sequence[str]] = None) -> dict[str, Path]:
+    """Train and rank every variant of `cfg.analysis.variants` into <out>/<name>; returns name -> dir."""
+    from rerank.run import rerank_run
+
+    if not cfg.analysis.variants:
+        raise PipelineError("analysis.variants is empty: list the variants to compare (name: {reranker overrides})")
+    source = candidates_source(cfg, out)
+    dirs = {}
+    for name in cfg.analysis.variants:
+        vcfg = variant_config(cfg, name)
+        vdir = out / name
+        dirs[name] = vdir
+        if _finished_variant(vdir, vcfg):
+            print(f"variant {name}: kept the finished run in {vdir}")
+            continue
+        if vdir.exists() and any(vdir.iterdir()):
+            raise PipelineError(f"{vdir} holds an unfinished run of variant {name!r}: delete that folder to train it again")
+        print(f"variant {name}: training into {vdir}")
+        run = RunDir(vdir).start(vcfg, list(argv) if argv is not None else None)
+        rerank_run(vcfg, run, source)
+        run.finish()
+    return dirs
+
+
+def _finished_variant(vdir: Path, vcfg: Config) -> bool:
+    """True when `vdir` holds a finished run of exactly this variant config. A finished run made
+    with another config is an error, never silently reused."""
+    if not (vdir / "metrics.json").is_file() or not rankings_path(vdir, SPLIT).is_file():
+        return False
+    stored = yaml.safe_load((vdir / "config.yaml").read_text())
+    want = to_dict(vcfg)
+    if stored != want:
+        diff = sorted(k for k in set(stored.get("reranker", {})) | set(want["reranker"])
+                      if stored.get("reranker", {}).get(k) != want["reranker"].get(k))
+        raise PipelineError(
+            f"{vdir} holds a finished run made with another config (reranker keys differ: {', '.join(diff) or 'other sections'}): "
+            "use a fresh --out or delete that folder"
+        )
+    return True
+
+
+# ----------------------------------------------------------------------------------------
+# What a variant run measured
+
+
+def valid_label_mass(rankings: Sequence[dict[str, Any]]) -> list[float]:
+    """Per user, the probability the model puts on the labels in use: each score is the log-prob
+    of one label's complete token sequence (a label that another extends is scored with its end
+    token, so the events are disjoint) and the mass is the sum of their exponentials, <= 1. The rest
+    went to tokens that are not a label. Only meaningful with rank_permutations = 1 (averaged
+    log-probs are not log-probs)."""
+    return [sum(math.exp(s) for s in row["scores"]) for row in rankings]
+
+
+@dataclass
+class VariantResult:
+    name: str
+    path: Path
+    config: dict[str, Any]
+    metrics: dict[str, Any]  # metrics.json[SPLIT]
+    train: dict[str, Any]  # train_summary.json
+    mass: Optional[list[float]]  # valid_label_mass per ranked user; None when scores are averaged
+    k: int  # candidates per ranked prompt (the labels in use are the scheme's first k)
+    pretrain: Optional[dict[str, Any]] = None  # pretrain_summary.json of a two-stage run
+
+    @property
+    def train_seconds(self) -> Optional[float]:
+        """Training time of both stages (stage 1 only in two-stage runs)."""
+        secs = self.train.get("train_runtime_s")
+        if secs is not None and self.pretrain and self.pretrain.get("train_runtime_s") is not None:
+            secs += self.pretrain["train_runtime_s"]
+        return secs
+
+    def label_summary(self) -> dict[str, Any]:
+        """The variant's labels as its tokenizer sees them at the answer position: how many take
+        more than one token, which are scored with the end token, and the valid-label mass."""
+        from rerank.models import load_tokenizer
+        from rerank.prompts import PromptStyle, label_tokens
+        from rerank.train import resolve_adapter_dir
+
+        rr = self.config["reranker"]
+        style = PromptStyle.load(resolve_adapter_dir(self.path))
+        tokens = label_tokens(load_tokenizer(rr["model"], rr["model_cache_dir"]), style).for_k(self.k)
+        ended = [lab for lab, ids in zip(tokens.labels, tokens.scored_ids) if ids[-1:] == (tokens.terminator_id,)]
+        mass = sorted(self.mass) if self.mass is not None else None
+        return {
+            "scheme": style.scheme.name,
+            "labels": list(tokens.labels),
+            "multi_token_labels": list(tokens.multi_token_labels),
+            "scored_with_end_token": ended,
+            "valid_mass_mean": sum(mass) / len(mass) if mass else None,
+            "valid_mass_median": mass[len(mass) // 2] if mass else None,
+            "valid_mass_min": mass[0] if mass else None,
+        }
+
+
+def load_variant(name: str, path: Path) -> VariantResult:
+    for f in ("config.yaml", "metrics.json", "train_summary.json"):
+        if not (path / f).is_file():
+            raise PipelineError(f"{path} has no {f}: it is not a finished reranker run; train it first")
+    config = yaml.safe_load((path / "config.yaml").read_text())
+    metrics = json.loads((path / "metrics.json").read_text())
+    if SPLIT not in metrics or "subset" not in metrics[SPLIT]:
+        raise PipelineError(f"{path}/metrics.json has no reranker {SPLIT} metrics: the run did not finish; train it again")
+    rankings = read_rows(rankings_path(path, SPLIT))
+    if not rankings:
+        raise PipelineError(f"{rankings_path(path, SPLIT)} is empty: no covered users were ranked; check the candidates")
+    mass = valid_label_mass(rankings) if config["reranker"]["rank_permutations"] == 1 else None
+    train = json.loads((path / "train_summary.json").read_text())
+    k = max(len(row["candidates"]) for row in rankings)
+    pre = path / PRETRAIN_SUMMARY
+    pretrain = json.loads(pre.read_text()) if pre.is_file() else None
+    return VariantResult(name, path, config, metrics[SPLIT], train, mass, k, pretrain)
+
+
+def comparison_table(
+    results: Sequence[VariantResult],
+    extra: Sequence[tuple[str, Callable[[VariantResult], str]]] = (),
+    retriever_row: bool = True,
+) -> tuple[list[str], list[list[str]]]:
+    """(header, rows) of the comparison: the variant's `extra` columns, then the covered-subset
+    metrics (paper Table 3), overall NDCG@10 (paper Table 1), best validation NDCG@10 and training
+    time. With `retriever_row`, the retriever's own order on the same users comes first."""
+    header = ["variant", *[h for h, _ in extra], *[f"{c} (subset)" for c in TABLE_COLUMNS],
+              "NDCG@10 (overall)", "best val NDCG@10", "train s"]
+    rows = []
+    if retriever_row and results:
+        m = results[0].metrics
+        rows.append(["retriever order", *["" for _ in extra], *[f"{m['retriever_subset'][c]:.4f}" for c in TABLE_COLUMNS],
+                     f"{m['retriever']['NDCG@10']:.4f}", "", ""])
+    for r in results:
+        best = (r.train.get("best_metric") or {}).get("NDCG@10")
+        secs = r.train_seconds
+        rows.append([r.name, *[f(r) for _, f in extra], *[f"{r.metrics['subset'][c]:.4f}" for c in TABLE_COLUMNS],
+                     f"{r.metrics['overall']['NDCG@10']:.4f}", "" if best is None else f"{best:.4f}",
+                     "" if secs is None else f"{secs:.0f}"])
+    return header, rows
+
+
+def markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def csv_text(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    import csv
+    import io
+
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    return buf.getvalue()
