@@ -19,19 +19,28 @@ def metric_keys(ks: Iterable[int]) -> list[str]:
     return [f"{name}@{k}" for k in ks for name in ("NDCG", "Recall", "MRR")]
 
 
+def per_user_metrics(ranks: Sequence[Optional[int]], ks: Iterable[int] = METRIC_KS) -> dict[str, list[float]]:
+    """Each user's Recall/NDCG/MRR@k from its 1-based target rank (None = missed scores 0), in
+    user order. The one place the formulas live: `metrics_from_ranks` averages these, and paired
+    significance tests (analysis/significance.py) resample them user by user."""
+    ks = list(ks)
+    out: dict[str, list[float]] = {}
+    for k in ks:
+        hit = [r is not None and r <= k for r in ranks]
+        out[f"NDCG@{k}"] = [1.0 / math.log2(r + 1) if h else 0.0 for r, h in zip(ranks, hit)]
+        out[f"Recall@{k}"] = [1.0 if h else 0.0 for h in hit]
+        out[f"MRR@{k}"] = [1.0 / r if h else 0.0 for r, h in zip(ranks, hit)]
+    return {key: out[key] for key in metric_keys(ks)}
+
+
 def metrics_from_ranks(ranks: Sequence[Optional[int]], ks: Iterable[int] = METRIC_KS) -> dict[str, float]:
     """Mean Recall/NDCG/MRR@k over users from each user's 1-based target rank (None = missed)."""
     ks = list(ks)
     n = len(ranks)
     if n == 0:
         return {key: 0.0 for key in metric_keys(ks)}
-    out = {}
-    for k in ks:
-        hit = [r for r in ranks if r is not None and r <= k]
-        out[f"NDCG@{k}"] = sum(1.0 / math.log2(r + 1) for r in hit) / n
-        out[f"Recall@{k}"] = len(hit) / n
-        out[f"MRR@{k}"] = sum(1.0 / r for r in hit) / n
-    return {key: out[key] for key in metric_keys(ks)}
+    # Adding the misses' 0.0 terms leaves every float sum exactly as the hits alone give it.
+    return {key: sum(values) / n for key, values in per_user_metrics(ranks, ks).items()}
 
 
 def full_catalogue_ranks(scores: torch.Tensor, targets: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:

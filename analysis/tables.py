@@ -1,0 +1,520 @@
+"""The paper's Table 1 and Table 3, rebuilt from run directories, with its published numbers beside ours.
+
+- Table 1 (all test users): one row per retriever (metrics.json `retriever`: full catalogue,
+  history masked) and one per reranker run (`overall`: coverage-weighted), MRR/NDCG/Recall @5 and
+  @10. The paper's baselines that were not given get a "not run" row, so a gap is visible.
+- Table 3 (covered users): per reranker run, its retriever's order (`retriever_subset`) -> the
+  reranker (`subset`), with the relative improvement.
+- Significance: per reranker run, a paired bootstrap over users of reranker - retriever
+  (analysis/significance.py), on the covered subset and overall.
+
+Runs are grouped by their data section (different data, different table). Every number comes from
+the runs' metrics.json, except the per-user values of the significance test, which come from
+rankings_<split>.jsonl and are checked against metrics.json. Inputs are read only; nothing is
+written until every run has been read and checked.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence
+
+import pandas as pd
+import yaml
+
+from analysis import paper
+from analysis.significance import CONFIDENCE, N_RESAMPLES, SEED, paired_tests, paired_user_values
+from pipeline.atomic import write_text
+from pipeline.candidates import candidates_path, rankings_path, read_rows
+from pipeline.errors import PipelineError
+
+SPLIT = "test"  # the paper's tables report the test split
+# The paper's columns, in its order: MRR, NDCG, Recall at 5 then at 10.
+TABLE_METRICS = tuple(f"{m}@{k}" for k in (5, 10) for m in ("MRR", "NDCG", "Recall"))
+# Tested for significance: the cut-off the paper's text and our early stopping use.
+SIGNIFICANCE_KS = (10,)
+SIGNIFICANCE_METRICS = tuple(f"{m}@{k}" for k in SIGNIFICANCE_KS for m in ("NDCG", "Recall", "MRR"))
+SCOPES = ("subset", "overall")  # significance scopes (analysis/significance.py)
+# Row order of Table 1: weakest to strongest as in the paper, our extra baselines first.
+RETRIEVER_ORDER = ("Popularity", "GRU4Rec", *paper.PAPER_RETRIEVERS)
+# Agreement required between the per-user values from the rankings and metrics.json (both are
+# means of the same numbers; anything larger means the files come from different runs).
+_TOLERANCE = 1e-9
+MISSING = "–"  # a cell with no number: not run, or not published in our sources
+OUTPUT_FILES = ("table1.md", "table1.csv", "table3.md", "table3.csv", "significance.json", "significance.csv", "tables.md")
+
+
+@dataclass(frozen=True)
+class Run:
+    """One run directory, read and checked: what the tables need from it."""
+
+    path: Path
+    data: Mapping[str, Any]  # the config's data section
+    retriever: str  # paper name of the retriever whose candidates/metrics this run holds (LRURec, ...)
+    retriever_source: str  # the directory that produced those candidates (dedupes retriever rows)
+    section: Mapping[str, Any]  # metrics.json[split]
+    reranker_model: Optional[str] = None  # None for a retriever-only run
+    label_scheme: Optional[str] = None
+
+    @property
+    def is_reranker(self) -> bool:
+        return self.reranker_model is not None
+
+    @property
+    def reranker_name(self) -> str:
+        return f"LLM reranker ({self.reranker_model}, {self.label_scheme}) on {self.retriever}"
+
+
+@dataclass
+class Group:
+    """The runs on one dataset (one data section) and how that data relates to the paper's."""
+
+    label: str
+    data: Mapping[str, Any]
+    match: paper.DataMatch
+    runs: list[Run] = field(default_factory=list)
+
+
+@dataclass
+class Tables:
+    """Everything reproduce_tables.py writes, as data frames plus the groups they came from."""
+
+    split: str
+    groups: list[Group]
+    table1: pd.DataFrame
+    table3: pd.DataFrame
+    significance: pd.DataFrame
+    settings: dict[str, Any]
+
+
+# --- reading runs -------------------------------------------------------------------------------
+
+
+def _load_yaml(path: Path) -> dict:
+    try:
+        cfg = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise PipelineError(f"{path} is not valid YAML ({type(e).__name__}): regenerate the run") from None
+    if not isinstance(cfg, dict):
+        raise PipelineError(f"{path} is not a config mapping: regenerate the run")
+    return cfg
+
+
+def _config_value(cfg: Mapping[str, Any], path: Path, section: str, key: str) -> str:
+    """cfg[section][key], which must be a non-empty string."""
+    sec = cfg.get(section)
+    value = sec.get(key) if isinstance(sec, dict) else None
+    if not isinstance(value, str) or not value:
+        raise PipelineError(f"{path} has no {section}.{key}: pass a run directory written by this pipeline's scripts")
+    return value
+
+
+def _retriever_of(path: Path, cfg: Mapping[str, Any], split: str) -> tuple[str, str]:
+    """(paper name, source directory) of the retriever behind a run. A run holding its own
+    candidates (train_retriever.py, run_experiment.py) is its own source; a train_reranker.py run
+    reranked `retriever_run`, whose config names the model (its own config's retriever section
+    is whatever the reranker config said, not necessarily what produced the candidates)."""
+    cfg_path = path / "config.yaml"
+    model = _config_value(cfg, cfg_path, "retriever", "model")
+    source = path
+    retriever_run = cfg.get("retriever_run")
+    if not candidates_path(path, split).is_file() and retriever_run:
+        source = Path(retriever_run)
+        if (source / "config.yaml").is_file():
+            model = _config_value(_load_yaml(source / "config.yaml"), source / "config.yaml", "retriever", "model")
+    return paper.METHOD_NAMES.get(model, model), str(source.resolve())
+
+
+def load_run(path: str | Path, split: str = SPLIT) -> Run:
+    """Read one run directory; a one-line PipelineError names what is missing and the fix."""
+    path = Path(path)
+    if not (path / "config.yaml").is_file():
+        raise PipelineError(
+            f"{path} is not a run directory (no config.yaml): pass directories written by "
+            "train_retriever.py, train_reranker.py or run_experiment.py"
+        )
+    cfg = _load_yaml(path / "config.yaml")
+    data = cfg.get("data")
+    if not isinstance(data, dict) or not isinstance(data.get("dataset"), str):
+        raise PipelineError(f"{path / 'config.yaml'} has no data.dataset: pass a run directory written by this pipeline's scripts")
+    metrics_file = path / "metrics.json"
+    if not metrics_file.is_file():
+        raise PipelineError(f"{path} has no metrics.json (the run did not finish): rerun it or leave it out of --runs")
+    try:
+        metrics = json.loads(metrics_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise PipelineError(f"{metrics_file} is not valid JSON: rerun the run") from None
+    section = metrics.get(split) if isinstance(metrics, dict) else None
+    if not isinstance(section, dict):
+        raise PipelineError(f"{metrics_file} has no {split!r} split: pass finished runs (they measure val and test)")
+    required = ["retriever"]
+    is_reranker = "subset" in section
+    if is_reranker:
+        required += ["retriever_subset", "subset", "overall", "n_users", "n_covered"]
+    for key in required:
+        if key not in section:
+            raise PipelineError(f"{metrics_file} [{split}] has no {key!r}: rerun the run with the current scripts")
+    if is_reranker:
+        n_users, n_covered = section["n_users"], section["n_covered"]
+        if not (isinstance(n_users, int) and isinstance(n_covered, int) and 0 <= n_covered <= n_users and n_users > 0):
+            raise PipelineError(f"{metrics_file} [{split}] has n_users {n_users!r}, n_covered {n_covered!r}: rerun the run")
+    for key in ("retriever", *(("retriever_subset", "subset", "overall") if is_reranker else ())):
+        missing = [m for m in TABLE_METRICS if not isinstance(section[key].get(m), (int, float))]
+        if missing:
+            raise PipelineError(f"{metrics_file} [{split}][{key}] has no {missing[0]}: rerun the run with the current scripts")
+    retriever, source = _retriever_of(path, cfg, split)
+    if not is_reranker:
+        return Run(path, data, retriever, source, section)
+    if not rankings_path(path, split).is_file():
+        raise PipelineError(f"{path} has reranker metrics but no {rankings_path(path, split).name}: rerun train_reranker.py")
+    return Run(
+        path, data, retriever, source, section,
+        reranker_model=_config_value(cfg, path / "config.yaml", "reranker", "model"),
+        label_scheme=_config_value(cfg, path / "config.yaml", "reranker", "label_scheme"),
+    )
+
+
+def load_runs(paths: Sequence[str | Path], split: str = SPLIT) -> list[Run]:
+    if not paths:
+        raise PipelineError("no runs given: pass --runs RUN_DIR [RUN_DIR ...]")
+    runs = [load_run(p, split) for p in paths]
+    seen: dict[Path, Path] = {}
+    for run in runs:
+        key = run.path.resolve()
+        if key in seen:
+            raise PipelineError(f"run {run.path} is given twice (also as {seen[key]}): pass each run once")
+        seen[key] = run.path
+    return runs
+
+
+# --- grouping -----------------------------------------------------------------------------------
+
+
+def _data_key(data: Mapping[str, Any]) -> str:
+    """Runs on the same data have the same data section (the cache directory aside)."""
+    return json.dumps({k: v for k, v in data.items() if k != "cache_dir"}, sort_keys=True, default=str)
+
+
+def _data_label(data: Mapping[str, Any], match: paper.DataMatch) -> str:
+    dataset = data["dataset"]
+    if dataset == "ml-100k":
+        label = "ml-100k (classic MovieLens 100K)"
+    elif dataset == "amazon":
+        label = f"amazon {data.get('category')}"
+    elif dataset == "generic":
+        label = f"generic ({data.get('path')})"
+    else:
+        label = str(dataset)
+    if match.paper_dataset and not match.notes:
+        label += f" = the paper's {match.paper_dataset}"
+    if data.get("max_users"):
+        label += f", first {data['max_users']} users"
+    return label
+
+
+def group_runs(runs: Sequence[Run]) -> list[Group]:
+    """Runs grouped by data section, in the order their datasets first appear."""
+    groups: dict[str, Group] = {}
+    for run in runs:
+        key = _data_key(run.data)
+        if key not in groups:
+            match = paper.match_dataset(run.data)
+            groups[key] = Group(_data_label(run.data, match), run.data, match)
+        groups[key].runs.append(run)
+    labels = [g.label for g in groups.values()]
+    for i, g in enumerate(groups.values()):  # same label, different settings (e.g. min_rating)
+        if labels.count(g.label) > 1:
+            g.label += f" [data settings {i + 1}]"
+    return list(groups.values())
+
+
+# --- the tables ---------------------------------------------------------------------------------
+
+
+def relative_improvement(before: Optional[float], after: Optional[float]) -> Optional[float]:
+    """(after - before) / before in percent; None when either is missing or before is 0."""
+    if before is None or after is None or before == 0:
+        return None
+    return (after - before) / before * 100.0
+
+
+def retriever_runs(group: Group) -> list[Run]:
+    """One run per retriever source: the retriever's own run when given (full-catalogue metrics
+    straight from it), else the first reranker run that reranked its candidates (its metrics.json
+    holds a copy of the retriever's)."""
+    chosen: dict[str, Run] = {}
+    for run in sorted(group.runs, key=lambda r: r.retriever_source != str(r.path.resolve())):
+        chosen.setdefault(run.retriever_source, run)
+    return list(chosen.values())
+
+
+def not_run(group: Group) -> list[str]:
+    """The paper's Table 1 baselines with no run on this dataset."""
+    have = {r.retriever for r in retriever_runs(group)}
+    return [name for name in paper.PAPER_RETRIEVERS if name not in have]
+
+
+def table1(group: Group, split: str) -> pd.DataFrame:
+    """Paper Table 1 for one dataset: every retriever (all users, full catalogue), the paper's
+    baselines not run, every reranker run (overall); `paper <metric>` columns hold the published
+    numbers (NaN where none)."""
+    pd_name = group.match.paper_dataset
+
+    def row(method: str, kind: str, run: Optional[Run], values: Optional[Mapping[str, float]], paper_method: Optional[str]) -> dict:
+        out: dict[str, Any] = {
+            "dataset": group.label, "paper dataset": pd_name, "split": split, "method": method, "kind": kind,
+            "run": str(run.path) if run else "", "users": run.section.get("n_users") if run else None,
+        }
+        for m in TABLE_METRICS:
+            out[m] = float(values[m]) if values else None
+        for m in TABLE_METRICS:
+            out[f"paper {m}"] = paper.published(paper.TABLE1, pd_name, paper_method, m) if paper_method else None
+        return out
+
+    order = {name: i for i, name in enumerate(RETRIEVER_ORDER)}
+    rows = [row(r.retriever, "retriever", r, r.section["retriever"], r.retriever) for r in retriever_runs(group)]
+    rows += [row(name, "not run", None, None, name) for name in not_run(group)]
+    rows.sort(key=lambda r: order.get(r["method"], len(order)))  # stable: runs of one model keep their order
+    for run in group.runs:
+        if run.is_reranker:
+            paper_method = paper.PAPER_RERANKER if run.retriever == paper.PAPER_RETRIEVER else None
+            rows.append(row(run.reranker_name, "reranker", run, run.section["overall"], paper_method))
+    df = pd.DataFrame(rows)
+    df["users"] = df["users"].astype("Int64")  # a count; "not run" rows have none
+    numbers = [*TABLE_METRICS, *(f"paper {m}" for m in TABLE_METRICS)]
+    df[numbers] = df[numbers].astype(float)  # NaN where there is no number
+    return df
+
+
+def table3(group: Group, split: str) -> pd.DataFrame:
+    """Paper Table 3 for one dataset, one row per (reranker run, metric): the retriever's order
+    -> the reranker on the covered users, relative improvement %, and the published numbers where
+    the run is LRURec -> reranker (the paper's setting)."""
+    rows = []
+    for run in group.runs:
+        if not run.is_reranker:
+            continue
+        sec = run.section
+        is_paper_setting = run.retriever == paper.PAPER_RETRIEVER
+        for m in TABLE_METRICS:
+            before, after = float(sec["retriever_subset"][m]), float(sec["subset"][m])
+            p_before = paper.published(paper.TABLE3, group.match.paper_dataset, paper.PAPER_RETRIEVER, m) if is_paper_setting else None
+            p_after = paper.published(paper.TABLE3, group.match.paper_dataset, paper.PAPER_RERANKER, m) if is_paper_setting else None
+            rows.append({
+                "dataset": group.label, "paper dataset": group.match.paper_dataset, "split": split,
+                "method": run.reranker_name, "run": str(run.path), "coverage": sec["n_covered"] / sec["n_users"],
+                "n_covered": sec["n_covered"], "n_users": sec["n_users"], "metric": m,
+                "retriever": before, "reranker": after, "improvement %": relative_improvement(before, after),
+                "paper retriever": p_before, "paper reranker": p_after,
+                "paper improvement %": relative_improvement(p_before, p_after),
+            })
+    df = pd.DataFrame(rows, columns=[
+        "dataset", "paper dataset", "split", "method", "run", "coverage", "n_covered", "n_users", "metric", "retriever", "reranker",
+        "improvement %", "paper retriever", "paper reranker", "paper improvement %",
+    ])
+    numbers = ["improvement %", "paper retriever", "paper reranker", "paper improvement %"]
+    df[numbers] = df[numbers].astype(float)  # NaN where there is no number
+    return df
+
+
+def significance(
+    group: Group, split: str, n_resamples: int = N_RESAMPLES, seed: int = SEED, confidence: float = CONFIDENCE
+) -> pd.DataFrame:
+    """Paired bootstrap (and t-test) of reranker - retriever per reranker run, on the covered
+    users and on all users, from the run's rankings file (checked against its metrics.json)."""
+    rows = []
+    for run in group.runs:
+        if not run.is_reranker:
+            continue
+        sec = run.section
+        rankings = read_rows(rankings_path(run.path, split))
+        if len(rankings) != sec["n_covered"]:
+            raise PipelineError(
+                f"{rankings_path(run.path, split)} has {len(rankings)} users but metrics.json says {sec['n_covered']} "
+                "covered: the files come from different runs; rerun the reranker"
+            )
+        values = paired_user_values(rankings, int(sec["n_users"]), SIGNIFICANCE_KS)
+        for system, key in (("retriever", "retriever_subset"), ("reranker", "subset")):
+            for m in SIGNIFICANCE_METRICS:
+                mean = float(values["subset"][system][m].mean()) if sec["n_covered"] else 0.0
+                if not math.isclose(mean, float(sec[key][m]), rel_tol=0.0, abs_tol=_TOLERANCE):
+                    raise PipelineError(
+                        f"{rankings_path(run.path, split)} gives {key} {m} = {mean:.6f} but metrics.json says "
+                        f"{float(sec[key][m]):.6f}: the files come from different runs; rerun the reranker"
+                    )
+        for scope in SCOPES:
+            if scope == "subset" and sec["n_covered"] == 0:
+                continue  # no covered users: nothing to compare (overall is then all zeros)
+            tests = paired_tests(values[scope]["retriever"], values[scope]["reranker"], SIGNIFICANCE_METRICS, n_resamples, seed, confidence)
+            for m, res in tests.items():
+                rows.append({"dataset": group.label, "split": split, "method": run.reranker_name, "run": str(run.path),
+                             "scope": scope, "metric": m, **res.to_dict()})
+    return pd.DataFrame(rows, columns=[
+        "dataset", "split", "method", "run", "scope", "metric", "n", "retriever", "reranker", "mean_diff",
+        "ci_low", "ci_high", "excludes_zero", "p_bootstrap", "t", "p_ttest",
+    ])
+
+
+def _concat(frames: list[pd.DataFrame]) -> pd.DataFrame:
+    """The groups' frames stacked; groups without rows (no reranker run) add nothing."""
+    filled = [f for f in frames if not f.empty]
+    return pd.concat(filled, ignore_index=True) if filled else frames[0]
+
+
+def build_tables(
+    paths: Sequence[str | Path], split: str = SPLIT, n_resamples: int = N_RESAMPLES, seed: int = SEED,
+    confidence: float = CONFIDENCE,
+) -> Tables:
+    """Read every run, build Table 1, Table 3 and the significance tests (nothing is written)."""
+    groups = group_runs(load_runs(paths, split))
+    frames = ([table1(g, split) for g in groups], [table3(g, split) for g in groups],
+              [significance(g, split, n_resamples, seed, confidence) for g in groups])
+    t1, t3, sig = (_concat(f) for f in frames)
+    settings = {
+        "split": split, "runs": [str(Path(p)) for p in paths],
+        "bootstrap": {"resamples": n_resamples, "seed": seed, "confidence": confidence,
+                      "interval": "percentile", "p_value": "bootstrap shifted to the null of no difference",
+                      "unit": "user (paired: the same users for reranker and retriever)"},
+        "paper": {"title": paper.PAPER, "url": paper.PAPER_URL, "numbers_from": paper.NUMBERS_SOURCE},
+    }
+    return Tables(split, groups, t1, t3, sig, settings)
+
+
+# --- rendering ----------------------------------------------------------------------------------
+
+
+def _num(x: Any) -> str:
+    return MISSING if pd.isna(x) else f"{x:.4f}"
+
+
+def _pct(x: Any) -> str:
+    return MISSING if pd.isna(x) else f"{x:+.1f}%"
+
+
+def _p(x: Any) -> str:
+    return MISSING if pd.isna(x) else "<0.0001" if x < 1e-4 else f"{x:.4f}"
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]], align_right_from: int = 1) -> str:
+    """A GitHub markdown table; columns from `align_right_from` on (the numbers) right-aligned."""
+    sep = ["---" if i < align_right_from else "---:" for i in range(len(header))]
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(sep) + " |"]
+    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in r) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _group_intro(group: Group) -> str:
+    lines = [f"## {group.label}", ""]
+    if group.match.paper_dataset:
+        lines.append(f"Paper dataset: {group.match.paper_dataset}.")
+    else:
+        lines.append("Not one of the paper's datasets: no published numbers to compare with.")
+    lines += [f"- Note: {note}." for note in group.match.notes]
+    return "\n".join(lines) + "\n"
+
+
+def table1_markdown(df: pd.DataFrame, group: Group) -> str:
+    d = df[df["dataset"] == group.label]
+    with_paper = group.match.paper_dataset is not None
+    header = ["Method", "Run", "Users", *[f"{m} ours / paper" if with_paper else m for m in TABLE_METRICS]]
+    rows = []
+    for r in d.to_dict("records"):
+        cells = [_num(r[m]) + (f" / {_num(r[f'paper {m}'])}" if with_paper else "") for m in TABLE_METRICS]
+        run = Path(r["run"]).name if r["run"] else "not run"
+        users = MISSING if pd.isna(r["users"]) else str(int(r["users"]))
+        rows.append([r["method"], run, users, *cells])
+    out = [f"### Table 1: all {d['split'].iloc[0]} users", "", markdown_table(header, rows, align_right_from=2)]
+    missing = not_run(group)
+    if missing:
+        out.append(f"Not run: {', '.join(missing)} (the paper's baselines; pass their run directories with --runs to fill the rows).\n")
+    out.append("Retrievers: full catalogue, the user's history masked. Rerankers: their 20 candidates, "
+               "coverage-weighted (a user whose target is not a candidate scores 0).\n")
+    return "\n".join(out)
+
+
+def table3_markdown(df: pd.DataFrame, group: Group) -> str:
+    d = df[df["dataset"] == group.label]
+    if d.empty:
+        return "### Table 3: covered users\n\nNo reranker run on this dataset.\n"
+    header = ["Method", "Run", "Covered", *TABLE_METRICS]
+    rows = []
+    for run, r in d.groupby("run", sort=False):
+        first = r.iloc[0]
+        cells = {x["metric"]: f"{_num(x['retriever'])} → {_num(x['reranker'])} ({_pct(x['improvement %'])})" for x in r.to_dict("records")}
+        covered = f"{int(first['n_covered'])}/{int(first['n_users'])} ({first['coverage']:.1%})"
+        rows.append([first["method"], Path(run).name, covered, *[cells[m] for m in TABLE_METRICS]])
+    if group.match.paper_dataset:
+        pcells = []
+        for m in TABLE_METRICS:
+            before = paper.published(paper.TABLE3, group.match.paper_dataset, paper.PAPER_RETRIEVER, m)
+            after = paper.published(paper.TABLE3, group.match.paper_dataset, paper.PAPER_RERANKER, m)
+            pcells.append(MISSING if before is None and after is None else
+                          f"{_num(before)} → {_num(after)} ({_pct(relative_improvement(before, after))})")
+        rows.append([f"paper: {paper.PAPER_RETRIEVER} → {paper.PAPER_RERANKER}", MISSING, MISSING, *pcells])
+    return "\n".join([
+        f"### Table 3: covered {d['split'].iloc[0]} users (retriever order → reranker, relative improvement)", "",
+        markdown_table(header, rows, align_right_from=2),
+    ])
+
+
+def significance_markdown(df: pd.DataFrame, group: Group, confidence: float) -> str:
+    d = df[df["dataset"] == group.label]
+    if d.empty:
+        return ""
+    header = ["Method", "Run", "Scope", "Users", "Metric", "Retriever", "Reranker", "Difference",
+              f"{confidence:.0%} CI", "CI excludes 0", "p (bootstrap)", "p (t-test)"]
+    rows = [[r["method"], Path(r["run"]).name, r["scope"], str(int(r["n"])), r["metric"], _num(r["retriever"]),
+             _num(r["reranker"]), f"{r['mean_diff']:+.4f}", f"[{r['ci_low']:+.4f}, {r['ci_high']:+.4f}]",
+             "yes" if r["excludes_zero"] else "no", _p(r["p_bootstrap"]), _p(r["p_ttest"])] for r in d.to_dict("records")]
+    return "\n".join([
+        "### Significance: reranker - retriever, paired over users", "",
+        markdown_table(header, rows, align_right_from=3),
+        "Paired bootstrap over users; \"overall\" counts every test user (an uncovered user scores 0 for both).\n",
+    ])
+
+
+def _preamble(tables: Tables) -> str:
+    s = tables.settings
+    b = s["bootstrap"]
+    return "\n".join([
+        f"Split: {tables.split}. Runs: {', '.join(s['runs'])}.",
+        f"Published numbers: {paper.PAPER} ({paper.PAPER_URL}): {paper.NUMBERS_SOURCE}; "
+        f"\"{MISSING}\" = not run, or not published in our sources.",
+        f"Significance: paired bootstrap over users, {b['resamples']} resamples, seed {b['seed']}, "
+        f"{b['confidence']:.0%} percentile interval; paired t-test where scipy is installed.",
+    ]) + "\n"
+
+
+def render(tables: Tables) -> dict[str, str]:
+    """File name -> text of every output."""
+    conf = tables.settings["bootstrap"]["confidence"]
+    t1 = [f"# Table 1: all {tables.split} users", "", _preamble(tables)]
+    t3 = [f"# Table 3: covered {tables.split} users", "", _preamble(tables)]
+    both = ["# The paper's tables, reproduced", "", _preamble(tables)]
+    for g in tables.groups:
+        intro = _group_intro(g)
+        p1, p3 = table1_markdown(tables.table1, g), table3_markdown(tables.table3, g)
+        ps = significance_markdown(tables.significance, g, conf)
+        t1 += [intro, p1]
+        t3 += [intro, p3]
+        both += [intro, p1, p3] + ([ps] if ps else [])
+    sig = tables.significance.astype(object).where(tables.significance.notna(), None)
+    return {
+        "table1.md": "\n".join(t1),
+        "table1.csv": tables.table1.to_csv(index=False),
+        "table3.md": "\n".join(t3),
+        "table3.csv": tables.table3.to_csv(index=False),
+        "significance.csv": tables.significance.to_csv(index=False),
+        "significance.json": json.dumps({**tables.settings, "tests": sig.to_dict("records")}, indent=2) + "\n",
+        "tables.md": "\n".join(both),
+    }
+
+
+def write_outputs(tables: Tables, out: str | Path) -> dict[str, str]:
+    """Render everything first, then write each file atomically into `out`."""
+    texts = render(tables)
+    for name, text in texts.items():
+        write_text(Path(out) / name, text)
+    return texts
