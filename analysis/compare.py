@@ -42,17 +42,11 @@ def candidates_source(cfg: Config, out: Path) -> Path:
     from retrieval.run import train_retriever  # only when this comparison trains its own retriever
 
     src = out / RETRIEVER_DIR
-    if _finished_retriever(src):
-        print(f"retriever: kept the finished run in {src}")
-        return src
-    run = RunDir(src).start(cfg)
-    train_retriever(cfg, run)
+    # Resumed: a finished retriever is kept, an unfinished one (a killed comparison) fitted again.
+    run = RunDir(src).start(cfg, resume=True)
+    train_retriever(cfg, run, resume=True)
     run.finish()
     return src
-
-
-def _finished_retriever(path: Path) -> bool:
-    return all(candidates_path(path, s).is_file() for s in ("train", "val", "test")) and (path / "metrics.json").is_file()
 
 
 def run_variants(cfg: Config, out: Path, argv: Optional[Sequence[str]] = None) -> dict[str, Path]:
@@ -70,11 +64,12 @@ def run_variants(cfg: Config, out: Path, argv: Optional[Sequence[str]] = None) -
         if _finished_variant(vdir, vcfg):
             print(f"variant {name}: kept the finished run in {vdir}")
             continue
-        if vdir.exists() and any(vdir.iterdir()):
-            raise PipelineError(f"{vdir} holds an unfinished run of variant {name!r}: delete that folder to train it again")
-        print(f"variant {name}: training into {vdir}")
-        run = RunDir(vdir).start(vcfg, list(argv) if argv is not None else None)
-        rerank_run(vcfg, run, source)
+        # An unfinished variant (a killed comparison) continues from its checkpoints and partial
+        # rankings; RunDir refuses one started with another config.
+        resume = vdir.is_dir() and any(vdir.iterdir())
+        print(f"variant {name}: {'resuming' if resume else 'training'} into {vdir}")
+        run = RunDir(vdir).start(vcfg, list(argv) if argv is not None else None, resume=resume)
+        rerank_run(vcfg, run, source, resume=resume)
         run.finish()
     return dirs
 
@@ -84,8 +79,9 @@ def _finished_variant(vdir: Path, vcfg: Config) -> bool:
     with another config is an error, never silently reused."""
     if not (vdir / "metrics.json").is_file() or not rankings_path(vdir, SPLIT).is_file():
         return False
-    stored = yaml.safe_load((vdir / "config.yaml").read_text())
-    want = to_dict(vcfg)
+    # Everything but the analysis section (which lists the other variants) decides the result.
+    stored = {k: v for k, v in yaml.safe_load((vdir / "config.yaml").read_text()).items() if k != "analysis"}
+    want = {k: v for k, v in to_dict(vcfg).items() if k != "analysis"}
     if stored != want:
         diff = sorted(k for k in set(stored.get("reranker", {})) | set(want["reranker"])
                       if stored.get("reranker", {}).get(k) != want["reranker"].get(k))

@@ -9,6 +9,7 @@ import sys
 from typing import Callable
 
 from pipeline.errors import PipelineError
+from pipeline.rundir import fail_started, started_count
 
 
 def parser(description: str, config_required: bool = True) -> argparse.ArgumentParser:
@@ -27,11 +28,20 @@ def parser(description: str, config_required: bool = True) -> argparse.ArgumentP
 
 
 def run_main(main: Callable[[list[str] | None], None], argv: list[str] | None = None) -> None:
-    """Run a script's main; bad input becomes `error: <one line>` on stderr and exit code 2."""
+    """Run a script's main; bad input becomes `error: <one line>` on stderr and exit code 2, and
+    leaves no partial output: run directories the script started are failed (pipeline.rundir:
+    a fresh run's output is removed, a resumed run records the error in run.json). Other
+    exceptions (bugs) and interrupts keep the directory as it is, to debug or --resume."""
+    since = started_count()
     try:
         main(argv)
     except PipelineError as e:
-        print(f"error: {e}", file=sys.stderr)
+        message = " ".join(line.strip() for line in str(e).splitlines() if line.strip())  # one line, always
+        try:
+            fail_started(message, since)
+        except OSError:
+            pass  # cleanup is best effort; the message still names the problem
+        print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)

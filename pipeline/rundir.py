@@ -5,12 +5,21 @@ import datetime as _dt
 import importlib.metadata
 import json
 import platform
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import yaml
+
 from pipeline.atomic import write_json, write_yaml
 from pipeline.config import to_dict
+from pipeline.errors import PipelineError
+
+# Config keys a resumed run may change: how to continue, not what is computed. The analysis
+# section is read by the analysis scripts only (a comparison re-run with one more variant resumes
+# its directory; each variant's own run directory is checked in full).
+_RESUME_KEYS = {("reranker", "resume"), ("analysis",)}
 
 # Versions recorded in run.json: what decides the numbers a run produces.
 _PACKAGES = ("torch", "transformers", "peft", "trl", "accelerate", "recbole", "numpy", "pandas")
@@ -63,11 +72,51 @@ class RunDir:
     def __truediv__(self, name: str) -> Path:
         return self.path / name
 
-    def start(self, cfg, argv: list[str] | None = None) -> "RunDir":
+    def check(self, cfg, resume: bool = False) -> None:
+        """A fresh run needs a directory without a run in it (no config.yaml); a resumed run
+        (`resume`) needs the config it was started with (reranker.resume aside)."""
+        stored_path = self.path / "config.yaml"
+        if not stored_path.is_file():
+            return  # nothing there yet: a resumed run starts from scratch
+        if not resume:
+            raise PipelineError(f"{self.path} already holds a run: pass --resume to continue it, or choose a fresh --out")
+        try:
+            stored = yaml.safe_load(stored_path.read_text(encoding="utf-8"))
+        except yaml.YAMLError:
+            raise PipelineError(f"{stored_path} is not valid YAML: choose a fresh --out") from None
+        want = yaml.safe_load(yaml.safe_dump(to_dict(cfg), sort_keys=False))  # lists, not tuples, as stored
+        diff = _first_difference(stored, want)
+        if diff is not None:
+            key, old, new = diff
+            raise PipelineError(
+                f"{self.path} was run with another config ({key}: {old!r} there, {new!r} now): "
+                "resume with the same --config and --set, or choose a fresh --out"
+            )
+
+    def start(self, cfg, argv: list[str] | None = None, resume: bool = False) -> "RunDir":
+        """Write config.yaml and run.json. `resume`: continue the run already in the directory
+        (same config, see `check`); run.json keeps its first start and lists each resume."""
+        self.check(cfg, resume)
+        # What was there before (`fail` removes what a failed fresh run added): the directories
+        # this start creates (--out and missing parents, deepest first), or the entries of an
+        # existing --out.
+        if self.path.exists() and not self.path.is_dir():
+            raise PipelineError(f"--out {self.path} is a file, not a directory: choose another --out")
+        self._created = [d for d in (self.path, *self.path.parents) if not d.exists()]
+        self._existing = set() if self._created else {p.name for p in self.path.iterdir()}
         self.path.mkdir(parents=True, exist_ok=True)
+        command = [sys.executable, *(sys.argv if argv is None else ["<api>", *argv])]
+        previous = self._previous_run() if resume else None
+        self._resumed = previous is not None
+        _STARTED.append(self)
+        if previous is not None:
+            self._run = {**previous, "end": None}
+            self._run["resumes"] = [*previous.get("resumes", []), {"command": command, "start": _now()}]
+            write_json(self.path / "run.json", self._run)
+            return self
         write_yaml(self.path / "config.yaml", to_dict(cfg))
         self._run = {
-            "command": [sys.executable, *(sys.argv if argv is None else ["<api>", *argv])],
+            "command": command,
             "git_commit": _git_commit(),
             "packages": _versions(),
             "python": sys.version.split()[0],
@@ -78,9 +127,44 @@ class RunDir:
         write_json(self.path / "run.json", self._run)
         return self
 
+    def _previous_run(self) -> dict | None:
+        """run.json of the run being resumed (None when there is none, or it is unreadable)."""
+        path = self.path / "run.json"
+        if not (self.path / "config.yaml").is_file() or not path.is_file():
+            return None
+        try:
+            run = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError:
+            return None
+        return run if isinstance(run, dict) else None
+
     def finish(self, **extra) -> None:
         self._run.update(extra, end=_now())
         write_json(self.path / "run.json", self._run)
+        if self in _STARTED:
+            _STARTED.remove(self)
+
+    def fail(self, message: str) -> None:
+        """The run stopped on bad input (`message`). A fresh run leaves no partial output, so the
+        same --out can be used again: a directory it created is removed with everything in it, and
+        in a directory that existed it removes only what it added. A resumed run keeps everything
+        (its earlier progress included) and records the failure in run.json."""
+        if self in _STARTED:
+            _STARTED.remove(self)
+        if self._resumed:
+            self._run.update(end=_now(), error=message)
+            write_json(self.path / "run.json", self._run)
+        elif self._created:
+            shutil.rmtree(self.path, ignore_errors=True)
+            for parent in self._created[1:]:  # parents it made, only while empty (another run may use them)
+                try:
+                    parent.rmdir()
+                except OSError:
+                    break
+        else:
+            for entry in self.path.iterdir():
+                if entry.name not in self._existing:
+                    shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
 
     def update_metrics(self, split: str, section: dict) -> dict:
         """Merge `section` into metrics.json[split] (retriever and reranker runs both write it)."""
@@ -89,3 +173,34 @@ class RunDir:
         metrics.setdefault(split, {}).update(section)
         write_json(path, metrics)
         return metrics
+
+
+# Runs started in this process and not finished yet, oldest first (`fail_started`).
+_STARTED: list[RunDir] = []
+
+
+def started_count() -> int:
+    """How many runs are started and unfinished: `fail_started(message, since=...)` fails only
+    those started after this count was taken."""
+    return len(_STARTED)
+
+
+def fail_started(message: str, since: int = 0) -> None:
+    """`RunDir.fail(message)` for every unfinished run started after `since` (newest first).
+    pipeline.cli.run_main calls it when a script stops on a PipelineError."""
+    for run in reversed(_STARTED[since:]):
+        run.fail(message)
+
+
+def _first_difference(stored, want, key: str = "") -> tuple[str, object, object] | None:
+    """(dotted key, stored value, wanted value) of the first difference of two configs."""
+    if isinstance(stored, dict) and isinstance(want, dict):
+        for k in [*want, *(k for k in stored if k not in want)]:
+            name = f"{key}.{k}" if key else str(k)
+            if tuple(name.split(".")) in _RESUME_KEYS:
+                continue
+            diff = _first_difference(stored.get(k), want.get(k), name)
+            if diff is not None:
+                return diff
+        return None
+    return None if stored == want else (key, stored, want)

@@ -12,16 +12,20 @@ sent to the LLM); every number comes from pipeline/metrics.py:
 """
 from __future__ import annotations
 
+import hashlib
 from typing import Any, Mapping, Optional, Sequence
 
+from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from pipeline.candidates import ROW_FIELDS
 from pipeline.data.dataset import SplitDataset
 from pipeline.errors import PipelineError
 from pipeline.metrics import candidate_rank, coverage_weighted, metrics_from_ranks
-from rerank.prompts import PromptStyle
-from rerank.ranker import rank_rows
+from rerank.distributed import from_main, gather, is_main, rank_and_world
+from rerank.progress import PartialRankings
+from rerank.prompts import PromptStyle, label_tokens
+from rerank.ranker import encode_rows, rank_rows, score_prompts
 
 # Cut-offs reported for the reranker: at most the 20 candidates it orders (k = 50 would equal 20).
 RERANK_KS = (1, 5, 10, 20)
@@ -48,6 +52,7 @@ def rank_split(
     cfg: Any,
     seed: int = 0,
     progress: bool = True,
+    partial: Optional[PartialRankings] = None,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """(rankings rows, metrics section) for one split's candidates rows.
 
@@ -55,24 +60,89 @@ def rank_split(
     (rank_batch_size, rank_permutations); `seed`: the run's seed (candidate orders when
     rank_permutations > 1). Rankings rows exist for covered users only (the others have no reranker
     scores): the candidates-file fields with `scores` = reranker scores in `candidates` order, plus
-    "label_scheme"."""
+    "label_scheme".
+
+    `partial`: the split's progress file (rerank/progress.py): batches it already holds are kept,
+    each newly scored batch is appended to it at once, so a killed ranking resumes where it stopped.
+    Under `accelerate launch` the batches are shared out among the processes, one per process at a
+    time, and every process returns all rows. Either way the batches are exactly those of one
+    uninterrupted pass (`rank_rows`), so the scores are bit-identical to it. The caller writes the
+    final file (`partial.finish`, main process)."""
     covered = [row for row in rows if is_covered(row)]
-    scores = rank_rows(
-        model,
-        tokenizer,
-        style,
-        covered,
-        titles,
-        batch_size=cfg.rank_batch_size,
-        permutations=cfg.rank_permutations,
-        seed=seed,
-        progress=progress,
-    )
+    if partial is None and rank_and_world()[1] == 1:
+        scores = rank_rows(
+            model, tokenizer, style, covered, titles,
+            batch_size=cfg.rank_batch_size, permutations=cfg.rank_permutations, seed=seed, progress=progress,
+        )
+    else:
+        scores = _rank_in_batches(model, tokenizer, style, covered, titles, cfg, seed, progress, partial)
     rankings = [
         {**{key: row[key] for key in ROW_FIELDS}, "scores": s, "label_scheme": style.scheme.name}
         for row, s in zip(covered, scores)
     ]
     return rankings, split_metrics(rows, rankings)
+
+
+def _rank_in_batches(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    style: PromptStyle,
+    covered: Sequence[Mapping[str, Any]],
+    titles: Mapping[str, str],
+    cfg: Any,
+    seed: int,
+    progress: bool,
+    partial: Optional[PartialRankings],
+) -> list[list[float]]:
+    """`rank_rows`, batch by batch: resumable from `partial`, shared among processes."""
+    main = is_main()
+    jobs = encode_rows(tokenizer, style, covered, titles, cfg.rank_permutations, seed, progress and main)
+    tokens = label_tokens(tokenizer, style)
+    # The batches of one uninterrupted pass, in its order: per candidate count K, prompts longest
+    # first (score_prompts' stable sort), cut every rank_batch_size. Left padding makes a prompt's
+    # last float bits depend on its batch mates, so the batches themselves never change.
+    batches: list[tuple[int, list[int]]] = []  # (K, positions in jobs[K])
+    digest = hashlib.sha256(f"{cfg.rank_batch_size}|{cfg.rank_permutations}|{seed}".encode())
+    for k, group in jobs.items():
+        order = sorted(range(len(group)), key=lambda i: -len(group[i][2]))
+        for start in range(0, len(order), cfg.rank_batch_size):
+            batches.append((k, order[start : start + cfg.rank_batch_size]))
+    for k, idx in batches:  # the plan's identity: a partial file of other batches is refused
+        for i in idx:
+            r, slots, ids = jobs[k][i]
+            digest.update(f"|{k}|{covered[r]['user']}|{slots}|".encode())
+            digest.update(ids.tobytes())
+    plan = digest.hexdigest()
+
+    done = from_main(lambda: partial.load(plan, len(batches))) if partial is not None else {}
+    for b, scores in done.items():
+        k, idx = batches[b]
+        if len(scores) != len(idx) or any(len(s) != k for s in scores):
+            raise PipelineError(f"{partial.path}: batch {b} has scores of another shape: delete the file to rank this split afresh")
+    rank, world = rank_and_world()
+    pending = [b for b in range(len(batches)) if b not in done]
+    if progress and main and partial is not None and done:
+        print(f"ranking: kept {len(done)} of {len(batches)} batches from {partial.path.name}, {len(pending)} to score")
+    for start in tqdm(range(0, len(pending), world), desc="ranking", unit="batch", disable=not progress or not main):
+        mine = pending[start + rank] if start + rank < len(pending) else None
+        scored = None
+        if mine is not None:
+            k, idx = batches[mine]
+            ids = [jobs[k][i][2] for i in idx]
+            scored = (mine, score_prompts(model, ids, tokens.for_k(k), len(ids), tokenizer.pad_token_id, progress=False))
+        results = [x for x in gather(scored) if x is not None]
+        if partial is not None and main:
+            partial.append(results)
+        done.update(results)
+
+    # Each row's score: the mean over its candidate orders, summed in rank_rows' order.
+    by_job = {(k, i): s for b, (k, idx) in enumerate(batches) for i, s in zip(idx, done[b])}
+    out = [[0.0] * len(row["candidates"]) for row in covered]
+    for k, group in jobs.items():
+        for i, (r, slots, _) in enumerate(group):
+            for slot, j in enumerate(slots):  # the candidate in `slot` is candidates[j]
+                out[r][j] += by_job[(k, i)][slot] / cfg.rank_permutations
+    return out
 
 
 def split_metrics(

@@ -25,6 +25,7 @@ label included, is one that was trained.
 from __future__ import annotations
 
 import string
+import unicodedata
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
@@ -43,12 +44,20 @@ def encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
 
 
 def _check_label_strings(name: str, labels: Sequence[str]) -> None:
+    """Labels are short visible strings. No whitespace or control character anywhere in a label: it
+    is written as "(label) Title" on one prompt line, a newline would break the layout, and a space
+    makes the label's tokens depend on the word before it."""
     if not labels:
         raise PipelineError(f"label scheme {name!r} has no labels: give at least one")
     for lab in labels:
         if not isinstance(lab, str) or not lab.strip() or lab != lab.strip():
             raise PipelineError(
                 f"label scheme {name!r}: label {lab!r} must be a non-empty string without surrounding whitespace"
+            )
+        if any(ch.isspace() or unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp") for ch in lab):
+            raise PipelineError(
+                f"label scheme {name!r}: label {lab!r} contains whitespace or a control character: "
+                "use labels without spaces, tabs or newlines (e.g. A..T, 1..20, item_1)"
             )
     dup = sorted({lab for lab in labels if labels.count(lab) > 1})
     if dup:
@@ -226,6 +235,11 @@ def derive_label_tokens(
         tail = tuple(joint[n:])
         if not ids:
             raise PipelineError(f"label {lab!r} produces no tokens with this tokenizer: choose another label")
+        if tokenizer.unk_token_id is not None and tokenizer.unk_token_id in ids:
+            raise PipelineError(
+                f"label {lab!r} maps to the tokenizer's unknown token {tokenizer.unk_token!r}: the tokenizer "
+                "cannot represent it; choose labels made of characters it knows (e.g. A..T or 1..20)"
+            )
         if tail[: len(ids)] != ids or len(tail) <= len(ids):
             raise PipelineError(
                 f"label {lab!r} merges with the end-of-turn text {answer_end!r}: choose labels that end a token"
@@ -248,4 +262,29 @@ def derive_label_tokens(
         seen[ids] = lab
         if terminator in ids:
             raise PipelineError(f"label {lab!r} contains the end-of-turn token {terminator}: remove it from the label")
+    # The model is trained and scored on these ids; they must spell the label that the prompt shows,
+    # or the candidate named in the prompt is not the one scored (e.g. a normalising tokenizer
+    # turns "e" + combining accent into "é").
+    for lab, ids in zip(labels, label_ids):
+        back = tokenizer.decode(list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        if back.strip() != lab:
+            raise PipelineError(
+                f"label {ascii(lab)} does not survive tokenization (its tokens decode to {ascii(back)}): "
+                "the tokenizer cannot represent it; choose labels it keeps as written (e.g. A..T or 1..20)"
+            )
     return LabelTokens(tuple(labels), tuple(label_ids), terminator)
+
+
+def check_candidates_fit(scheme: LabelScheme, rows: Sequence[dict], source: str) -> None:
+    """Refuse candidates rows (from `source`, a candidates file) with more candidates than `scheme`
+    has labels, before any model work: otherwise the run would stop only when the first such
+    prompt is built, after loading the model and training."""
+    n = len(scheme.labels)
+    for row in rows:
+        k = len(row["candidates"])
+        if k > n:
+            raise PipelineError(
+                f"{source}: user {row['user']!r} has {k} candidates but label scheme {scheme.name!r} has only {n} "
+                f"labels: re-run the retriever with retriever.top_k <= {n}, or set reranker.label_scheme=custom "
+                f"with at least {k} reranker.custom_labels"
+            )

@@ -16,11 +16,15 @@ position). 4-bit (bitsandbytes NF4) and the unsloth backend need CUDA and fail c
 """
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import json
+import os
+import socket
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal, Union
+from urllib.parse import urlparse
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
@@ -285,13 +289,54 @@ def _build_smollm2(out: Path) -> None:
 # Loading helpers
 
 
+# Seconds to wait for the hub's TCP handshake before treating the machine as offline. A failed DNS
+# lookup answers at once; 3 s is ample for a working link. Without this probe a machine with no
+# connection spends ~50 s in huggingface_hub's retries (and logs each one) before failing.
+HUB_PROBE_TIMEOUT_S = 3.0
+_PROXY_VARS = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+
+
+def hub_unreachable() -> str | None:
+    """Why the Hugging Face hub cannot be used now ("offline (HF_HUB_OFFLINE=1)", "huggingface.co
+    is unreachable (...)"), or None when it may be. Hub ids are then loaded from the local cache
+    only (local_files_only), so a model that is not cached fails at once with the fix."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE"):
+        return "offline (HF_HUB_OFFLINE=1)"
+    if any(os.environ.get(v) for v in _PROXY_VARS):
+        return None  # the proxy decides what is reachable: let huggingface_hub try
+    return _probe_hub(constants.ENDPOINT)
+
+
+@functools.lru_cache(maxsize=4)  # once per process: model and tokenizer loads share the answer
+def _probe_hub(endpoint: str) -> str | None:
+    url = urlparse(endpoint)
+    host = url.hostname or endpoint
+    try:
+        socket.create_connection((host, url.port or (80 if url.scheme == "http" else 443)), timeout=HUB_PROBE_TIMEOUT_S).close()
+    except OSError as e:
+        return f"{host} is unreachable ({e.strerror or type(e).__name__})"
+    return None
+
+
 def _from_pretrained(auto_cls, name: str, source: str, **kwargs: Any):
-    """auto_cls.from_pretrained with a one-line PipelineError when a hub id cannot be reached."""
+    """auto_cls.from_pretrained with a one-line PipelineError when a hub id cannot be reached.
+    Offline (see `hub_unreachable`) a hub id is read from the local cache only."""
+    offline = None if Path(source).is_dir() else hub_unreachable()
+    if offline:
+        kwargs["local_files_only"] = True
     try:
         return auto_cls.from_pretrained(source, **kwargs)
     except OSError as e:
         if Path(source).is_dir():
             raise PipelineError(f"cannot load model folder {source} ({_first_line(e)}): check it holds a complete HF model") from e
+        if offline:
+            raise PipelineError(
+                f"cannot load model {name!r}: {offline} and it is not in the local Hugging Face cache: "
+                f"set reranker.model to a local model folder, download it into the cache while connected "
+                f"(huggingface-cli download {name}), or use {SMOLLM2!r} / {TINY_QWEN2!r} (offline)"
+            ) from e
         raise PipelineError(
             f"cannot load model {name!r}: not a local folder, and the hub says: {_first_line(e)} "
             f"Pass a local model folder, or use {SMOLLM2!r} / {TINY_QWEN2!r} (offline)"

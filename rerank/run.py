@@ -1,54 +1,178 @@
 """A whole reranker run: candidates files -> LoRA training -> rankings and metrics -> run dir.
 
 Reads only the retriever run's files (candidates_<split>.jsonl, metrics.json), never its code.
+
+Resumable (`resume`, the scripts' --resume): finished stages are kept, interrupted ones continue.
+- Training is finished when adapter/ and train_summary.json exist (the adapter is loaded, not
+  trained again); otherwise it continues from the last complete checkpoint under checkpoints/
+  (a checkpoint a kill cut short is deleted first), or starts afresh when there is none.
+- A split's ranking is finished when rankings_<split>.jsonl exists; otherwise it continues from
+  rankings_<split>.jsonl.partial (rerank/progress.py) without scoring a finished batch again.
+
+Under `accelerate launch` every process trains (the Trainer's data parallelism) and ranks its
+share of the batches (rerank/distributed.py); only the main process writes files.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
+import shutil
 from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence
 
 from pipeline.atomic import write_text
-from pipeline.candidates import candidates_path, rankings_path, read_rows, write_rows
+from pipeline.candidates import candidates_path, rankings_path, read_rows
 from pipeline.config import Config
 from pipeline.data import SPLITS, load_dataset
 from pipeline.errors import PipelineError
 from pipeline.rundir import RunDir
-from rerank.evaluate import markdown_table, rank_split, titles_by_item
+from rerank.distributed import barrier, from_main, is_main, main_first, on_main, processes
+from rerank.evaluate import markdown_table, rank_split, split_metrics, titles_by_item
+from rerank.labels import check_candidates_fit, scheme_from_config
+from rerank.load_run import RerankerRun
 from rerank.models import load_from_config
-from rerank.prompts import style_from_config
+from rerank.progress import PartialRankings
+from rerank.prompts import PromptStyle, check_tokenizer, style_from_config
 from rerank.samples import samples_from_config
-from rerank.train import train_reranker
+from rerank.train import ADAPTER_DIR, CHECKPOINT_DIR, SUMMARY_FILE, load_adapter, resolve_adapter_dir, train_reranker
+
+TRAINER_STATE = "trainer_state.json"  # the last file the Trainer writes into a checkpoint
 
 
-def rerank_run(cfg: Config, run: RunDir, candidates_dir: str | Path) -> dict:
+def start_run(out: str | Path, cfg: Config, argv: Optional[list[str]], resume: bool) -> RunDir:
+    """The run directory of a reranker script, started once for all processes: each process checks
+    it (a fresh run needs an --out without a run, a resumed one the same config), then the main
+    process writes config.yaml and run.json. Joins `accelerate launch`'s processes first."""
+    processes(cfg.reranker.device)
+    run = RunDir(out)
+    run.check(cfg, resume)
+    barrier()  # nobody writes before every process has checked
+    on_main(lambda: run.start(cfg, argv, resume=resume))
+    return run
+
+
+def finish_run(run: RunDir) -> None:
+    """Stamp the end in run.json and print the metrics table (main process)."""
+    if is_main():
+        run.finish()
+        print((run / "metrics.md").read_text())
+
+
+def rerank_run(cfg: Config, run: RunDir, candidates_dir: str | Path, resume: bool = False) -> dict:
     """Train the reranker on `cfg.data`, rank the val and test candidates of `candidates_dir`,
-    write rankings_<split>.jsonl and the reranker sections of metrics.json; returns metrics."""
+    write rankings_<split>.jsonl and the reranker sections of metrics.json; returns metrics.
+    `resume`: keep what `run` already holds finished (see the module docstring)."""
     candidates_dir = Path(candidates_dir)
-    ds = load_dataset(cfg.data)
-    known = set(ds.item_ids[1:])
-    rows = {split: read_rows(candidates_path(candidates_dir, split), known) for split in SPLITS}
-    train_rows = None
-    if cfg.reranker.train_negatives == "retriever":
-        train_rows = read_rows(candidates_path(candidates_dir, "train"), known)
-    model, tokenizer = load_from_config(cfg.reranker)
-    style = style_from_config(cfg.reranker, tokenizer)
-    samples = samples_from_config(ds, cfg.reranker, cfg.seed, retriever_rows=train_rows)
-    print(f"reranker: {len(samples)} training prompts, model {cfg.reranker.model}, labels {style.scheme.name}")
-    train_reranker(model, tokenizer, style, ds, samples, rows["val"], cfg.reranker, run.path, seed=cfg.seed)
+    with main_first():  # the main process builds the caches (data, converted model) first
+        ds = load_dataset(cfg.data)
+        known = set(ds.item_ids[1:])
+        # Bad candidates files stop the run here, before the model is loaded or anything trained.
+        rows = {split: read_rows(candidates_path(candidates_dir, split), known) for split in SPLITS}
+        scheme = scheme_from_config(cfg.reranker)
+        for split in SPLITS:
+            check_candidates_fit(scheme, rows[split], str(candidates_path(candidates_dir, split)))
+        model, tokenizer = load_from_config(cfg.reranker)
 
-    titles = titles_by_item(ds)
-    retriever_metrics = _retriever_metrics(candidates_dir)
+    if resume and from_main(lambda: training_finished(run.path)):
+        style = PromptStyle.load(resolve_adapter_dir(run.path))  # the prompts the adapter was trained on
+        check_tokenizer(style, tokenizer)
+        model = load_adapter(model, run.path)
+        _say(f"reranker: kept the trained adapter in {run / ADAPTER_DIR} (--resume)")
+    else:
+        style = style_from_config(cfg.reranker, tokenizer)
+        train_cfg = cfg.reranker
+        if resume:
+            last = from_main(lambda: last_complete_checkpoint(run / CHECKPOINT_DIR))
+            _say(f"reranker: resuming training from {last}" if last else "reranker: no checkpoint yet, training from the start")
+            train_cfg = dataclasses.replace(cfg.reranker, resume=last is not None)
+        train_rows = None
+        if cfg.reranker.train_negatives == "retriever":
+            train_rows = read_rows(candidates_path(candidates_dir, "train"), known)
+        samples = samples_from_config(ds, cfg.reranker, cfg.seed, retriever_rows=train_rows)
+        _say(f"reranker: {len(samples)} training prompts, model {cfg.reranker.model}, labels {style.scheme.name}")
+        train_reranker(model, tokenizer, style, ds, samples, rows["val"], train_cfg, run.path, seed=cfg.seed)
+        # Ranking progress of an earlier adapter (its run was trained again) is not this one's.
+        on_main(lambda: [PartialRankings(rankings_path(run.path, split)).discard() for split in SPLITS])
+
+    return rank_splits(cfg, run, model, tokenizer, style, rows, titles_by_item(ds), candidates_dir, resume)
+
+
+def rank_run(cfg: Config, run: RunDir, source: RerankerRun, resume: bool = False) -> dict:
+    """Rank the val and test candidates of `source` (a finished reranker run) with its adapter, into
+    `run` (rankings_<split>.jsonl, metrics.json, metrics.md); `cfg` is the source's config with the
+    caller's overrides (e.g. rank_batch_size). No training."""
+    with main_first():
+        model, tokenizer, style = source.load_model()
+        rows = {split: source.rows(split) for split in SPLITS}
+    return rank_splits(cfg, run, model, tokenizer, style, rows, source.titles, source.candidates_dir, resume)
+
+
+def rank_splits(
+    cfg: Config,
+    run: RunDir,
+    model: Any,
+    tokenizer: Any,
+    style: PromptStyle,
+    rows: Mapping[str, Sequence[Mapping[str, Any]]],
+    titles: Mapping[str, str],
+    candidates_dir: str | Path,
+    resume: bool,
+) -> dict:
+    """Rank each split (kept when finished and `resume`), write rankings_<split>.jsonl, the
+    reranker sections of metrics.json and metrics.md; returns metrics.json's content."""
+    model.eval()
+    retriever_metrics = _retriever_metrics(Path(candidates_dir))
     metrics: dict = {}
     for split in SPLITS:
-        rankings, section = rank_split(model, tokenizer, style, rows[split], titles, cfg.reranker, seed=cfg.seed)
+        store = PartialRankings(rankings_path(run.path, split))
+        kept = from_main(lambda: read_rows(store.final) if resume and store.final.is_file() else None)
+        if kept is not None:
+            rankings, section = kept, split_metrics(rows[split], kept)
+            on_main(store.discard)  # a kill between the final file and the partial's removal
+            _say(f"rankings {split}: kept {store.final.name} (--resume)")
+        else:
+            rankings, section = rank_split(
+                model, tokenizer, style, rows[split], titles, cfg.reranker, seed=cfg.seed, progress=is_main(), partial=store
+            )
+            on_main(lambda: store.finish(rankings))
         # The retriever run's full-catalogue metrics (k up to 50) supersede the candidates-based
         # ones; they agree for k <= 20 because the candidates are the retriever's top 20.
         if split in retriever_metrics:
             section["retriever"] = retriever_metrics[split]
-        write_rows(rankings_path(run.path, split), rankings)
-        metrics = run.update_metrics(split, section)
-    write_text(run / "metrics.md", results_markdown(metrics, cfg))
+        metrics = from_main(lambda: run.update_metrics(split, section))
+    on_main(lambda: write_text(run / "metrics.md", results_markdown(metrics, cfg)))
     return metrics
+
+
+def training_finished(run_dir: str | Path) -> bool:
+    """True when `run_dir` holds a trained adapter and its train_summary.json (written last)."""
+    run_dir = Path(run_dir)
+    return (run_dir / ADAPTER_DIR / "adapter_config.json").is_file() and (run_dir / SUMMARY_FILE).is_file()
+
+
+def last_complete_checkpoint(ckpt_dir: Path) -> Optional[str]:
+    """The newest checkpoint under `ckpt_dir` that the Trainer finished writing (its
+    trainer_state.json, written last, is valid JSON); checkpoints a kill cut short are deleted, so
+    the Trainer resumes from a whole one. None when there is none."""
+    if not ckpt_dir.is_dir():
+        return None
+    complete = []
+    for d in ckpt_dir.glob("checkpoint-*"):
+        step = d.name.split("-", 1)[1]
+        if not d.is_dir() or not step.isdigit():
+            continue
+        try:
+            json.loads((d / TRAINER_STATE).read_text())
+            complete.append((int(step), d))
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+            print(f"reranker: deleting {d}, a checkpoint a kill cut short")
+            shutil.rmtree(d)
+    return str(max(complete)[1]) if complete else None
+
+
+def _say(message: str) -> None:
+    if is_main():
+        print(message)
 
 
 def _retriever_metrics(candidates_dir: Path) -> dict:

@@ -1,5 +1,13 @@
-"""A whole retriever run: data -> fit -> candidates and metrics for val and test -> run dir."""
+"""A whole retriever run: data -> fit -> candidates and metrics for val and test -> run dir.
+
+Resumable: with `resume`, a finished stage (every candidates file and the val/test metrics
+written) is kept as it is; an unfinished one is fitted again from scratch (the retriever fits in
+minutes and keeps no checkpoints).
+"""
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 from pipeline.atomic import write_json, write_text
 from pipeline.candidates import candidates_path, write_rows
@@ -11,9 +19,15 @@ from retrieval.candidates import retrieve
 from retrieval.registry import build_retriever
 
 
-def train_retriever(cfg: Config, run: RunDir) -> dict:
+def train_retriever(cfg: Config, run: RunDir, resume: bool = False) -> dict:
     """Fit `cfg.retriever` on `cfg.data`; write candidates_{train,val,test}.jsonl and metrics.json
-    (val and test)."""
+    (val and test). `resume`: keep the stage when `run` already holds it finished."""
+    if resume and retriever_finished(run.path):
+        print(f"retriever: kept the finished stage in {run.path} (--resume)")
+        metrics = json.loads((run / "metrics.json").read_text())
+        if not (run / "metrics.md").is_file():  # killed between the metrics and their table
+            write_text(run / "metrics.md", retriever_table(metrics, cfg.retriever.model))
+        return metrics
     ds = load_dataset(cfg.data)
     print(stats_markdown(ds.stats))
     write_json(run / "dataset_stats.json", ds.stats)
@@ -28,6 +42,19 @@ def train_retriever(cfg: Config, run: RunDir) -> dict:
             metrics = run.update_metrics(split, section)
     write_text(run / "metrics.md", retriever_table(metrics, cfg.retriever.model))
     return metrics
+
+
+def retriever_finished(run_dir: str | Path) -> bool:
+    """True when `run_dir` holds a finished retriever stage: every candidates file and the
+    retriever metrics of val and test (written last, after the candidates files)."""
+    run_dir = Path(run_dir)
+    if not all(candidates_path(run_dir, split).is_file() for split in CANDIDATE_SPLITS):
+        return False
+    try:
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return isinstance(metrics, dict) and all("retriever" in metrics.get(split, {}) for split in SPLITS)
 
 
 def retriever_table(metrics: dict, model: str, ks=(5, 10, 20)) -> str:

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from pipeline.atomic import atomic_open
 from pipeline.config import RetrieverConfig
 from pipeline.data import SplitDataset
 from retrieval.evaluate import evaluate
@@ -89,7 +90,8 @@ def fit(model: TrainableRetriever, ds: SplitDataset, cfg: RetrieverConfig, seed:
         if val[EARLY_STOP_METRIC] > best:
             best, best_epoch, bad = val[EARLY_STOP_METRIC], epoch, 0
             best_state = copy.deepcopy(model.module.state_dict())
-            torch.save(best_state, out_dir / "retriever.pt")
+            with atomic_open(out_dir / "retriever.pt", "wb") as f:  # a kill never leaves half a file
+                torch.save(best_state, f)
         else:
             bad += 1
             if bad >= cfg.patience:

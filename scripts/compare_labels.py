@@ -4,7 +4,7 @@
 
 Each entry of analysis.variants (name: reranker overrides, e.g. `numbers: {label_scheme: numbers}`)
 is trained and ranked into <out>/<name>/ with the same data, candidates, model, seed and budget;
-finished variants are kept on a re-run. Writes to --out: compare_labels.md / .csv / .json: test
+finished variants are kept on a re-run with --resume. Writes to --out: compare_labels.md / .csv / .json: test
 metrics on the covered subset and overall, how many labels take more than one token, and the mean
 probability mass the model puts on valid labels.
 """
@@ -21,7 +21,7 @@ def main(argv=None):
     args = parser(__doc__.splitlines()[0]).parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     out = Path(args.out)
-    run = RunDir(out).start(cfg, argv)
+    run = RunDir(out).start(cfg, argv, resume=args.resume)
     dirs = run_variants(cfg, out, argv)
     results = [load_variant(name, path) for name, path in dirs.items()]
     labels = {r.name: r.label_summary() for r in results}

@@ -4,7 +4,7 @@
 
 Each entry of analysis.variants (name: reranker overrides, e.g. `hard: {train_negatives: retriever}`,
 `two_stage: {pretrain_steps: 16}`) is trained and ranked into <out>/<name>/ with the same data,
-candidates, model, seed and ranking; finished variants are kept on a re-run. Writes to --out:
+candidates, model, seed and ranking; finished variants are kept on a re-run with --resume. Writes to --out:
 compare_training.md / .csv / .json with test metrics, the training set-up and its cost.
 """
 from pathlib import Path
@@ -20,7 +20,7 @@ def main(argv=None):
     args = parser(__doc__.splitlines()[0]).parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     out = Path(args.out)
-    run = RunDir(out).start(cfg, argv)
+    run = RunDir(out).start(cfg, argv, resume=args.resume)
     dirs = run_variants(cfg, out, argv)
     results = [load_variant(name, path) for name, path in dirs.items()]
     extra = [

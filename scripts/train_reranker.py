@@ -1,17 +1,19 @@
 """Train the LLM reranker on a retriever run's candidates and rank its val/test users.
 
     python scripts/train_reranker.py --config configs/experiments/default.yaml --out runs/rerank \
-        --set retriever_run=runs/lrurec_ml-100k [--set reranker.label_scheme=numbers ...]
+        --set retriever_run=runs/lrurec_ml-100k [--set reranker.label_scheme=numbers ...] [--resume]
+    accelerate launch --multi_gpu --num_processes 4 scripts/train_reranker.py ...   # data parallel
 
 Writes to --out: config.yaml, run.json, adapter/ (peft LoRA adapter + prompt_style.json),
 checkpoints/, tensorboard/, train_summary.json, rankings_val.jsonl, rankings_test.jsonl,
 metrics.json (retriever, retriever_subset, subset, overall per split), metrics.md.
+--resume (or reranker.resume=true) continues an interrupted run in --out: a trained adapter is
+kept, training continues from its last checkpoint, ranking from rankings_<split>.jsonl.partial.
 """
 from pipeline.cli import parser, run_main
 from pipeline.config import load_config
 from pipeline.errors import PipelineError
-from pipeline.rundir import RunDir
-from rerank.run import rerank_run
+from rerank.run import finish_run, rerank_run, start_run
 
 
 def main(argv=None):
@@ -19,10 +21,10 @@ def main(argv=None):
     cfg = load_config(args.config, args.overrides)
     if not cfg.retriever_run:
         raise PipelineError("retriever_run is not set: pass --set retriever_run=RUN_DIR of scripts/train_retriever.py")
-    run = RunDir(args.out).start(cfg, argv)
-    rerank_run(cfg, run, cfg.retriever_run)
-    run.finish()
-    print((run / "metrics.md").read_text())
+    resume = args.resume or cfg.reranker.resume
+    run = start_run(args.out, cfg, argv, resume)
+    rerank_run(cfg, run, cfg.retriever_run, resume=resume)
+    finish_run(run)
 
 
 if __name__ == "__main__":

@@ -290,4 +290,4 @@ def test_script_on_the_smoke_run(smoke_run, tmp_path):
     # a config for other data than the run's is refused with a one-line error
     bad = run_script("scripts/generation_baseline.py", "--run", str(run), "--out", str(tmp_path / "bad"),
                      "--config", "configs/experiments/generation_baseline.yaml")
-    assert bad.returncode == 2 and "has another data than the run" in bad.stderr
+    assert bad.returncode == 2 and "sets data.max_users = None but run" in bad.stderr

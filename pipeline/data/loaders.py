@@ -4,17 +4,21 @@ Every loader returns
   interactions: DataFrame with columns user, item (str), timestamp (float), rating (float, NaN
                 when the format has none), one row per interaction as in the file;
   titles: dict original item id (str) -> cleaned title (items without a usable title absent).
-Missing files or columns raise a one-line PipelineError naming the file and the fix.
+Missing files or columns, malformed rows and non-UTF-8 bytes raise a one-line PipelineError naming
+the file (and line) and the fix (see "helpers" below).
 """
 from __future__ import annotations
 
 import ast
+import csv
 import gzip
 import html
 import importlib.metadata
+import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from pipeline.config import DataConfig
@@ -58,6 +62,13 @@ def clean_movielens_title(raw: str, year: str | None = None) -> str:
 
 
 # ---------------------------------------------------------------------------- helpers
+#
+# Malformed input is an error, never silently repaired: a row with the wrong number of fields, a
+# non-numeric timestamp or rating, an empty user/item id, bytes that are not UTF-8, an unclosed
+# quote (a truncated file) or an unparsable meta record stops the run with a one-line
+# PipelineError naming the file, the line and the fix. Silent repair would change the dataset
+# (and with it every number a run reports) without anyone noticing. Line numbers are those of the
+# file (header = line 1); the exact mapping is only computed when something is wrong.
 
 
 def _require(path: Path, what: str) -> Path:
@@ -66,14 +77,96 @@ def _require(path: Path, what: str) -> Path:
     return path
 
 
-def _read_csv(path: Path, **kw) -> pd.DataFrame:
+def _non_utf8_line(lines) -> tuple[int, int]:
+    """(1-based line number, byte offset in that line) of the first line that is not UTF-8."""
+    for lineno, raw in enumerate(lines, 1):
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            return lineno, e.start
+    return 0, 0  # not reached for a file that failed to decode
+
+
+def _not_utf8(path: Path, lines) -> PipelineError:
+    lineno, col = _non_utf8_line(lines)
+    return PipelineError(
+        f"{path} line {lineno} is not valid UTF-8 (byte {col + 1} of the line): "
+        "re-encode the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)"
+    )
+
+
+def _csv_rows(path: Path, sep: str, quoting: int) -> list[tuple[int, int]]:
+    """(line number, field count) of every row pandas reads from `path`, in order (blank lines
+    skipped as pandas skips them). Only called when a row is wrong, to name its line."""
+    out = []
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.reader(f, delimiter=sep, quoting=quoting)
+        start = 1
+        try:
+            for row in reader:
+                if row and not (len(row) == 1 and not row[0].strip()):
+                    out.append((start, len(row)))
+                start = reader.line_num + 1
+        except csv.Error:
+            pass  # an unclosed quote at the end: the rows before it are mapped
+    return out
+
+
+def _line_of(df: pd.DataFrame, i: int) -> int:
+    """File line number of data row `i` (0-based, header excluded) of a frame from `_read_csv`."""
+    path, sep, quoting, header = df.attrs["source"]
+    rows = _csv_rows(path, sep, quoting)
+    k = i + header
+    return rows[k][0] if k < len(rows) else k + 1
+
+
+def _read_csv(path: Path, sep: str = ",", header: bool = True, quoting: int = csv.QUOTE_MINIMAL) -> pd.DataFrame:
+    """Every field as a string (as written; callers strip). Every row must have exactly as many
+    fields as the first one (the header when `header`); anything else is a one-line error naming
+    the line."""
     try:
-        return pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8", **kw)
-    except UnicodeDecodeError as e:
-        raise PipelineError(f"{path} is not valid UTF-8 (byte {e.start}): re-encode the file as UTF-8") from None
-    except (pd.errors.ParserError, pd.errors.EmptyDataError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else "empty file"
+        # header=None: pandas then takes the field count from the first line and refuses a longer
+        # row (with a header it would silently turn an extra field into an index column).
+        df = pd.read_csv(path, sep=sep, header=None, dtype=str, keep_default_na=False, encoding="utf-8", quoting=quoting)
+    except UnicodeDecodeError:
+        with open(path, "rb") as f:
+            raise _not_utf8(path, f) from None
+    except pd.errors.EmptyDataError:
+        raise PipelineError(f"{path} is empty: re-export the file") from None
+    except pd.errors.ParserError as e:
+        text = str(e)
+        m = re.search(r"Expected (\d+) fields in line (\d+), saw (\d+)", text)
+        if m:
+            raise PipelineError(
+                f"{path} line {m[2]} has {m[3]} fields, expected {m[1]} (an unquoted {sep!r} inside a value?): "
+                "fix or drop that line"
+            ) from None
+        m = re.search(r"EOF inside string starting at row (\d+)", text)
+        if m:
+            rows = _csv_rows(path, sep, quoting)
+            k = int(m[1])
+            line = rows[k][0] if k < len(rows) else k + 1
+            raise PipelineError(
+                f"{path} line {line}: a quoted value never closes (truncated file or stray quote): fix that line"
+            ) from None
+        first = text.strip().splitlines()[0] if text.strip() else "parse error"
         raise PipelineError(f"{path} is not a readable CSV ({first}): fix or re-export the file") from None
+    df.attrs["source"] = (path, sep, quoting, int(header))
+    # pandas pads a row with too FEW fields with "" (a truncated last line, a missing column):
+    # rows holding an empty field are checked against the file for their real field count.
+    if (df == "").to_numpy().any():
+        width = df.shape[1]
+        for line, n in _csv_rows(path, sep, quoting):
+            if n != width:
+                raise PipelineError(
+                    f"{path} line {line} has {n} field{'s' if n != 1 else ''}, expected {width} (truncated or missing a value?): "
+                    "fix or drop that line"
+                )
+    if header:
+        df.columns = [str(c).strip() for c in df.iloc[0]]
+        df = df.iloc[1:].reset_index(drop=True)
+        df.attrs["source"] = (path, sep, quoting, 1)
+    return df
 
 
 def _check_columns(df: pd.DataFrame, needed: list[str], path: Path) -> None:
@@ -87,12 +180,24 @@ def _check_columns(df: pd.DataFrame, needed: list[str], path: Path) -> None:
 
 def _interactions(df: pd.DataFrame, path: Path, user: str, item: str, ts: str, rating: str | None) -> pd.DataFrame:
     out = pd.DataFrame({"user": df[user].str.strip(), "item": df[item].str.strip()})
-    out["timestamp"] = pd.to_numeric(df[ts], errors="coerce")
-    out["rating"] = pd.to_numeric(df[rating], errors="coerce") if rating else float("nan")
-    bad = out["timestamp"].isna() | (out["user"] == "") | (out["item"] == "")
-    if bad.any():
-        row = int(bad.idxmax()) + 2  # +1 for the header, +1 for 1-based lines
-        raise PipelineError(f"{path} line {row}: empty user/item or non-numeric timestamp: fix or drop that line")
+    ts_text = df[ts].str.strip()
+    out["timestamp"] = pd.to_numeric(ts_text, errors="coerce")
+    checks = [
+        ((out["user"] == "") | (out["item"] == ""), lambda i: "empty user or item id"),
+        (~np.isfinite(out["timestamp"]), lambda i: f"timestamp {ts_text.iloc[i]!r} is not a number"),
+    ]
+    if rating:
+        # A rating may be left empty (unknown: kept, NaN; data.min_rating drops it), but a value
+        # that is there must be a number.
+        rating_text = df[rating].str.strip()
+        out["rating"] = pd.to_numeric(rating_text, errors="coerce")
+        checks.append((out["rating"].isna() & (rating_text != ""), lambda i: f"rating {rating_text.iloc[i]!r} is not a number"))
+    else:
+        out["rating"] = float("nan")
+    for bad, what in checks:
+        if bad.any():
+            i = int(np.argmax(bad.to_numpy()))
+            raise PipelineError(f"{path} line {_line_of(df, i)}: {what(i)}: fix or drop that line")
     return out[COLUMNS]
 
 
@@ -117,7 +222,7 @@ def load_ml100k(path: str | None = None):
     inter = _read_csv(inter_p, sep="\t")
     inter.columns = [c.split(":")[0] for c in inter.columns]
     _check_columns(inter, ["user_id", "item_id", "rating", "timestamp"], inter_p)
-    items = _read_csv(item_p, sep="\t", quoting=3)
+    items = _read_csv(item_p, sep="\t", quoting=csv.QUOTE_NONE)
     items.columns = [c.split(":")[0] for c in items.columns]
     _check_columns(items, ["item_id", "movie_title"], item_p)
     years = items["release_year"] if "release_year" in items.columns else [""] * len(items)
@@ -144,29 +249,62 @@ def load_ml_latest_small(path: str):
 
 def load_amazon(path: str, category: str):
     """Amazon 2014: ratings_<Cat>.csv (user,item,rating,timestamp; no header) and
-    meta_<Cat>.json.gz, one Python-literal dict per line (parsed with ast.literal_eval, never eval)."""
+    meta_<Cat>.json.gz, one Python-literal dict (or JSON object) per line (parsed with
+    ast.literal_eval / json, never eval)."""
     root = Path(path)
     ratings_p = _require(root / f"ratings_{category}.csv", f"Amazon ratings_{category}.csv")
     meta_p = _require(root / f"meta_{category}.json.gz", f"Amazon meta_{category}.json.gz")
-    ratings = _read_csv(ratings_p, header=None)
+    ratings = _read_csv(ratings_p, header=False)
     if ratings.shape[1] != 4:
         raise PipelineError(f"{ratings_p} has {ratings.shape[1]} columns, expected 4 (user,item,rating,timestamp) without a header")
     ratings.columns = ["user", "item", "rating", "timestamp"]
-    titles: dict[str, str] = {}
+    titles = _amazon_titles(meta_p)
+    return _interactions(ratings, ratings_p, "user", "item", "timestamp", "rating"), titles
+
+
+def _meta_record(line: str, meta_p: Path, lineno: int) -> dict:
+    """One meta line: a Python dict literal (the 2014 dumps; ast.literal_eval, never eval) or a
+    JSON object (later dumps, with true/false/null)."""
     try:
-        with gzip.open(meta_p, "rt", encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
+        rec = ast.literal_eval(line)
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            raise PipelineError(
+                f"{meta_p} line {lineno} is not a Python/JSON dict literal (truncated?): fix or drop that line"
+            ) from None
+    if not isinstance(rec, dict):
+        raise PipelineError(f"{meta_p} line {lineno} is a {type(rec).__name__}, not a dict record: fix or drop that line")
+    return rec
+
+
+def _amazon_titles(meta_p: Path) -> dict[str, str]:
+    """asin -> cleaned title from meta_<Cat>.json.gz; records without a title are skipped (those
+    items are dropped in preprocessing, and counted there)."""
+    titles: dict[str, str] = {}
+    lineno = 0
+    try:
+        with gzip.open(meta_p, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise PipelineError(
+                        f"{meta_p} line {lineno} is not valid UTF-8 (byte {e.start + 1} of the line): "
+                        "re-encode the records as UTF-8 and re-compress the file"
+                    ) from None
                 if not line.strip():
                     continue
-                try:
-                    rec = ast.literal_eval(line)
-                except (ValueError, SyntaxError):
-                    raise PipelineError(f"{meta_p} line {lineno} is not a Python/JSON dict literal: fix or drop that line") from None
-                if isinstance(rec, dict) and rec.get("asin") and str(rec.get("title", "")).strip():
+                rec = _meta_record(line, meta_p, lineno)
+                if rec.get("asin") and str(rec.get("title") or "").strip():
                     titles[str(rec["asin"]).strip()] = clean_title(rec["title"])
-    except (OSError, EOFError, UnicodeDecodeError) as e:
-        raise PipelineError(f"{meta_p} cannot be read as gzip'd UTF-8 text ({type(e).__name__}): re-download or re-compress it") from None
-    return _interactions(ratings, ratings_p, "user", "item", "timestamp", "rating"), titles
+    except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError
+        raise PipelineError(
+            f"{meta_p} cannot be read as gzip after line {lineno} ({type(e).__name__}: truncated or not gzip'd): "
+            "re-download or re-compress it"
+        ) from None
+    return titles
 
 
 def load_generic(path: str):

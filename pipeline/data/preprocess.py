@@ -1,5 +1,6 @@
-"""Preprocessing (as LlamaRec): drop items without a title, iterative k-core, dense ids, each
-user's items sorted by (timestamp, original item id). Cached on disk, keyed by the config.
+"""Preprocessing (as LlamaRec): drop items without a title, keep each (user, item) once (the
+earliest), iterative k-core, dense ids, each user's items sorted by (timestamp, original item id).
+Cached on disk, keyed by the config.
 
 Ties in timestamp are broken by the ORIGINAL item id (numeric order when every id is an
 integer, else string order), never by file order or dense ids: in classic ML-100K 416 of 943
@@ -19,7 +20,7 @@ from pipeline.data.dataset import SplitDataset
 from pipeline.data.loaders import load_raw, raw_files
 from pipeline.errors import PipelineError
 
-CACHE_VERSION = 1  # bump when preprocessing changes, so stale caches are not reused
+CACHE_VERSION = 2  # bump when preprocessing changes, so stale caches are not reused
 
 
 def _id_sort_key(ids: pd.Series) -> pd.Series:
@@ -41,13 +42,51 @@ def k_core(df: pd.DataFrame, min_user: int, min_item: int) -> pd.DataFrame:
             return df
 
 
+# What preprocessing drops before k-core, as counted in dataset stats["dropped"] and printed.
+_DROPPED = {
+    "untitled_items": "items without a title",
+    "duplicate_interactions": "duplicate interactions (same user, item and timestamp)",
+    "repeat_interactions": "later interactions with an item the user already had (the earliest is kept)",
+}
+
+
+def drop_repeats(df: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, int]]:
+    """Keep each (user, item) pair once, at its EARLIEST timestamp (ties: first in the file).
+
+    An exact duplicate (same user, item and timestamp) is a duplicated record, not a second
+    interaction. A later repeat of the same item (a re-purchase, a re-rating) is dropped too: the
+    leave-one-out split would otherwise make the user's val/test target an item already in their
+    history, which candidates (history masked, as LlamaRec) and metrics can never count as a hit,
+    and every stage assumes an item appears at most once per user. MovieLens files hold each
+    (user, item) once, so they are unchanged; Amazon 2014 ratings hold a few repeats. The counts go
+    to dataset stats ("dropped") and are printed."""
+    exact = int(df.duplicated(["user", "item", "timestamp"]).sum())
+    df = df.sort_values("timestamp", kind="stable")
+    keep = ~df.duplicated(["user", "item"], keep="first")
+    repeats = int((~keep).sum()) - exact
+    return df[keep].sort_index(kind="stable"), {"duplicate_interactions": exact, "repeat_interactions": repeats}
+
+
 def preprocess(interactions: pd.DataFrame, titles: dict[str, str], cfg: DataConfig, name: str) -> SplitDataset:
     df = interactions
     if cfg.min_rating is not None:
         df = df[df["rating"] >= cfg.min_rating]
-    df = df[df["item"].isin(titles.keys())]
-    # The same (user, item, timestamp) twice is a duplicated record, not a second interaction.
-    df = df.drop_duplicates(["user", "item", "timestamp"])
+    # Items without a title cannot be put in a prompt: dropped (as LlamaRec), counted, and an
+    # error when that leaves nothing (usually the item file's ids do not match the interactions').
+    titled = df["item"].isin(titles.keys())
+    untitled_items = int(df.loc[~titled, "item"].nunique())
+    if len(df) and not titled.any():
+        raise PipelineError(
+            f"dataset {name!r}: none of its {untitled_items} items has a title: check that the item file "
+            "holds titles for the item ids used in the interactions file"
+        )
+    dropped = {"untitled_items": untitled_items, "untitled_interactions": int((~titled).sum())}
+    df = df[titled]
+    df, repeats = drop_repeats(df)
+    dropped.update(repeats)
+    for key, what in _DROPPED.items():
+        if dropped[key]:
+            print(f"preprocess: dropped {dropped[key]:,} {what}")
     if cfg.max_users is not None:
         users = df["user"].drop_duplicates()
         keep = users.iloc[_id_sort_key(users).argsort(kind="stable")].iloc[: cfg.max_users]
@@ -73,7 +112,7 @@ def preprocess(interactions: pd.DataFrame, titles: dict[str, str], cfg: DataConf
         user_ids=users,
         sequences=sequences,
     )
-    ds.stats = dataset_stats(ds)
+    ds.stats = {**dataset_stats(ds), "dropped": dropped}
     return ds
 
 
