@@ -8,7 +8,8 @@ batches, timed interleaved (ours, baseline, ours, ...) after warm-up runs, media
   under inference_mode over the same prompts, already tokenized and padded into the same batches.
   The prompt building alone (`encode_rows`) is timed beside them.
 - generation_speedup: one-pass ranking (the same `rank_rows` runs) vs generating a ranked list of
-  every label (`rerank.generation.generate_rankings`, mode "list") for the same users.
+  every label (`rerank.generation.generate_rankings`, mode "list", at least a complete list's tokens
+  decoded per user) for the same users.
 - training_memory / training_time: one optimizer step (forward, loss, backward, AdamW) with the
   loss only at the supervised positions (`rerank.train.supervised_logits` + cross-entropy, as
   `RerankTrainer.compute_loss`) vs the stock causal-LM loss (`model(..., labels=...)`: logits at
@@ -47,7 +48,7 @@ from pipeline.errors import PipelineError
 from rerank.collate import TrainingTexts, collator_for
 from rerank.evaluate import titles_by_item
 from rerank.generation import generate_rankings
-from rerank.models import TINY_QWEN2, _resolve_dtype, load_from_config, load_tokenizer
+from rerank.models import TINY_QWEN2, resolve_dtype, load_from_config, load_tokenizer
 from rerank.prompts import PromptStyle, label_tokens, style_from_config
 from rerank.ranker import encode_rows, rank_rows, score_prompts
 from rerank.samples import samples_from_config
@@ -135,7 +136,7 @@ def random_architecture(cfg: Config, name: str) -> tuple[PreTrainedModel, PreTra
         raise PipelineError(f"unknown architecture {name!r}: use one of {', '.join(ARCHITECTURES)}")
     tokenizer = load_tokenizer(TINY_QWEN2, cache_dir=cfg.reranker.model_cache_dir)
     device = resolve_device(cfg.reranker.device)
-    dtype = _resolve_dtype(cfg.reranker.dtype, device)
+    dtype = resolve_dtype(cfg.reranker.dtype, device)
     config = Qwen2Config(
         **ARCHITECTURES[name],
         max_position_embeddings=32768,
@@ -339,7 +340,9 @@ def ranking_figures(model, tokenizer, style, rows, titles, batch_size, settings,
 
 
 def generation_figure(model, tokenizer, style, rows, titles, batch_size, model_name, settings, gen_batch_size, device) -> dict[str, Any]:
-    """generation_speedup: `generate_rankings(mode="list")` vs `rank_rows` on the same rows, timed
+    """generation_speedup: `generate_rankings(mode="list", full_list=True)` (every user decodes at
+    least a complete list of labels, whatever the untrained adapter would do) vs `rank_rows` on the
+    same rows, timed
     interleaved (`generation_repeats` rounds): on a shared machine, times taken at different
     moments are not comparable."""
     generated: list[Any] = []
@@ -348,11 +351,11 @@ def generation_figure(model, tokenizer, style, rows, titles, batch_size, model_n
         rank_rows(model, tokenizer, style, rows, titles, batch_size=batch_size, progress=False)
 
     def generate() -> None:
-        generated[:] = generate_rankings(model, tokenizer, style, rows, titles, mode="list", batch_size=gen_batch_size, progress=False)
+        generated[:] = generate_rankings(model, tokenizer, style, rows, titles, mode="list", batch_size=gen_batch_size, progress=False, full_list=True)
 
     model.eval()
     if settings.warmup:  # one small call: first-call costs, without doubling the slowest part
-        generate_rankings(model, tokenizer, style, rows[:gen_batch_size], titles, mode="list", batch_size=gen_batch_size, progress=False)
+        generate_rankings(model, tokenizer, style, rows[:gen_batch_size], titles, mode="list", batch_size=gen_batch_size, progress=False, full_list=True)
     runs = time_interleaved({"ours": ours, "generation": generate}, 0, settings.generation_repeats, device)
     gen_s, ours_s = _median(runs["generation"]), _median(runs["ours"])
     ratio = _ratio(gen_s, ours_s)

@@ -20,7 +20,7 @@ from transformers import PreTrainedTokenizerBase
 
 from pipeline.errors import PipelineError
 from rerank.labels import LabelTokens, encode
-from rerank.prompts import PromptStyle, build_prompt, build_training_text, label_tokens
+from rerank.prompts import PromptStyle, build_training_text, encode_prompt, label_tokens
 from rerank.samples import TrainSample
 
 IGNORE_INDEX = -100  # label value that torch's cross_entropy and the HF losses skip
@@ -37,7 +37,7 @@ def encode_example(
 ) -> dict[str, list[int]]:
     """{"input_ids", "labels"} of one training text: `labels` is IGNORE_INDEX everywhere except the
     answer's supervised tokens, which hold their own ids. `history` / `candidates` are titles."""
-    prompt_ids = encode(tokenizer, build_prompt(history, candidates, tokenizer, style))
+    prompt_ids = encode_prompt(history, candidates, tokenizer, style)
     input_ids = encode(tokenizer, build_training_text(history, candidates, target_index, tokenizer, style))
     n = len(prompt_ids)
     if input_ids[:n] != prompt_ids:

@@ -184,8 +184,14 @@ def default_max_new_tokens(tokenizer: PreTrainedTokenizerBase, tokens: LabelToke
     check_mode(mode)
     if mode == "greedy":
         return max(len(ids) for ids in tokens.label_ids) + 1
-    expected = len(encode(tokenizer, LIST_SEPARATOR.join(tokens.labels))) + 1
+    expected = list_answer_tokens(tokenizer, tokens)
     return expected + max(MIN_LIST_MARGIN, expected // 4)
+
+
+def list_answer_tokens(tokenizer: PreTrainedTokenizerBase, tokens: LabelTokens) -> int:
+    """Tokens of a complete list answer for K = len(tokens.labels) candidates: every label joined
+    by LIST_SEPARATOR, plus the stop token."""
+    return len(encode(tokenizer, LIST_SEPARATOR.join(tokens.labels))) + 1
 
 
 def generate_rankings(
@@ -198,13 +204,18 @@ def generate_rankings(
     batch_size: int = DEFAULT_BATCH_SIZE,
     max_new_tokens: Optional[int] = None,
     progress: bool = True,
+    full_list: bool = False,
 ) -> list[GeneratedRanking]:
     """Greedy-decoded answers for candidates-file rows (original item ids), parsed into rankings,
     in the order of `rows`. `style`: the trained prompt style (list mode changes only its answer
     instruction); `max_new_tokens`: None = `default_max_new_tokens` per candidate count. Prompts are
     left-padded in batches of similar length; decoding stops at the end-of-turn token (the label
-    terminator) or the tokenizer's EOS."""
+    terminator) or the tokenizer's EOS. `full_list` (list mode; benchmarks): no stop before the
+    tokens of a complete list answer (`list_answer_tokens`), so every user costs a full ranking's
+    decoding even where the model would stop earlier (a model tuned to answer one label does)."""
     check_mode(mode)
+    if full_list and mode != "list":
+        raise PipelineError(f"full_list applies to mode 'list' only (got mode {mode!r})")
     if batch_size < 1:
         raise PipelineError(f"generation batch size must be >= 1 (got {batch_size}): set analysis.generation_batch_size")
     if max_new_tokens is not None and max_new_tokens < 1:
@@ -225,8 +236,11 @@ def generate_rankings(
             for k, group in encode_rows(tokenizer, gen_style, rows, titles_by_item, progress=progress).items():
                 labels = gen_style.scheme.for_k(k)
                 budget = max_new_tokens or default_max_new_tokens(tokenizer, tokens.for_k(k), mode)
+                # min_new_tokens: the stop tokens are suppressed until a complete list's worth is written.
+                floor = list_answer_tokens(tokenizer, tokens.for_k(k)) - 1 if full_list else 0
                 config = GenerationConfig(
-                    max_new_tokens=budget, do_sample=False, num_beams=1, pad_token_id=pad_id, eos_token_id=stop_ids
+                    max_new_tokens=max(budget, floor + 1), min_new_tokens=floor, do_sample=False, num_beams=1,
+                    pad_token_id=pad_id, eos_token_id=stop_ids,
                 )
                 order = sorted(range(len(group)), key=lambda i: -len(group[i][2]))  # little padding per batch
                 starts = range(0, len(order), batch_size)

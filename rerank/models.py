@@ -131,7 +131,7 @@ def load_model_and_tokenizer(
     base weights via bitsandbytes (CUDA only). backend "unsloth": unsloth's FastLanguageModel
     (CUDA only; max_seq_length is its context size)."""
     device = resolve_device(device)
-    torch_dtype = _resolve_dtype(dtype, device)
+    torch_dtype = resolve_dtype(dtype, device)
     if backend not in ("hf", "unsloth"):
         raise PipelineError(f"unknown model backend {backend!r}: use hf or unsloth")
     on_cuda = device.startswith("cuda")
@@ -358,7 +358,7 @@ def _finish_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizer
     return tokenizer
 
 
-def _resolve_dtype(dtype: DType, device: str) -> torch.dtype:
+def resolve_dtype(dtype: DType, device: str) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype == "auto":

@@ -20,6 +20,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Sequence
@@ -258,29 +259,37 @@ def build_prompt(
     return _fit(history, candidates, tokenizer, style)[0]
 
 
+def encode_prompt(
+    history: Sequence[str], candidates: Sequence[str], tokenizer: PreTrainedTokenizerBase, style: PromptStyle
+) -> list[int]:
+    """`labels.encode(tokenizer, build_prompt(...))`, without tokenizing the prompt a second time
+    (fitting it into max_prompt_tokens already did)."""
+    return _fit(history, candidates, tokenizer, style)[2]
+
+
 def _fit(
     history: Sequence[str], candidates: Sequence[str], tokenizer: PreTrainedTokenizerBase, style: PromptStyle
-) -> tuple[str, str]:
-    """(prompt, its user text) with the most recent history that fits max_prompt_tokens."""
+) -> tuple[str, str, list[int]]:
+    """(prompt, its user text, its token ids) with the most recent history that fits max_prompt_tokens."""
     check_tokenizer(style, tokenizer)
     labels = style.scheme.for_k(len(candidates))
     cands = [cut_title(t, tokenizer, style.title_max_tokens) for t in candidates]
     shown = list(history)[-style.max_history :] if style.max_history else []
     hist = [cut_title(t, tokenizer, style.title_max_tokens) for t in shown]
 
-    def render(n_keep: int) -> tuple[str, str, int]:
+    def render(n_keep: int) -> tuple[str, str, list[int]]:
         kept = hist[len(hist) - n_keep :]  # the n_keep most recent items
         user_text = _input_text(kept, cands, labels, style)
         prompt = _render(tokenizer, style, user_text)
-        return prompt, user_text, len(encode(tokenizer, prompt))
+        return prompt, user_text, encode(tokenizer, prompt)
 
     best = render(len(hist))
-    if best[2] <= style.max_prompt_tokens:
-        return best[0], best[1]
+    if len(best[2]) <= style.max_prompt_tokens:
+        return best
     best = render(0)
-    if best[2] > style.max_prompt_tokens:
+    if len(best[2]) > style.max_prompt_tokens:
         raise PipelineError(
-            f"the {len(cands)} candidates alone make a {best[2]}-token prompt > max_prompt_tokens "
+            f"the {len(cands)} candidates alone make a {len(best[2])}-token prompt > max_prompt_tokens "
             f"{style.max_prompt_tokens}: raise reranker.max_prompt_tokens or lower reranker.title_max_tokens"
         )
     # Keep the most recent items that fit (drop oldest first, never a candidate). The length grows
@@ -289,11 +298,11 @@ def _fit(
     while hi - lo > 1:
         mid = (lo + hi) // 2
         attempt = render(mid)
-        if attempt[2] <= style.max_prompt_tokens:
+        if len(attempt[2]) <= style.max_prompt_tokens:
             lo, best = mid, attempt
         else:
             hi = mid
-    return best[0], best[1]
+    return best
 
 
 def answer_end(tokenizer: PreTrainedTokenizerBase, style: PromptStyle) -> str:
@@ -329,7 +338,7 @@ def build_training_text(
     template this is the template's rendering of the answered conversation, checked to start with
     the inference prompt byte for byte. Train on `LabelTokens.trained_ids[target_index]`, the tokens
     right after the prompt's tokens."""
-    prompt, user_text = _fit(history, candidates, tokenizer, style)
+    prompt, user_text, _ = _fit(history, candidates, tokenizer, style)
     labels = style.scheme.for_k(len(candidates))
     if not 0 <= target_index < len(labels):
         raise PipelineError(f"target index {target_index} is outside the {len(labels)} candidates: check the sampler")
@@ -347,6 +356,17 @@ def label_tokens(
     Derived on `prompt`, or on a reference prompt of this style: every prompt of a style ends with
     the same generation prompt, so the ids hold for all of them."""
     if prompt is None:
-        k = len(style.scheme.labels)
-        prompt = build_prompt(["History item"], [f"Candidate item {i}" for i in range(1, k + 1)], tokenizer, style)
+        # Derived once per (tokenizer, style): the ranker asks for them on every call, and the
+        # derivation renders and tokenizes a prompt per label (~20 ms, a tenth of a small batch).
+        per_tokenizer = _LABEL_TOKENS.setdefault(tokenizer, {})
+        key = json.dumps(dataclasses.asdict(style), sort_keys=True, default=str)  # the style's every field
+        if key not in per_tokenizer:
+            k = len(style.scheme.labels)
+            prompt = build_prompt(["History item"], [f"Candidate item {i}" for i in range(1, k + 1)], tokenizer, style)
+            per_tokenizer[key] = derive_label_tokens(style.scheme.labels, tokenizer, prompt, answer_end(tokenizer, style))
+        return per_tokenizer[key]
     return derive_label_tokens(style.scheme.labels, tokenizer, prompt, answer_end(tokenizer, style))
+
+
+# tokenizer -> PromptStyle (as JSON) -> its reference LabelTokens (entries go with their tokenizer).
+_LABEL_TOKENS: "weakref.WeakKeyDictionary[PreTrainedTokenizerBase, dict[str, LabelTokens]]" = weakref.WeakKeyDictionary()

@@ -26,8 +26,8 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from pipeline.errors import PipelineError
-from rerank.labels import LabelTokens, encode
-from rerank.prompts import PromptStyle, build_prompt, label_tokens
+from rerank.labels import LabelTokens
+from rerank.prompts import PromptStyle, encode_prompt, label_tokens
 
 # Prompts per forward pass. 16 prompts of ~600 tokens (20 history + 20 candidates) take a few GB
 # of activations and KV cache even for a 7B model in bf16; on 2 CPU cores larger batches gain
@@ -215,9 +215,9 @@ def encode_rows(
         history = [_title(titles_by_item, item) for item in row["history"]]
         titles = [_title(titles_by_item, item) for item in cands]
         for order in candidate_orders(len(cands), permutations, seed, str(row["user"])):
-            prompt = build_prompt(history, [titles[j] for j in order], tokenizer, style)
+            ids = encode_prompt(history, [titles[j] for j in order], tokenizer, style)
             # int32 arrays: a split's prompts are held at once (for length sorting), ~4 bytes a token.
-            jobs[len(cands)].append((r, order, np.asarray(encode(tokenizer, prompt), dtype=np.int32)))
+            jobs[len(cands)].append((r, order, np.asarray(ids, dtype=np.int32)))
     return jobs
 
 

@@ -5,16 +5,15 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import socket
 import subprocess
 import sys
 
-from conftest import REPO, run_script
+from conftest import ONE_THREAD, REPO, run_script
 from pipeline.candidates import read_rows
 
 SMOKE = "configs/experiments/smoke.yaml"
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # same threads in every run compared byte for byte
+ENV = ONE_THREAD  # the smoke run's thread count: runs compared byte for byte
 
 
 def free_port() -> int:

@@ -6,7 +6,7 @@ import pytest
 
 from pipeline.candidates import read_rows
 from pipeline.metrics import candidate_rank, metrics_from_ranks
-from conftest import run_script
+from conftest import ONE_THREAD, run_script
 
 
 def test_run_directory_has_every_contract_file(smoke_run):
@@ -57,7 +57,7 @@ def test_rankings_match_candidates_and_recompute_to_the_metrics(smoke_run):
 def test_fixed_seed_gives_identical_candidates_rankings_and_metrics(smoke_run, tmp_path):
     out, _ = smoke_run
     again = tmp_path / "again"
-    proc = run_script("scripts/run_experiment.py", "--config", "configs/experiments/smoke.yaml", "--out", str(again))
+    proc = run_script("scripts/run_experiment.py", "--config", "configs/experiments/smoke.yaml", "--out", str(again), env=ONE_THREAD)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for name in ["candidates_val.jsonl", "candidates_test.jsonl", "rankings_val.jsonl", "rankings_test.jsonl", "metrics.json"]:
         assert (again / name).read_bytes() == (out / name).read_bytes(), name

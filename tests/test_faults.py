@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, run_script
+from conftest import ONE_THREAD, REPO, run_script
 from pipeline.candidates import read_rows
 from pipeline.config import load_config
 from pipeline.errors import PipelineError
@@ -22,7 +22,7 @@ from rerank.progress import PartialRankings, partial_path
 from rerank.run import last_complete_checkpoint
 
 SMOKE = "configs/experiments/smoke.yaml"
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # same threads in every run compared byte for byte
+ENV = ONE_THREAD  # the smoke run's thread count: runs compared byte for byte
 
 
 def start_script(*args: str, log: Path) -> subprocess.Popen:
