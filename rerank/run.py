@@ -71,6 +71,11 @@ def rerank_run(cfg: Config, run: RunDir, candidates_dir: str | Path, resume: boo
         scheme = scheme_from_config(cfg.reranker)
         for split in SPLITS:
             check_candidates_fit(scheme, rows[split], str(candidates_path(candidates_dir, split)))
+        if cfg.reranker.train_candidates > len(scheme.labels):
+            raise PipelineError(
+                f"reranker.train_candidates {cfg.reranker.train_candidates} is more than label scheme "
+                f"{scheme.name!r} has labels ({len(scheme.labels)}): lower it, or give more reranker.custom_labels"
+            )
         model, tokenizer = load_from_config(cfg.reranker)
 
     if resume and from_main(lambda: training_finished(run.path)):

@@ -474,8 +474,9 @@ def _bad_candidates(path: Path, how: str) -> None:
                                "retriever.top_k <= 20"]),
         (None, ["reranker.label_scheme=custom", "reranker.custom_labels=[A, 'B C', D]"], ["label 'B C' contains whitespace"]),
         (None, ["reranker.labels_scheme=numbers"], ["unknown config key reranker.'labels_scheme'"]),
+        (None, ["reranker.train_candidates=21"], ["reranker.train_candidates 21 is more than label scheme 'letters' has labels (20)"]),
     ],
-    ids=["missing-field", "unknown-item", "21-candidates", "label-with-space", "mistyped-key"],
+    ids=["missing-field", "unknown-item", "21-candidates", "label-with-space", "mistyped-key", "21-train-candidates"],
 )
 def test_train_reranker_bad_input(tmp_path, capfd, how, sets, fragments):
     _tiny_data(tmp_path / "data")
