@@ -251,6 +251,13 @@ def _figure(
     }
 
 
+def _reported_timing(what: str, runs: Mapping[str, list[float]], num: str, den: str) -> dict[str, Any]:
+    """A timed figure without a target: median seconds of `runs[num]` over those of `runs[den]`."""
+    num_s, den_s = _median(runs[num]), _median(runs[den])
+    raw = {f"{num}_s": num_s, f"{den}_s": den_s, f"{num}_runs_s": runs[num], f"{den}_runs_s": runs[den]}
+    return _figure(what, f"{num}_s / {den}_s", raw, _ratio(num_s, den_s), None, None)
+
+
 def _ratio(a: float, b: float) -> Optional[float]:
     return a / b if b else None
 
@@ -320,12 +327,9 @@ def ranking_figures(model, tokenizer, style, rows, titles, batch_size, settings,
          "n_batches": sum(len(arrival_batches(len(v), batch_size)) for v in lengths.values())},
         pad_ratio, f"<= {PADDING_MAX}", pad_ours <= pad_arrival,
     )
-    ordered_s, arrival_s = _median(bruns["ordered"]), _median(bruns["arrival"])
-    batching_time = _figure(
+    batching_time = _reported_timing(
         "batching: scoring time (rerank.ranker.score_prompts) with length-ordered vs arrival-order batches",
-        "ordered_s / arrival_s",
-        {"ordered_s": ordered_s, "arrival_s": arrival_s, "ordered_runs_s": bruns["ordered"], "arrival_runs_s": bruns["arrival"]},
-        _ratio(ordered_s, arrival_s), None, None,
+        bruns, "ordered", "arrival",
     )
     all_lengths = [n for v in lengths.values() for n in v]
     prompts_info = {
@@ -458,12 +462,9 @@ def training_figures(model, batch, settings, device, rss: Optional[dict[str, Opt
         "ours_peak_bytes / stock_peak_bytes",
         raw_mem, mem_ratio, f"<= {TRAINING_MEMORY_MAX}", None if mem_ratio is None else mem_ratio <= TRAINING_MEMORY_MAX,
     )
-    ours_s, stock_s = _median(runs["ours"]), _median(runs["stock"])
-    timing = _figure(
+    timing = _reported_timing(
         "training step time (forward, loss, backward, AdamW): label positions only vs stock full-sequence logits",
-        "ours_s / stock_s",
-        {"ours_s": ours_s, "stock_s": stock_s, "ours_runs_s": runs["ours"], "stock_runs_s": runs["stock"]},
-        _ratio(ours_s, stock_s), None, None,
+        runs, "ours", "stock",
     )
     return {"training_memory": memory, "training_time": timing}
 
