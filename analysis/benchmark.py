@@ -50,7 +50,7 @@ from rerank.evaluate import titles_by_item
 from rerank.generation import generate_rankings
 from rerank.models import TINY_QWEN2, resolve_dtype, load_from_config, load_tokenizer
 from rerank.prompts import PromptStyle, label_tokens, style_from_config
-from rerank.ranker import encode_rows, rank_rows, score_prompts
+from rerank.ranker import encode_rows, length_ordered_batches, rank_rows, score_prompts
 from rerank.samples import samples_from_config
 from rerank.train import add_lora, supervised_logits
 
@@ -179,13 +179,6 @@ def training_batch(
 
 # ----------------------------------------------------------------------------------------
 # Batches and padding
-
-
-def length_ordered_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
-    """The ranker's batches (rerank/ranker.py score_prompts): indices sorted longest first (stable),
-    cut into consecutive batches of `batch_size`."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    return [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
 
 
 def arrival_batches(n: int, batch_size: int) -> list[list[int]]:

@@ -25,7 +25,7 @@ from pipeline.metrics import candidate_rank, coverage_weighted, metrics_from_ran
 from rerank.distributed import from_main, gather, is_main, rank_and_world
 from rerank.progress import PartialRankings
 from rerank.prompts import PromptStyle, label_tokens
-from rerank.ranker import encode_rows, rank_rows, score_prompts
+from rerank.ranker import average_orders, encode_rows, length_ordered_batches, rank_rows, score_prompts
 
 # Cut-offs reported for the reranker: at most the 20 candidates it orders (k = 50 would equal 20).
 RERANK_KS = (1, 5, 10, 20)
@@ -98,15 +98,13 @@ def _rank_in_batches(
     main = is_main()
     jobs = encode_rows(tokenizer, style, covered, titles, cfg.rank_permutations, seed, progress and main)
     tokens = label_tokens(tokenizer, style)
-    # The batches of one uninterrupted pass, in its order: per candidate count K, prompts longest
-    # first (score_prompts' stable sort), cut every rank_batch_size. Left padding makes a prompt's
-    # last float bits depend on its batch mates, so the batches themselves never change.
-    batches: list[tuple[int, list[int]]] = []  # (K, positions in jobs[K])
+    # The batches of one uninterrupted pass (score_prompts' batching per candidate count K), in its
+    # order, so the scores are the same bits as rank_rows'.
+    batches: list[tuple[int, list[int]]] = [  # (K, positions in jobs[K])
+        (k, idx) for k, group in jobs.items()
+        for idx in length_ordered_batches([len(ids) for _, _, ids in group], cfg.rank_batch_size)
+    ]
     digest = hashlib.sha256(f"{cfg.rank_batch_size}|{cfg.rank_permutations}|{seed}".encode())
-    for k, group in jobs.items():
-        order = sorted(range(len(group)), key=lambda i: -len(group[i][2]))
-        for start in range(0, len(order), cfg.rank_batch_size):
-            batches.append((k, order[start : start + cfg.rank_batch_size]))
     for k, idx in batches:  # the plan's identity: a partial file of other batches is refused
         for i in idx:
             r, slots, ids = jobs[k][i]
@@ -135,14 +133,13 @@ def _rank_in_batches(
             partial.append(results)
         done.update(results)
 
-    # Each row's score: the mean over its candidate orders, summed in rank_rows' order.
+    # Each row's orders in score_orders' sequence, then rank_rows' averaging.
     by_job = {(k, i): s for b, (k, idx) in enumerate(batches) for i, s in zip(idx, done[b])}
-    out = [[0.0] * len(row["candidates"]) for row in covered]
+    per_order: list[list[tuple[list[int], list[float]]]] = [[] for _ in covered]
     for k, group in jobs.items():
         for i, (r, slots, _) in enumerate(group):
-            for slot, j in enumerate(slots):  # the candidate in `slot` is candidates[j]
-                out[r][j] += by_job[(k, i)][slot] / cfg.rank_permutations
-    return out
+            per_order[r].append((slots, by_job[(k, i)]))
+    return average_orders(covered, per_order, cfg.rank_permutations)
 
 
 def split_metrics(

@@ -37,7 +37,7 @@ from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerB
 from pipeline.errors import PipelineError
 from rerank.labels import LabelTokens, encode
 from rerank.prompts import PromptStyle, label_tokens
-from rerank.ranker import encode_rows
+from rerank.ranker import encode_rows, length_ordered_batches
 
 Mode = Literal["greedy", "list"]
 MODES: tuple[str, ...] = ("greedy", "list")
@@ -242,10 +242,9 @@ def generate_rankings(
                     max_new_tokens=max(budget, floor + 1), min_new_tokens=floor, do_sample=False, num_beams=1,
                     pad_token_id=pad_id, eos_token_id=stop_ids,
                 )
-                order = sorted(range(len(group)), key=lambda i: -len(group[i][2]))  # little padding per batch
-                starts = range(0, len(order), batch_size)
-                for start in tqdm(starts, desc=f"generate ({mode})", unit="batch", disable=not progress or len(starts) <= 1):
-                    batch = [group[i] for i in order[start : start + batch_size]]
+                batches = length_ordered_batches([len(ids) for _, _, ids in group], batch_size)  # little padding
+                for idx in tqdm(batches, desc=f"generate ({mode})", unit="batch", disable=not progress or len(batches) <= 1):
+                    batch = [group[i] for i in idx]
                     new = _generate_batch(model, [ids for _, _, ids in batch], config, pad_id, device)
                     for (r, _, _), ids in zip(batch, new):
                         out[r] = _read(rows[r], mode, labels, ids, stop_ids, tokenizer)

@@ -92,24 +92,29 @@ def score_prompts(
         raise PipelineError("an empty prompt cannot be scored: build prompts with rerank.prompts.build_prompt")
     scored = label_tokens.scored_ids
     plan = _plan(scored)
-    # Longest first: similar lengths share a batch (little padding), and the largest batch runs
-    # first, so running out of memory shows at once.
-    order = sorted(range(len(prompts_ids)), key=lambda i: -len(prompts_ids[i]))
+    batches = length_ordered_batches([len(p) for p in prompts_ids], batch_size)
     out: list[list[float]] = [[] for _ in prompts_ids]
     device = model.get_input_embeddings().weight.device  # where the token ids go (also under a device map)
     was_training = model.training
     model.eval()  # no dropout; restored below, so a trainer can rank for validation mid-training
     try:
         with torch.inference_mode():
-            starts = range(0, len(order), batch_size)
-            for start in tqdm(starts, desc="ranking", unit="batch", disable=not progress or len(starts) <= 1):
-                idx = order[start : start + batch_size]
+            for idx in tqdm(batches, desc="ranking", unit="batch", disable=not progress or len(batches) <= 1):
                 scores = _score_batch(model, [prompts_ids[i] for i in idx], scored, plan, pad_id, device)
                 for i, row in zip(idx, scores.tolist()):
                     out[i] = row
     finally:
         model.train(was_training)
     return out
+
+
+def length_ordered_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """The ranker's batches: prompt indices sorted longest first (stable), cut every `batch_size`.
+    Similar lengths share a batch (little padding), and the largest batch runs first, so running out
+    of memory shows at once. Left padding makes a prompt's last float bits depend on its batch
+    mates, so every path that must match `score_prompts` bit for bit batches with this."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
 
 
 def _score_batch(
@@ -263,6 +268,14 @@ def rank_rows(
     `permutations` = 1: the retriever's order (the paper); P > 1: each candidate's score is the mean
     over P candidate orders, the first the original one, the rest seeded by (seed, user)."""
     per_order = score_orders(model, tokenizer, style, rows, titles_by_item, batch_size, permutations, seed, progress)
+    return average_orders(rows, per_order, permutations)
+
+
+def average_orders(
+    rows: Sequence[Mapping[str, Any]], per_order: Sequence[Sequence[tuple[list[int], list[float]]]], permutations: int
+) -> list[list[float]]:
+    """Each row's scores in the order of its `candidates`: the mean over its candidate orders of the
+    score its label got (`score_orders`' output), summed in the orders' sequence."""
     out = [[0.0] * len(row["candidates"]) for row in rows]
     for r, pairs in enumerate(per_order):
         for order, slot_scores in pairs:
