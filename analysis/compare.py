@@ -21,7 +21,7 @@ from typing import Any, Callable, Optional, Sequence
 import yaml
 
 from pipeline.candidates import candidates_path, rankings_path, read_rows
-from pipeline.config import Config, to_dict, variant_config
+from pipeline.config import Config, variant_config
 from pipeline.errors import PipelineError
 from pipeline.rundir import RunDir
 from rerank.pretrain import PRETRAIN_SUMMARY
@@ -76,19 +76,10 @@ def run_variants(cfg: Config, out: Path, argv: Optional[Sequence[str]] = None) -
 
 def _finished_variant(vdir: Path, vcfg: Config) -> bool:
     """True when `vdir` holds a finished run of exactly this variant config. A finished run made
-    with another config is an error, never silently reused."""
+    with another config is an error (RunDir's resume check), never silently reused."""
     if not (vdir / "metrics.json").is_file() or not rankings_path(vdir, SPLIT).is_file():
         return False
-    # Everything but the analysis section (which lists the other variants) decides the result.
-    stored = {k: v for k, v in yaml.safe_load((vdir / "config.yaml").read_text()).items() if k != "analysis"}
-    want = {k: v for k, v in to_dict(vcfg).items() if k != "analysis"}
-    if stored != want:
-        diff = sorted(k for k in set(stored.get("reranker", {})) | set(want["reranker"])
-                      if stored.get("reranker", {}).get(k) != want["reranker"].get(k))
-        raise PipelineError(
-            f"{vdir} holds a finished run made with another config (reranker keys differ: {', '.join(diff) or 'other sections'}): "
-            "use a fresh --out or delete that folder"
-        )
+    RunDir(vdir).check(vcfg, resume=True)
     return True
 
 
