@@ -72,6 +72,10 @@ class RetrieverConfig:
     # None = every prefix (recbole's own behaviour). LRURec trains on whole sequences and ignores it.
     instances_per_epoch: Optional[int] = None
     top_k: int = 20  # candidates written per user (paper: 20)
+    # Also write candidates_train_prefixes.jsonl: the top_k (history masked) after every prefix of
+    # each user's train sequence, the reranker's per-prefix hard negatives. 0 = do not write it;
+    # N = each user's last N prefixes; null = every prefix.
+    prefix_candidates: Optional[int] = 0
     device: str = "auto"  # "auto" = cuda if available else cpu
 
     def validate(self) -> None:
@@ -83,6 +87,8 @@ class RetrieverConfig:
                 raise PipelineError(f"retriever.{name} must be in [0, 1) (got {getattr(self, name)})")
         if self.lr <= 0:
             raise PipelineError(f"retriever.lr must be > 0 (got {self.lr})")
+        if self.prefix_candidates is not None and self.prefix_candidates < 0:
+            raise PipelineError(f"retriever.prefix_candidates must be >= 0 or null (got {self.prefix_candidates})")
         if self.instances_per_epoch is not None and self.instances_per_epoch < 1:
             raise PipelineError(f"retriever.instances_per_epoch must be a positive integer or null (got {self.instances_per_epoch})")
 
@@ -118,16 +124,30 @@ class RerankerConfig:
     # sequence is a prompt; its candidates are the target + negatives, shuffled.
     # "random": negatives drawn uniformly from items outside the user's history so far (paper);
     # "retriever": the user's candidates_train.jsonl top-K first (hard negatives), topped up at random.
-    train_negatives: Literal["random", "retriever"] = "random"
+    # "mix": a `retriever_negative_ratio` share of the K-1 negatives from the retriever, the rest random.
+    # The retriever's candidates are those of the sample's own prefix when the retriever run wrote
+    # candidates_train_prefixes.jsonl (retriever.prefix_candidates), else the user's last train item's.
+    train_negatives: Literal["random", "retriever", "mix"] = "random"
+    retriever_negative_ratio: float = 0.5  # mix only: share of the negatives taken from the retriever
     train_candidates: int = 20  # candidates per training prompt, target included (paper: 1 + 19 negatives)
     train_min_history: int = 1  # a prefix needs this many earlier items (paper: 1, targets from the 2nd item on)
     train_max_prefixes_per_user: Optional[int] = None  # only each user's last N prefixes (CPU runs); None = all (paper)
     max_train_samples: Optional[int] = None  # seeded uniform sample of this many prefixes (CPU runs); None = all (paper)
     supervise_end_of_turn: bool = True  # loss on label + end-of-turn token (paper: label + EOS); false = label only
+    # Training loss (rerank/train.py). "vocab": cross-entropy over the whole vocabulary on the
+    # answer's tokens (paper). "labels": cross-entropy over the K candidate labels' scores, the same
+    # scores the ranker reads (rerank/ranker.py), so every gradient step is about which candidate,
+    # never about the answer's format.
+    loss: Literal["vocab", "labels"] = "vocab"
+    vocab_loss_weight: float = 0.0  # loss "labels" only: + this x the "vocab" loss (a second forward pass when > 0)
+    # Re-draw each training prompt's candidate order every epoch (seeded by sample and epoch): the
+    # target's slot stays uniform over the labels, so no position prior can be learned from repeats.
+    reshuffle_each_epoch: bool = True
     lora_r: int = 8  # LoRA rank (paper)
     lora_alpha: int = 32  # LoRA scale numerator: updates scaled by alpha / r (paper)
     lora_dropout: float = 0.05  # dropout on the LoRA input (paper)
-    lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])  # (paper)
+    # Layers that get LoRA (paper: q_proj, v_proj); "all-linear" = every linear layer but the output head.
+    lora_target_modules: Union[Literal["all-linear"], list[str]] = field(default_factory=lambda: ["q_proj", "v_proj"])
     learning_rate: float = 1e-4  # peak learning rate (paper)
     num_epochs: float = 1.0  # passes over the samples (paper: 1); early stopping may end training sooner
     train_batch_size: int = 16  # prompts per device per forward pass (paper: 16 on MovieLens, 12 on Amazon)
@@ -143,6 +163,25 @@ class RerankerConfig:
     # Validation ranks a seeded sample of this many covered val users (rank_batch_size prompts per
     # pass); None = all (paper).
     val_max_users: Optional[int] = None
+    # Validation also ranks the same users with their candidates in a seeded shuffled order
+    # (eval_shuffled_NDCG@k): the LLM's content signal with the retriever's order hidden. Costs a
+    # second pass over the validation users.
+    val_shuffled: bool = True
+    # Position prior removed at ranking (rerank/calibration.py): "none"; "permuted": each slot's mean
+    # score over validation prompts in seeded shuffled candidate orders (content averages out, the
+    # slot's prior stays); "content_free": slot scores of one prompt whose history and candidates
+    # are "N/A". The prior is subtracted from each slot's score before orders are averaged.
+    calibration: Literal["none", "permuted", "content_free"] = "none"
+    calibration_users: Optional[int] = 64  # permuted: covered val users scored (None = all)
+    calibration_orders: int = 2  # permuted: shuffled orders per user
+    # Fusion with the retriever (rerank/fusion.py): final = z(LLM) + w * z(retriever score), z the
+    # per-user standardisation over the candidates; w picked on the validation users from
+    # fusion_weights (the best val NDCG@10; ties to the smaller w), then applied to test.
+    # False = the LLM alone (w = 0).
+    fusion: bool = False
+    fusion_weights: list[float] = field(
+        default_factory=lambda: [0.0, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0]
+    )
     logging_steps: int = 10  # optimizer steps between training-loss logs to TensorBoard (paper: 10)
     save_total_limit: int = 3  # checkpoints kept under <run>/checkpoints; the best one always survives (paper: 3)
     dataloader_workers: int = 0  # processes building prompts; 0 = the training process (prompt building is cheap)
@@ -197,7 +236,19 @@ class RerankerConfig:
         if self.weight_decay < 0:
             raise PipelineError(f"reranker.weight_decay must be >= 0 (got {self.weight_decay})")
         if not self.lora_target_modules:
-            raise PipelineError("reranker.lora_target_modules is empty: name the layers to adapt, e.g. [q_proj, v_proj]")
+            raise PipelineError("reranker.lora_target_modules is empty: name the layers to adapt, e.g. [q_proj, v_proj] or all-linear")
+        if not 0.0 <= self.retriever_negative_ratio <= 1.0:
+            raise PipelineError(f"reranker.retriever_negative_ratio must be in [0, 1] (got {self.retriever_negative_ratio})")
+        if self.vocab_loss_weight < 0:
+            raise PipelineError(f"reranker.vocab_loss_weight must be >= 0 (got {self.vocab_loss_weight})")
+        if self.vocab_loss_weight > 0 and self.loss != "labels":
+            raise PipelineError("reranker.vocab_loss_weight adds a vocab term to loss 'labels': set reranker.loss=labels or the weight to 0")
+        if self.calibration_users is not None and self.calibration_users < 1:
+            raise PipelineError(f"reranker.calibration_users must be a positive integer or null (got {self.calibration_users})")
+        if self.calibration_orders < 1:
+            raise PipelineError(f"reranker.calibration_orders must be >= 1 (got {self.calibration_orders})")
+        if not self.fusion_weights or any(w < 0 for w in self.fusion_weights):
+            raise PipelineError(f"reranker.fusion_weights must be a non-empty list of weights >= 0 (got {self.fusion_weights})")
 
 
 @dataclass

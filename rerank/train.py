@@ -70,7 +70,8 @@ def lora_config(cfg: Any) -> LoraConfig:
         r=cfg.lora_r,
         lora_alpha=cfg.lora_alpha,
         lora_dropout=cfg.lora_dropout,
-        target_modules=list(cfg.lora_target_modules),
+        # "all-linear": peft's own selection (every linear layer except the output head)
+        target_modules=cfg.lora_target_modules if isinstance(cfg.lora_target_modules, str) else list(cfg.lora_target_modules),
         bias="none",  # LlamaRec: only the low-rank matrices train
         task_type="CAUSAL_LM",
     )
