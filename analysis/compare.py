@@ -24,6 +24,7 @@ from pipeline.candidates import candidates_path, rankings_path, read_rows
 from pipeline.config import Config, variant_config
 from pipeline.errors import PipelineError
 from pipeline.rundir import RunDir
+from rerank.evaluate import raw_scores
 from rerank.pretrain import PRETRAIN_SUMMARY
 
 RETRIEVER_DIR = "retriever"
@@ -92,8 +93,9 @@ def valid_label_mass(rankings: Sequence[dict[str, Any]]) -> list[float]:
     of one label's complete token sequence (a label that another extends is scored with its end
     token, so the events are disjoint) and the mass is the sum of their exponentials, <= 1. The rest
     went to tokens that are not a label. Only meaningful with rank_permutations = 1 (averaged
-    log-probs are not log-probs)."""
-    return [sum(math.exp(s) for s in row["scores"]) for row in rankings]
+    log-probs are not log-probs). The scores are the LLM's raw ones (`raw_scores`: before
+    calibration and fusion, which are no log-probs)."""
+    return [sum(math.exp(s) for s in raw_scores(row)) for row in rankings]
 
 
 @dataclass

@@ -1,9 +1,12 @@
-"""PNG plots of run directories: metrics per k, position bias, training/validation curves.
+"""PNG plots of run directories: metrics per k, position bias, training/validation curves, and the
+evidence a reranker run writes into its own directory (rerank/run.py `write_plots`):
+top1_slots_<split>.png (`plot_top1_slots`) and train_curves.png (`plot_train_summary`).
 
 Every figure is a `matplotlib.figure.Figure` drawn on the Agg canvas directly (no pyplot), so
 importing this module changes no global matplotlib state (a notebook's backend stays as it is)
 and works on machines without a display. `*_figure` functions build a figure; `plot_*` functions
-write it as a PNG, atomically. Nothing here writes into the run directories it reads.
+write it as a PNG, atomically. The analyses never write into the run directories they read; only a
+reranker run writes its own two evidence plots.
 
 Training curves come from the TensorBoard event files a run holds: `tensorboard/` (the reranker's
 Trainer: train/loss per logging step, eval/<metric> per validation) and `tb/` (the retriever:
@@ -19,6 +22,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from pipeline.atomic import atomic_open
 from pipeline.errors import PipelineError
@@ -266,3 +270,96 @@ def plot_run(run_dir: str | Path, out_dir: str | Path) -> list[Path]:
     """metrics_per_k.png and training_curves.png of one run into `out_dir`."""
     out = Path(out_dir)
     return [plot_metrics_per_k(run_dir, out / "metrics_per_k.png"), plot_training_curves(run_dir, out / "training_curves.png")]
+
+
+# ----------------------------------------------------------------------------------------
+# A reranker run's own evidence (rerank/run.py writes these into its run directory)
+
+
+def top1_slots_figure(section: Mapping[str, Any], title: str = "") -> Figure:
+    """Bars: how many covered users' LLM-alone top-1 sits in each retriever slot (metrics.json
+    `llm_top1_slots`), before calibration too when the section has `llm_raw_top1_slots`; ticks: the
+    targets' own histogram (where a perfect reranker's top-1 would be)."""
+    if "llm_top1_slots" not in section:
+        raise PipelineError("the metrics section has no llm_top1_slots: pass a reranker run's metrics.json section")
+    cal = section.get("calibration", {}).get("method", "none")
+    series = []
+    if "llm_raw_top1_slots" in section:
+        series.append(("LLM raw", section["llm_raw_top1_slots"], "tab:red"))
+    series.append((f"LLM ({cal})" if cal != "none" else "LLM alone", section["llm_top1_slots"], "tab:blue"))
+    k = len(section["llm_top1_slots"]["counts"])
+    x = list(range(k))
+    width = 0.8 / len(series)
+    fig = new_figure(9, 3.8)
+    ax = fig.subplots()
+    for i, (name, hist, colour) in enumerate(series):
+        shift = (i - (len(series) - 1) / 2) * width
+        share = f", max share {hist['max_share']:.2f}" if hist.get("max_share") is not None else ""
+        ax.bar([v + shift for v in x], hist["counts"], width, color=colour, label=f"{name} top-1{share}")
+    targets = section["llm_top1_slots"].get("target_counts")
+    if targets:
+        ax.plot(x, targets, "k_", ms=14, mew=2, label="targets in slot")
+    ax.set_xticks(x, [str(v + 1) for v in x])
+    ax.set_xlabel("slot in retriever order")
+    ax.set_ylabel("users")
+    ax.set_title((f"{title}: " if title else "") + f"LLM top-1 slot ({section['llm_top1_slots']['n']} covered users)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, axis="y")
+    return fig
+
+
+def plot_top1_slots(section: Mapping[str, Any], path: str | Path, title: str = "") -> Path:
+    return save_png(top1_slots_figure(section, title), path)
+
+
+# Validation metrics train_curves.png draws, each with its shuffled-order twin (dashed) when logged.
+SUMMARY_CURVE_METRICS = ("NDCG@10", "Recall@10")
+
+
+def train_summary_figure(summary: Mapping[str, Any], title: str = "") -> Figure:
+    """From a reranker's train_summary.json: training loss per step (`train_losses`, absent in
+    older runs) and validation metrics per step (`validations`: NDCG@10, Recall@10 solid; their
+    `shuffled_` versions, candidates in a shuffled order, dashed, when present); the best step marked."""
+    losses = summary.get("train_losses") or []
+    vals = summary.get("validations") or []
+    fig = new_figure(11, 3.6)
+    loss_ax, eval_ax = fig.subplots(1, 2)
+    if losses:
+        loss_ax.plot([d["step"] for d in losses], [d["loss"] for d in losses], marker="o", ms=3, color="tab:purple")
+    else:
+        loss_ax.text(0.5, 0.5, "no train_losses in train_summary.json", ha="center", va="center", transform=loss_ax.transAxes)
+    loss_ax.set_title("training loss")
+    loss_ax.set_xlabel("optimizer step")
+    drawn = 0
+    for i, metric in enumerate(SUMMARY_CURVE_METRICS):
+        colour = f"C{i}"
+        for key, style in ((metric, "-"), (f"shuffled_{metric}", "--")):
+            pts = [(v["step"], v[key]) for v in vals if key in v]
+            if pts:
+                xs, ys = zip(*pts)
+                eval_ax.plot(xs, ys, style, marker="o", ms=3, color=colour, label=key)
+                drawn += 1
+    if drawn:
+        if summary.get("best_step") is not None:
+            eval_ax.axvline(summary["best_step"], color="0.5", lw=1, ls=":", label=f"best step {summary['best_step']}")
+        eval_ax.legend(fontsize=8)
+    else:
+        eval_ax.text(0.5, 0.5, "no validation logged", ha="center", va="center", transform=eval_ax.transAxes)
+    eval_ax.set_title("validation")
+    eval_ax.set_xlabel("optimizer step")
+    for ax in (loss_ax, eval_ax):
+        ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def plot_train_summary(summary_path: str | Path, path: str | Path, title: str = "") -> Path:
+    """train_curves.png from a train_summary.json."""
+    summary_path = Path(summary_path)
+    try:
+        summary = json.loads(summary_path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        raise PipelineError(f"{summary_path} is missing or not valid JSON: train the reranker again") from None
+    return save_png(train_summary_figure(summary, title), path)

@@ -1,4 +1,5 @@
-"""The candidates / rankings file format (SPEC.md), read and written in one place.
+"""The candidates / rankings file format (SPEC.md), and the per-prefix train candidates file
+(candidates_train_prefixes.jsonl, below), read and written in one place.
 
 One JSON object per line:
   {"user": str, "history": [item...], "candidates": [item...], "scores": [float...], "target": item}
@@ -42,21 +43,7 @@ def read_rows(path: str | Path, known_items: set[str] | None = None) -> list[dic
     if not path.is_file():
         raise PipelineError(f"candidates file not found: {path} (run scripts/train_retriever.py first, or fix the path)")
     rows = []
-    for lineno, raw in enumerate(path.read_bytes().splitlines(), 1):
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise PipelineError(
-                f"{path} line {lineno} is not valid UTF-8 (byte {e.start + 1} of the line): regenerate the file"
-            ) from None
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            raise PipelineError(f"{path} line {lineno} is not valid JSON (truncated?): regenerate the file") from None
-        if not isinstance(row, dict):
-            raise PipelineError(f"{path} line {lineno} is not a JSON object: regenerate the file")
+    for lineno, row in _json_lines(path):
         _check_row(row, f"{path} line {lineno}", known_items)
         rows.append(row)
     return rows
@@ -87,5 +74,111 @@ def _check_row(row: dict, where: str, known_items: set[str] | None) -> None:
         if unknown:
             raise PipelineError(
                 f"{where}: unknown item id {unknown[0]!r}: the file was made from another dataset; "
+                "regenerate it with the same data config"
+            )
+
+
+# ----------------------------------------------------------------------------------------
+# Per-prefix train candidates (retriever.prefix_candidates): candidates_train_prefixes.jsonl
+#
+# One JSON object per user:
+#   {"user": str, "positions": [t...], "targets": [item...], "candidates": [[item...]...]}
+# For each position t (ascending, t >= 1) of the user's TRAIN sequence: the input is the train
+# items before t, `targets[j]` the train item at positions[j] (it proves the file was made from
+# this dataset's train split), `candidates[j]` the retriever's top-k for that input with the input
+# masked, in retriever order (the target is neither forced in nor removed). Items are the
+# dataset's original ids as strings. A user with no written prefix has empty lists.
+
+PREFIX_FILE = "candidates_train_prefixes.jsonl"
+PREFIX_REQUIRED = {"user": str, "positions": list, "targets": list, "candidates": list}
+
+
+def prefix_candidates_path(run_dir: str | Path) -> Path:
+    return Path(run_dir) / PREFIX_FILE
+
+
+def write_prefix_rows(path: str | Path, rows: Iterable[dict]) -> None:
+    write_jsonl(path, rows)
+
+
+def read_prefix_rows(path: str | Path, known_items: set[str] | None = None) -> list[dict]:
+    """Read and validate a candidates_train_prefixes.jsonl file (format above). `known_items`, when
+    given, is the set of the dataset's item ids: any other id is an error.
+
+    Every problem is a one-line PipelineError naming the file, the line and the fix: bytes that are
+    not UTF-8, a line that is not a JSON object, a missing or mistyped field, positions that are not
+    ascending integers >= 1, as many targets and candidate lists as positions, a candidate listed
+    twice in one list, a user on two lines, and (with `known_items`) an item the dataset lacks."""
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(
+            f"prefix candidates file not found: {path} (run the retriever with retriever.prefix_candidates != 0, or fix the path)"
+        )
+    rows, lines_of = [], {}
+    for lineno, row in _json_lines(path):
+        where = f"{path} line {lineno}"
+        _check_prefix_row(row, where, known_items)
+        if row["user"] in lines_of:
+            raise PipelineError(
+                f"{where}: user {row['user']!r} already has line {lines_of[row['user']]}: regenerate the file (one line per user)"
+            )
+        lines_of[row["user"]] = lineno
+        rows.append(row)
+    return rows
+
+
+def _json_lines(path: Path):
+    """(line number, JSON object) of each non-blank line of `path`; one-line errors otherwise."""
+    for lineno, raw in enumerate(path.read_bytes().splitlines(), 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise PipelineError(
+                f"{path} line {lineno} is not valid UTF-8 (byte {e.start + 1} of the line): regenerate the file"
+            ) from None
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            raise PipelineError(f"{path} line {lineno} is not valid JSON (truncated?): regenerate the file") from None
+        if not isinstance(row, dict):
+            raise PipelineError(f"{path} line {lineno} is not a JSON object: regenerate the file")
+        yield lineno, row
+
+
+def _check_prefix_row(row: dict, where: str, known_items: set[str] | None) -> None:
+    for key, typ in PREFIX_REQUIRED.items():
+        if not isinstance(row.get(key), typ):
+            raise PipelineError(f"{where}: field {key!r} missing or not a {typ.__name__}: regenerate the file")
+    positions, targets, cands = row["positions"], row["targets"], row["candidates"]
+    if any(isinstance(t, bool) or not isinstance(t, int) or t < 1 for t in positions):
+        bad = next(t for t in positions if isinstance(t, bool) or not isinstance(t, int) or t < 1)
+        raise PipelineError(f"{where}: position {bad!r} is not an integer >= 1: regenerate the file")
+    if any(b <= a for a, b in zip(positions, positions[1:])):
+        raise PipelineError(f"{where}: positions are not strictly ascending: regenerate the file (each prefix once, in order)")
+    for key, values in (("targets", targets), ("candidates", cands)):
+        if len(values) != len(positions):
+            raise PipelineError(f"{where}: {len(values)} {key} for {len(positions)} positions: regenerate the file")
+    bad = [i for i in targets if not isinstance(i, str)]
+    if bad:
+        raise PipelineError(
+            f"{where}: field 'targets' holds {bad[0]!r}, not an item id string: regenerate the file "
+            "(item ids are the dataset's original ids, as strings)"
+        )
+    for t, items in zip(positions, cands):
+        if not isinstance(items, list) or any(not isinstance(i, str) for i in items):
+            raise PipelineError(
+                f"{where}: the candidates of position {t} are not a list of item id strings: regenerate the file "
+                "(item ids are the dataset's original ids, as strings)"
+            )
+        if len(set(items)) != len(items):
+            dup = next(i for n, i in enumerate(items) if i in items[:n])
+            raise PipelineError(f"{where}: candidate {dup!r} is listed twice at position {t}: regenerate the file (each candidate once)")
+    if known_items is not None:
+        unknown = next((i for i in [*targets, *(i for items in cands for i in items)] if i not in known_items), None)
+        if unknown is not None:
+            raise PipelineError(
+                f"{where}: unknown item id {unknown!r}: the file was made from another dataset; "
                 "regenerate it with the same data config"
             )

@@ -22,7 +22,7 @@ def metric_keys(ks: Iterable[int]) -> list[str]:
 def per_user_metrics(ranks: Sequence[Optional[int]], ks: Iterable[int] = METRIC_KS) -> dict[str, list[float]]:
     """Each user's Recall/NDCG/MRR@k from its 1-based target rank (None = missed scores 0), in
     user order. The one place the formulas live: `metrics_from_ranks` averages these, and paired
-    significance tests (analysis/significance.py) resample them user by user."""
+    significance tests (pipeline/significance.py) resample them user by user."""
     ks = list(ks)
     out: dict[str, list[float]] = {}
     for k in ks:

@@ -12,9 +12,11 @@ Batches are padded on the LEFT, so every answer ends at the last column, as at i
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
+import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
@@ -53,7 +55,8 @@ def encode_example(
         )
     labels = [IGNORE_INDEX] * len(input_ids)
     labels[n : n + len(answer)] = answer
-    return {"input_ids": input_ids, "labels": labels}
+    # prompt_length / target_index: what the "labels" loss reads (the prompt is input_ids[:n]).
+    return {"input_ids": input_ids, "labels": labels, "prompt_length": n, "target_index": target_index}
 
 
 class TrainingTexts(torch.utils.data.Dataset):
@@ -68,6 +71,7 @@ class TrainingTexts(torch.utils.data.Dataset):
         style: PromptStyle,
         supervise_end_of_turn: bool = True,  # paper: label + EOS
         tokens: Optional[LabelTokens] = None,  # derived from (tokenizer, style) when None
+        reshuffle_seed: Optional[int] = None,  # re-draw candidate orders every epoch from this seed; None = never
     ) -> None:
         self.samples = list(samples)
         self.titles = titles
@@ -75,12 +79,14 @@ class TrainingTexts(torch.utils.data.Dataset):
         self.style = style
         self.supervise_end_of_turn = supervise_end_of_turn
         self.tokens = tokens if tokens is not None else label_tokens(tokenizer, style)
+        self.reshuffle_seed = reshuffle_seed
+        self.epoch = 0  # set by the trainer's EpochCallback at each epoch's start
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int) -> dict[str, list[int]]:
-        s = self.samples[index]
+        s = epoch_order(self.samples[index], self.epoch, self.reshuffle_seed)
         return encode_example(
             [self.titles[i] for i in s.history],
             [self.titles[i] for i in s.candidates],
@@ -90,6 +96,21 @@ class TrainingTexts(torch.utils.data.Dataset):
             self.tokens,
             self.supervise_end_of_turn,
         )
+
+
+def epoch_order(sample: TrainSample, epoch: int, seed: Optional[int]) -> TrainSample:
+    """`sample` with its candidates in epoch `epoch`'s order: the sampler's own order in epoch 0 (or
+    when `seed` is None), else a uniform permutation seeded by (seed, user, position, epoch). So the
+    target's slot is uniform over the labels in every epoch, and a prompt seen again is not seen in
+    the same order (no slot can be memorised with its prompt)."""
+    if seed is None or epoch == 0:
+        return sample
+    order = np.random.default_rng([seed, sample.user, sample.position, epoch, _EPOCH_STREAM]).permutation(len(sample.candidates))
+    cands = tuple(sample.candidates[i] for i in order)
+    return dataclasses.replace(sample, candidates=cands, target_index=int(np.flatnonzero(order == sample.target_index)[0]))
+
+
+_EPOCH_STREAM = 7  # keeps the epoch draws apart from the sampler's (seed, user, t) streams
 
 
 @dataclass(frozen=True)
@@ -104,11 +125,17 @@ class LeftPadCollator:
             return torch.nn.utils.rnn.pad_sequence(tensors, batch_first=True, padding_value=value, padding_side="left")
 
         ids = [f["input_ids"] for f in features]
-        return {
+        batch = {
             "input_ids": pad(ids, self.pad_token_id),
             "attention_mask": pad([[1] * len(r) for r in ids], 0),
             "labels": pad([f["labels"] for f in features], IGNORE_INDEX),
         }
+        if all("prompt_length" in f for f in features):  # the "labels" loss: the prompts alone, as ranked
+            prompts = [r[: f["prompt_length"]] for r, f in zip(ids, features)]
+            batch["prompt_input_ids"] = pad(prompts, self.pad_token_id)
+            batch["prompt_attention_mask"] = pad([[1] * len(r) for r in prompts], 0)
+            batch["target_index"] = torch.tensor([f["target_index"] for f in features], dtype=torch.long)
+        return batch
 
 
 def collator_for(tokenizer: PreTrainedTokenizerBase) -> LeftPadCollator:

@@ -15,13 +15,15 @@ from __future__ import annotations
 import hashlib
 from typing import Any, Mapping, Optional, Sequence
 
+import numpy as np
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from pipeline.candidates import ROW_FIELDS
 from pipeline.data.dataset import SplitDataset
 from pipeline.errors import PipelineError
-from pipeline.metrics import candidate_rank, coverage_weighted, metrics_from_ranks
+from pipeline.metrics import candidate_rank, coverage_weighted, metrics_from_ranks, per_user_metrics
+from pipeline.significance import CONFIDENCE, paired_tests
 from rerank.distributed import from_main, gather, is_main, rank_and_world
 from rerank.progress import PartialRankings
 from rerank.prompts import PromptStyle, label_tokens
@@ -31,11 +33,21 @@ from rerank.ranker import average_orders, encode_rows, length_ordered_batches, r
 RERANK_KS = (1, 5, 10, 20)
 TABLE_KS = (5, 10)  # the paper's tables report @5 and @10
 TABLE_METRICS = ("NDCG", "Recall", "MRR")
+BOOTSTRAP_METRIC = "NDCG@10"  # metrics.json `bootstrap`: subset NDCG@10 against the retriever's order
+BOOTSTRAP_RESAMPLES = 2000
+# Where a rankings row keeps the LLM's raw scores (label log-probs, averaged over the orders), first
+# found wins: `llm_raw_scores` (calibrated runs), `llm_scores` (uncalibrated runs), `scores` (older runs).
+RAW_SCORE_KEYS = ("llm_raw_scores", "llm_scores", "scores")
 
 
 def titles_by_item(dataset: SplitDataset) -> dict[str, str]:
     """Original item id -> title, the lookup `rank_split` takes."""
     return {item: title for item, title in zip(dataset.item_ids[1:], dataset.titles[1:])}
+
+
+def raw_scores(row: Mapping[str, Any]) -> Any:
+    """A rankings row's raw LLM scores (`RAW_SCORE_KEYS`), None when it has none."""
+    return next((row[key] for key in RAW_SCORE_KEYS if key in row), None)
 
 
 def is_covered(row: Mapping[str, Any]) -> bool:
@@ -186,9 +198,83 @@ def _ranked(rk: Mapping[str, Any], row: Mapping[str, Any]) -> Optional[int]:
     return candidate_rank(rk["scores"], rk["candidates"], rk["target"])
 
 
+def top1_slots(rankings: Sequence[Mapping[str, Any]], key: str = "scores") -> dict[str, Any]:
+    """Where the top-1 of `key` sits in retriever order, over the rankings' (covered) users:
+    `counts[i]` users whose top-ranked candidate is candidates[i] (ties to the earlier candidate,
+    as `candidate_rank`), `max_share` the largest share and `max_slot` its slot, `target_counts`
+    the same histogram of the targets (what a perfect reranker's top-1 would give)."""
+    k = max((len(rk["candidates"]) for rk in rankings), default=0)
+    counts, targets = [0] * k, [0] * k
+    for rk in rankings:
+        s = rk[key]
+        counts[max(range(len(s)), key=lambda j: (s[j], -j))] += 1
+        targets[list(rk["candidates"]).index(rk["target"])] += 1
+    n = len(rankings)
+    top = max(range(k), key=lambda j: (counts[j], -j)) if k else None
+    return {"n": n, "counts": counts, "max_share": counts[top] / n if n else None, "max_slot": top, "target_counts": targets}
+
+
+def top1_hit_non_top1(rankings: Sequence[Mapping[str, Any]], key: str = "scores") -> dict[str, Any]:
+    """Among the users whose target is NOT the retriever's top-1: the share whose top-1 by `key` is
+    the target (n such users, hits), against the chance rate 1/(K-1) of a pick among the others."""
+    users = [rk for rk in rankings if rk["candidates"][0] != rk["target"]]
+    hits = sum(1 for rk in users if candidate_rank(rk[key], rk["candidates"], rk["target"]) == 1)
+    n = len(users)
+    chance = sum(1.0 / (len(rk["candidates"]) - 1) for rk in users) / n if n else None
+    return {"share": hits / n if n else None, "n": n, "hits": hits, "chance": chance}
+
+
+def bootstrap_vs_retriever(
+    rankings: Sequence[Mapping[str, Any]],
+    keys: Mapping[str, str],
+    seed: int,
+    metric: str = BOOTSTRAP_METRIC,
+    n_resamples: int = BOOTSTRAP_RESAMPLES,
+) -> dict[str, Any]:
+    """Paired bootstrap (pipeline/significance.py, per-user resampling, seeded) of the subset
+    `metric` of each `keys` entry (name -> rankings field with its scores) minus the retriever's
+    order, over the rankings' (covered) users: {name: {mean, ci_low, ci_high, p_bootstrap}}. Every
+    comparison draws the same resampled users."""
+    out: dict[str, Any] = {"metric": metric, "n": len(rankings), "resamples": n_resamples, "confidence": CONFIDENCE, "seed": seed}
+    if not rankings:
+        return out
+    k = int(metric.split("@")[1])
+    retriever = per_user_metrics([list(rk["candidates"]).index(rk["target"]) + 1 for rk in rankings], [k])
+    for name, key in keys.items():
+        system = per_user_metrics([candidate_rank(rk[key], rk["candidates"], rk["target"]) for rk in rankings], [k])
+        res = paired_tests(
+            {metric: np.asarray(retriever[metric])}, {metric: np.asarray(system[metric])}, [metric], n_resamples, seed
+        )[metric]
+        out[name] = {"mean": res.mean_diff, "ci_low": res.ci_low, "ci_high": res.ci_high, "p_bootstrap": res.p_bootstrap}
+    return out
+
+
+def llm_evidence(rows: Sequence[Mapping[str, Any]], rankings: Sequence[Mapping[str, Any]], seed: int) -> dict[str, Any]:
+    """The metrics.json entries about the LLM alone, from rankings rows with `scores` (final),
+    `llm_scores` and, when calibrated, `llm_raw_scores`: `llm_subset` / `llm_overall` (and
+    `llm_raw_subset`), the top-1 slot histogram(s), the top-1 hit rate off the retriever's top-1,
+    and the paired bootstrap of final and LLM alone against the retriever's order."""
+    calibrated = bool(rankings) and "llm_raw_scores" in rankings[0]
+    llm = split_metrics(rows, [dict(rk, scores=rk["llm_scores"]) for rk in rankings])
+    out: dict[str, Any] = {"llm_subset": llm["subset"], "llm_overall": llm["overall"]}
+    if calibrated:
+        out["llm_raw_subset"] = split_metrics(rows, [dict(rk, scores=rk["llm_raw_scores"]) for rk in rankings])["subset"]
+    out["llm_top1_slots"] = top1_slots(rankings, "llm_scores")
+    if calibrated:
+        out["llm_raw_top1_slots"] = top1_slots(rankings, "llm_raw_scores")
+    out["llm_top1_hit_non_top1"] = top1_hit_non_top1(rankings, "llm_scores")
+    keys = {"final_minus_retriever": "scores", "llm_minus_retriever": "llm_scores"}
+    if calibrated:
+        keys["llm_raw_minus_retriever"] = "llm_raw_scores"
+    out["bootstrap"] = bootstrap_vs_retriever(rankings, keys, seed)
+    return out
+
+
 def markdown_table(section: Mapping[str, Any], ks: Sequence[int] = TABLE_KS) -> str:
     """Retriever vs reranker on the covered subset and overall (NDCG/Recall/MRR @5 and @10), as
-    a markdown table for one split's metrics section."""
+    a markdown table for one split's metrics section. Sections with the LLM-alone entries
+    (`llm_subset`, ...: rerank/run.py) show them side by side, with the fusion weight, the paired
+    bootstrap intervals and the LLM's top-1 slot figures below the table."""
     cols = [f"{m}@{k}" for k in ks for m in TABLE_METRICS]
     lines = [
         f"coverage {section['coverage']:.4f} ({section['n_covered']}/{section['n_users']} users)",
@@ -196,11 +282,59 @@ def markdown_table(section: Mapping[str, Any], ks: Sequence[int] = TABLE_KS) -> 
         "| | " + " | ".join(cols) + " |",
         "|---" * (len(cols) + 1) + "|",
     ]
-    for name, key in (
-        ("Retriever (subset)", "retriever_subset"),
-        ("Reranker (subset)", "subset"),
-        ("Retriever (overall)", "retriever"),
-        ("Reranker (overall)", "overall"),
-    ):
+    calibrated = "llm_raw_subset" in section
+    llm_name = "LLM calibrated" if calibrated else "LLM alone"
+    table = [("Retriever (subset)", "retriever_subset")]
+    if calibrated:
+        table.append(("LLM raw (subset)", "llm_raw_subset"))
+    if "llm_subset" in section:
+        table.append((f"{llm_name} (subset)", "llm_subset"))
+    table += [("Reranker (subset)", "subset"), ("Retriever (overall)", "retriever")]
+    if "llm_overall" in section:
+        table.append((f"{llm_name} (overall)", "llm_overall"))
+    table.append(("Reranker (overall)", "overall"))
+    for name, key in table:
         lines.append(f"| {name} | " + " | ".join(f"{section[key][c]:.4f}" for c in cols) + " |")
-    return "\n".join(lines) + "\n"
+    notes = _evidence_notes(section, llm_name)
+    return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
+
+
+def _evidence_notes(section: Mapping[str, Any], llm_name: str) -> list[str]:
+    notes = []
+    fusion = section.get("fusion")
+    if fusion is not None:
+        if fusion.get("grid"):
+            grid = ", ".join(f"w={w} {v:.4f}" for w, v in fusion["grid"].items())
+            notes.append(f"- Reranker = z(LLM) + w * z(retriever), w = {fusion['w']:g} chosen on val NDCG@10 ({grid})")
+        else:
+            notes.append("- Reranker = LLM alone (fusion off, w = 0)")
+    cal = section.get("calibration")
+    if cal is not None and cal.get("method", "none") != "none":
+        for k, prior in cal["prior"].items():
+            notes.append(f"- Calibration {cal['method']}: position prior (K={k}, slot 1 first) " + " ".join(f"{p:+.3f}" for p in prior))
+    boot = section.get("bootstrap")
+    if boot is not None and boot.get("n"):
+        notes.append(
+            f"- Paired bootstrap, subset {boot['metric']} minus the retriever's order ({boot['n']} users, "
+            f"{boot['resamples']} resamples, {boot['confidence']:.0%} interval):"
+        )
+        for key, name in (("final_minus_retriever", "Reranker"), ("llm_minus_retriever", llm_name), ("llm_raw_minus_retriever", "LLM raw")):
+            if key in boot:
+                b = boot[key]
+                notes.append(f"  - {name}: {b['mean']:+.4f} [{b['ci_low']:+.4f}, {b['ci_high']:+.4f}]")
+    for key, name in (("llm_raw_top1_slots", "LLM raw"), ("llm_top1_slots", llm_name)):
+        t = section.get(key)
+        if t is not None and t.get("n"):
+            notes.append(
+                f"- {name} top-1 by retriever slot (1..{len(t['counts'])}, {t['n']} users): " + " ".join(map(str, t["counts"]))
+                + f"; max share {t['max_share']:.3f} (slot {t['max_slot'] + 1})"
+            )
+    if "llm_top1_slots" in section and section["llm_top1_slots"].get("n"):
+        notes.append("- Targets by retriever slot: " + " ".join(map(str, section["llm_top1_slots"]["target_counts"])))
+    hit = section.get("llm_top1_hit_non_top1")
+    if hit is not None and hit.get("n"):
+        notes.append(
+            f"- {llm_name} top-1 is the target when the retriever's top-1 is not: {hit['share']:.3f} "
+            f"({hit['hits']}/{hit['n']} users; chance 1/(K-1) = {hit['chance']:.3f})"
+        )
+    return notes

@@ -22,6 +22,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -126,26 +127,71 @@ def _score_batch(
     device: torch.device,
 ) -> torch.Tensor:
     """(B, K) label scores for one batch: the prompt pass, then the trie's continuations."""
+    input_ids, mask = pad_left(batch, pad_id, device)
+    return label_scores(model, input_ids, mask, scored, plan, pad_id)
+
+
+def pad_left(batch: Sequence[Sequence[int] | np.ndarray], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) of token-id lists padded on the left, so every prompt ends at the
+    last column (where the answer starts)."""
     n, width = len(batch), max(len(p) for p in batch)
     input_ids = torch.full((n, width), pad_id, dtype=torch.long)
     mask = torch.zeros((n, width), dtype=torch.long)
-    for r, ids in enumerate(batch):  # left padding: every prompt ends at the last column
+    for r, ids in enumerate(batch):
         input_ids[r, width - len(ids) :] = torch.as_tensor(ids, dtype=torch.long)
         mask[r, width - len(ids) :] = 1
-    input_ids, mask = input_ids.to(device), mask.to(device)
+    return input_ids.to(device), mask.to(device)
+
+
+def plan_for(label_tokens: LabelTokens) -> _Plan:
+    """The continuation plan of `label_tokens.scored_ids` (what `label_scores` takes)."""
+    return _plan(label_tokens.scored_ids)
+
+
+def label_scores(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    mask: torch.Tensor,
+    scored: Sequence[tuple[int, ...]],
+    plan: _Plan,
+    pad_id: int,
+    normalized: bool = True,
+) -> torch.Tensor:
+    """(B, K): log P(scored[k] | prompt) for left-padded prompts: THE definition of a label's score,
+    used by the ranker (no grad) and by the "labels" training loss (with grad).
+
+    `normalized=False` (the training loss) projects the answer position onto the label's first-token
+    rows of the output layer only, not the whole vocabulary: the scores then lack the answer
+    position's log-partition, a constant per prompt, so any softmax over the K labels is unchanged.
+    Continuation positions (multi-token labels) are always normalised over the vocabulary, since
+    their partitions differ between labels."""
     # Positions count real tokens only, so a padded prompt sees the positions it has alone.
     positions = (mask.cumsum(1) - 1).clamp(min=0)
     need_cache = bool(plan.paths)
-    out = model(
-        input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=need_cache, logits_to_keep=1
+    first_ids = [seq[0] for seq in scored]
+    head = model.get_output_embeddings()
+    rows_only = (
+        not normalized
+        and type(head) is torch.nn.Linear  # a plain head (not LoRA-wrapped): its rows are the logits' weights
+        and getattr(model.config, "final_logit_softcapping", None) is None
+        and getattr(model.config, "logit_scale", None) is None
     )
-    if out.logits.shape[1] != 1:
-        raise PipelineError(
-            f"{type(model).__name__} ignores logits_to_keep and computed logits for every position: "
-            "use a transformers causal LM class that supports it (all current ones do)"
+    if rows_only:
+        out = model.get_decoder()(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=need_cache)
+        rows = torch.as_tensor(first_ids, device=input_ids.device)
+        bias = head.bias[rows] if head.bias is not None else None
+        scores = F.linear(out.last_hidden_state[:, -1], head.weight[rows], bias).float()  # (B, K) label logits
+    else:
+        out = model(
+            input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=need_cache, logits_to_keep=1
         )
-    first = out.logits[:, -1].float().log_softmax(-1)  # (B, V): log P(first token | prompt)
-    scores = first[:, [seq[0] for seq in scored]]  # (B, K)
+        if out.logits.shape[1] != 1:
+            raise PipelineError(
+                f"{type(model).__name__} ignores logits_to_keep and computed logits for every position: "
+                "use a transformers causal LM class that supports it (all current ones do)"
+            )
+        first = out.logits[:, -1].float().log_softmax(-1)  # (B, V): log P(first token | prompt)
+        scores = first[:, first_ids]  # (B, K)
     if not need_cache:
         return scores
     cont = _continuations(model, out.past_key_values, mask, plan, pad_id)  # (B, M, D, V)

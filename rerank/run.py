@@ -7,7 +7,9 @@ Resumable (`resume`, the scripts' --resume): finished stages are kept, interrupt
   trained again); otherwise it continues from the last complete checkpoint under checkpoints/
   (a checkpoint a kill cut short is deleted first), or starts afresh when there is none.
 - A split's ranking is finished when rankings_<split>.jsonl exists; otherwise it continues from
-  rankings_<split>.jsonl.partial (rerank/progress.py) without scoring a finished batch again.
+  rankings_<split>.jsonl.partial (rerank/progress.py) without scoring a finished batch again. The
+  partial file stays until the post-processing (calibration, fusion: `finalise`) has written the
+  final file; a kept final file gives back the raw LLM scores and the post-processing is recomputed.
 
 Under `accelerate launch` every process trains (the Trainer's data parallelism) and ranks its
 share of the batches (rerank/distributed.py); only the main process writes files.
@@ -21,19 +23,22 @@ from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
 from pipeline.atomic import write_text
-from pipeline.candidates import candidates_path, rankings_path, read_rows
+from pipeline.candidates import candidates_path, prefix_candidates_path, rankings_path, read_prefix_rows, read_rows
+from pipeline.candidates import ROW_FIELDS
 from pipeline.config import Config
 from pipeline.data import SPLITS, load_dataset
 from pipeline.errors import PipelineError
 from pipeline.rundir import RunDir
+from rerank.calibration import Prior, calibrate, estimate_prior, prior_json
 from rerank.distributed import barrier, from_main, is_main, main_first, on_main, processes
-from rerank.evaluate import markdown_table, rank_split, split_metrics, titles_by_item
+from rerank.evaluate import llm_evidence, markdown_table, rank_split, raw_scores, split_metrics, titles_by_item
+from rerank.fusion import fit_weight, fused_scores, retriever_scores
 from rerank.labels import check_candidates_fit, scheme_from_config
 from rerank.load_run import RerankerRun
 from rerank.models import load_from_config
 from rerank.progress import PartialRankings
 from rerank.prompts import PromptStyle, check_tokenizer, style_from_config
-from rerank.samples import samples_from_config
+from rerank.samples import USES_RETRIEVER, samples_from_config
 from rerank.train import ADAPTER_DIR, CHECKPOINT_DIR, SUMMARY_FILE, load_adapter, resolve_adapter_dir, train_reranker
 
 TRAINER_STATE = "trainer_state.json"  # the last file the Trainer writes into a checkpoint
@@ -90,10 +95,14 @@ def rerank_run(cfg: Config, run: RunDir, candidates_dir: str | Path, resume: boo
             last = from_main(lambda: last_complete_checkpoint(run / CHECKPOINT_DIR))
             _say(f"reranker: resuming training from {last}" if last else "reranker: no checkpoint yet, training from the start")
             train_cfg = dataclasses.replace(cfg.reranker, resume=last is not None)
-        train_rows = None
-        if cfg.reranker.train_negatives == "retriever":
+        train_rows = prefix_rows = None
+        if cfg.reranker.train_negatives in USES_RETRIEVER:
             train_rows = read_rows(candidates_path(candidates_dir, "train"), known)
-        samples = samples_from_config(ds, cfg.reranker, cfg.seed, retriever_rows=train_rows)
+            prefix_file = prefix_candidates_path(candidates_dir)  # per-prefix negatives, when the retriever wrote them
+            if prefix_file.is_file():
+                prefix_rows = read_prefix_rows(prefix_file, known)
+            _say(f"reranker: {cfg.reranker.train_negatives} negatives from {prefix_file.name if prefix_rows is not None else 'candidates_train.jsonl'}")
+        samples = samples_from_config(ds, cfg.reranker, cfg.seed, retriever_rows=train_rows, prefix_rows=prefix_rows)
         _say(f"reranker: {len(samples)} training prompts, model {cfg.reranker.model}, labels {style.scheme.name}")
         train_reranker(model, tokenizer, style, ds, samples, rows["val"], train_cfg, run.path, seed=cfg.seed)
         # Ranking progress of an earlier adapter (its run was trained again) is not this one's.
@@ -123,30 +132,131 @@ def rank_splits(
     candidates_dir: str | Path,
     resume: bool,
 ) -> dict:
-    """Rank each split (kept when finished and `resume`), write rankings_<split>.jsonl, the
-    reranker sections of metrics.json and metrics.md; returns metrics.json's content."""
+    """Rank each split (kept when finished and `resume`), then post-process both (`finalise`:
+    calibration with the prior from val, the fusion weight fitted on val), write
+    rankings_<split>.jsonl, the reranker sections of metrics.json, metrics.md and the plots;
+    returns metrics.json's content.
+
+    A split's raw LLM scores come from its finished rankings file (`raw_rankings`: --resume) or
+    from `rank_split`, whose progress file stays until the final file replaces it, so a kill at any
+    point resumes without scoring a batch twice; the post-processing is recomputed (deterministic:
+    the same bytes)."""
     model.eval()
+    rcfg = cfg.reranker
     retriever_metrics = _retriever_metrics(Path(candidates_dir))
-    metrics: dict = {}
+    stores = {split: PartialRankings(rankings_path(run.path, split)) for split in SPLITS}
+    raw: dict[str, list[dict[str, Any]]] = {}
     for split in SPLITS:
-        store = PartialRankings(rankings_path(run.path, split))
+        store = stores[split]
         kept = from_main(lambda: read_rows(store.final) if resume and store.final.is_file() else None)
         if kept is not None:
-            rankings, section = kept, split_metrics(rows[split], kept)
+            raw[split] = raw_rankings(kept, store.final)
             on_main(store.discard)  # a kill between the final file and the partial's removal
             _say(f"rankings {split}: kept {store.final.name} (--resume)")
         else:
-            rankings, section = rank_split(
-                model, tokenizer, style, rows[split], titles, cfg.reranker, seed=cfg.seed, progress=is_main(), partial=store
+            raw[split], _ = rank_split(
+                model, tokenizer, style, rows[split], titles, rcfg, seed=cfg.seed, progress=is_main(), partial=store
             )
-            on_main(lambda: store.finish(rankings))
+    ks = sorted({len(rk["candidates"]) for split in SPLITS for rk in raw[split]})  # counts only, for content_free
+    prior = from_main(  # never from test rows: validation prompts, or content-free ones
+        lambda: estimate_prior(rcfg.calibration, model, tokenizer, style, rows["val"], titles, rcfg, cfg.seed, ks, progress=is_main())
+    )
+    rankings, sections = finalise(rows, raw, prior, rcfg, cfg.seed)
+    sec = sections[SPLITS[0]]
+    if rcfg.calibration != "none":
+        _say(f"calibration {rcfg.calibration}: prior " + "; ".join(
+            f"K={k}: " + " ".join(f"{p:+.3f}" for p in v) for k, v in sec["calibration"]["prior"].items()
+        ))
+    if rcfg.fusion:
+        _say(f"fusion: w = {sec['fusion']['w']:g} chosen on val NDCG@10 from " + ", ".join(
+            f"{w}: {v:.4f}" for w, v in sec["fusion"]["grid"].items()
+        ))
+    metrics: dict = {}
+    for split in SPLITS:
+        on_main(lambda: stores[split].finish(rankings[split]))  # the final file, then the partial's removal
         # The retriever run's full-catalogue metrics (k up to 50) supersede the candidates-based
         # ones; they agree for k <= 20 because the candidates are the retriever's top 20.
         if split in retriever_metrics:
-            section["retriever"] = retriever_metrics[split]
-        metrics = from_main(lambda: run.update_metrics(split, section))
+            sections[split]["retriever"] = retriever_metrics[split]
+        metrics = from_main(lambda: run.update_metrics(split, sections[split]))
     on_main(lambda: write_text(run / "metrics.md", results_markdown(metrics, cfg)))
+    on_main(lambda: write_plots(run.path, metrics))
     return metrics
+
+
+def raw_rankings(kept: Sequence[Mapping[str, Any]], path: Path) -> list[dict[str, Any]]:
+    """Rankings rows with the LLM's raw scores as `scores`, from a finished rankings file: its
+    `llm_raw_scores` (calibrated runs), else `llm_scores` (fused runs), else `scores`."""
+    out = []
+    for i, row in enumerate(kept, 1):
+        scores = raw_scores(row)
+        if (
+            not isinstance(scores, list) or len(scores) != len(row["candidates"])
+            or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in scores)
+            or not isinstance(row.get("label_scheme"), str)
+        ):
+            raise PipelineError(f"{path} line {i}: no raw scores (one per candidate) or no label_scheme: delete the file to rank this split afresh")
+        out.append({**{key: row[key] for key in ROW_FIELDS}, "scores": list(scores), "label_scheme": row["label_scheme"]})
+    return out
+
+
+def finalise(
+    rows: Mapping[str, Sequence[Mapping[str, Any]]],
+    raw: Mapping[str, Sequence[Mapping[str, Any]]],
+    prior: Prior,
+    rcfg: Any,
+    seed: int,
+) -> tuple[dict[str, list[dict[str, Any]]], dict[str, dict[str, Any]]]:
+    """(rankings rows, metrics.json section) per split from the raw rankings: each split calibrated
+    with `prior` (estimated on val), fused with the retriever with the weight fitted on the val
+    split alone, then measured. Pure and deterministic.
+
+    Rankings rows: the candidates-file fields with `scores` = the final score, `llm_scores` the LLM
+    alone (after calibration), `llm_raw_scores` before it (calibrated runs only), `label_scheme`."""
+    calibrated = rcfg.calibration != "none"
+    llm = {
+        split: calibrate(raw[split], prior, rcfg.rank_permutations, seed) if calibrated else [list(rk["scores"]) for rk in raw[split]]
+        for split in SPLITS
+    }
+    retriever = {split: retriever_scores(rows[split], raw[split]) for split in SPLITS}
+    if rcfg.fusion:
+        w, grid = fit_weight(raw["val"], llm["val"], retriever["val"], rcfg.fusion_weights)  # validation users only
+    else:
+        w, grid = 0.0, {}
+    rankings: dict[str, list[dict[str, Any]]] = {}
+    sections: dict[str, dict[str, Any]] = {}
+    for split in SPLITS:
+        final = fused_scores(llm[split], retriever[split], w) if rcfg.fusion else llm[split]
+        rankings[split] = [
+            {
+                **{key: rk[key] for key in ROW_FIELDS},
+                "scores": f,
+                "llm_scores": s,
+                **({"llm_raw_scores": list(rk["scores"])} if calibrated else {}),
+                "label_scheme": rk["label_scheme"],
+            }
+            for rk, f, s in zip(raw[split], final, llm[split])
+        ]
+        section = split_metrics(rows[split], rankings[split])
+        section.update(llm_evidence(rows[split], rankings[split], seed))
+        section["fusion"] = {"w": float(w), "grid": dict(grid)}
+        section["calibration"] = {"method": rcfg.calibration, "prior": prior_json(prior)}
+        sections[split] = section
+    return rankings, sections
+
+
+def write_plots(run_dir: Path, metrics: Mapping[str, Any]) -> list[Path]:
+    """The run's evidence as PNGs (analysis/plots.py): top1_slots_<split>.png, the LLM-alone top-1
+    slot histogram, and train_curves.png from train_summary.json when the run trained."""
+    from analysis.plots import plot_top1_slots, plot_train_summary  # matplotlib only here, when a run writes its plots
+
+    out = []
+    for split in SPLITS:
+        if split in metrics and "llm_top1_slots" in metrics[split]:
+            out.append(plot_top1_slots(metrics[split], run_dir / f"top1_slots_{split}.png", title=f"{run_dir.name}: {split}"))
+    if (run_dir / SUMMARY_FILE).is_file():
+        out.append(plot_train_summary(run_dir / SUMMARY_FILE, run_dir / "train_curves.png", title=run_dir.name))
+    return out
 
 
 def training_finished(run_dir: str | Path) -> bool:

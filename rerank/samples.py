@@ -8,10 +8,18 @@ negatives, shuffled. The paper uses every prefix whose history has at least one 
 Negatives never repeat and never come from the history so far or the target (LlamaRec's rule:
 later items of the same user's train sequence may be negatives, as in the paper):
 - "random": uniform over the catalogue (the paper).
-- "retriever": hard negatives, the user's retriever candidates from candidates_train.jsonl (the
-  retriever's top-K for the user's last train item, its input history masked) in retriever order,
-  then topped up at random. The row's target must be the user's last train item, which proves the
-  file was made from this dataset's train split.
+- "retriever": hard negatives, the sample's retriever candidates in retriever order, then topped up
+  at random.
+- "mix": the first round(ratio * (K-1)) usable retriever candidates (Python's round: halves to
+  even), the rest uniform random (they may, by chance, also be in the retriever's list). Ratio 0
+  gives exactly the "random" samples, ratio 1 exactly the "retriever" ones.
+A sample's retriever candidates are, when the retriever run wrote candidates_train_prefixes.jsonl
+(`prefix_rows`), the top-K after that very prefix (its input items[:t] masked); a prefix the file
+lacks (retriever.prefix_candidates kept fewer prefixes than are sampled) falls back to the user's
+candidates_train.jsonl row, and their number is logged. Without the prefix file every prefix of a
+user uses the candidates_train.jsonl row (the top-K for the user's LAST train item, its input
+history masked). Each file must be this dataset's train split: a candidates_train row's target is
+the user's last train item, a prefix file's target at position t is the user's train item t.
 
 Deterministic: a sample's candidates depend only on (seed, user, t), never on which other samples
 are kept, so capping with `max_samples` / `max_prefixes_per_user` does not change the samples kept.
@@ -29,7 +37,8 @@ from pipeline.errors import PipelineError
 
 log = logging.getLogger(__name__)
 
-Negatives = Literal["random", "retriever"]
+Negatives = Literal["random", "retriever", "mix"]
+USES_RETRIEVER = ("retriever", "mix")  # the negatives that read the retriever's candidates files
 _CAP_STREAM = 1  # RNG stream of the max_samples draw, apart from the per-sample streams
 
 
@@ -58,22 +67,36 @@ def build_samples(
     min_history: int = 1,  # paper: prefixes from the 2nd item on
     max_prefixes_per_user: Optional[int] = None,  # None = every prefix (paper)
     max_samples: Optional[int] = None,  # None = every prefix (paper)
-    retriever_rows: Optional[Sequence[dict[str, Any]]] = None,  # candidates_train.jsonl rows ("retriever")
+    retriever_rows: Optional[Sequence[dict[str, Any]]] = None,  # candidates_train.jsonl rows ("retriever", "mix")
+    prefix_rows: Optional[Sequence[dict[str, Any]]] = None,  # candidates_train_prefixes.jsonl rows: preferred when given
+    retriever_ratio: float = 0.5,  # "mix" only: share of the K-1 negatives from the retriever
 ) -> list[TrainSample]:
     """The training samples of `ds`, ordered by (user, position)."""
     if n_candidates < 2:
         raise PipelineError(f"training prompts need the target and at least one negative (got {n_candidates} candidates)")
     if seed < 0:
         raise PipelineError(f"seed must be >= 0 (got {seed})")
-    if negatives not in ("random", "retriever"):
-        raise PipelineError(f"unknown negatives {negatives!r}: use random or retriever")
+    if negatives not in ("random", *USES_RETRIEVER):
+        raise PipelineError(f"unknown negatives {negatives!r}: use random, retriever or mix")
     hard: dict[int, list[int]] = {}
-    if negatives == "retriever":
-        if retriever_rows is None:
-            raise PipelineError("train_negatives 'retriever' needs candidates_train.jsonl: run the retriever first, or use random")
-        hard = _hard_negatives(ds, retriever_rows)
-    elif retriever_rows is not None:
+    per_prefix: Optional[dict[tuple[int, int], list[int]]] = None
+    if negatives in USES_RETRIEVER:
+        if retriever_rows is None and prefix_rows is None:
+            raise PipelineError(
+                f"train_negatives {negatives!r} needs candidates_train.jsonl: run the retriever first, or use random"
+            )
+        if retriever_rows is not None:
+            hard = _hard_negatives(ds, retriever_rows)
+        if prefix_rows is not None:
+            per_prefix = _prefix_negatives(ds, prefix_rows)
+    elif retriever_rows is not None or prefix_rows is not None:
         raise PipelineError("retriever rows were given but negatives is 'random': set train_negatives=retriever or drop them")
+    if negatives == "mix":
+        if not 0.0 <= retriever_ratio <= 1.0:
+            raise PipelineError(f"reranker.retriever_negative_ratio must be in [0, 1] (got {retriever_ratio})")
+        n_hard = round(retriever_ratio * (n_candidates - 1))  # most retriever negatives per sample
+    else:
+        n_hard = n_candidates - 1 if negatives == "retriever" else 0
 
     prefixes = _prefixes(ds, min_history, max_prefixes_per_user)
     if max_samples is not None and len(prefixes) > max_samples:
@@ -81,11 +104,19 @@ def build_samples(
         prefixes = [prefixes[i] for i in sorted(keep.tolist())]
 
     samples = []
+    fallback = 0  # prefixes the prefix file lacks
     for u, t in prefixes:
         seq = ds.train_sequence(u)
         seen = set(seq[: t + 1])  # history so far + the target
         rng = np.random.default_rng([seed, u, t])
-        negs = [i for i in hard.get(u, ()) if i not in seen][: n_candidates - 1]
+        ranked = hard.get(u, ())  # the user's candidates_train row
+        if per_prefix is not None:
+            own = per_prefix.get((u, t))
+            if own is not None:
+                ranked = own
+            elif n_hard:
+                fallback += 1
+        negs = [i for i in ranked if i not in seen][:n_hard]
         negs += _random_items(rng, ds.n_items, seen | set(negs), n_candidates - 1 - len(negs), u)
         pool = [seq[t], *negs]  # the target first, so its shuffled index is order.index(0)
         order = rng.permutation(n_candidates).tolist()
@@ -99,14 +130,27 @@ def build_samples(
                 target_index=order.index(0),
             )
         )
+    if fallback:
+        log.warning(
+            "%d of %d training prefixes have no row in candidates_train_prefixes.jsonl (retriever.prefix_candidates "
+            "kept fewer prefixes): their retriever negatives come from the user's candidates_train row%s",
+            fallback, len(prefixes), "" if retriever_rows is not None else " (none given: all random)",
+        )
     return samples
 
 
 def samples_from_config(
-    ds: SplitDataset, cfg: Any, seed: int, retriever_rows: Optional[Sequence[dict[str, Any]]] = None
+    ds: SplitDataset,
+    cfg: Any,
+    seed: int,
+    retriever_rows: Optional[Sequence[dict[str, Any]]] = None,
+    prefix_rows: Optional[Sequence[dict[str, Any]]] = None,
 ) -> list[TrainSample]:
     """The samples a `pipeline.config.RerankerConfig` asks for; `retriever_rows` (candidates_train.jsonl)
-    are used only with train_negatives=retriever."""
+    and `prefix_rows` (candidates_train_prefixes.jsonl, when the retriever run has it) are used only
+    with train_negatives=retriever or mix."""
+    uses = cfg.train_negatives in USES_RETRIEVER
+    mix = {"retriever_ratio": cfg.retriever_negative_ratio} if cfg.train_negatives == "mix" else {}
     return build_samples(
         ds,
         n_candidates=cfg.train_candidates,
@@ -116,7 +160,9 @@ def samples_from_config(
         min_history=cfg.train_min_history,
         max_prefixes_per_user=cfg.train_max_prefixes_per_user,
         max_samples=cfg.max_train_samples,
-        retriever_rows=retriever_rows if cfg.train_negatives == "retriever" else None,
+        retriever_rows=retriever_rows if uses else None,
+        prefix_rows=prefix_rows if uses else None,
+        **mix,
     )
 
 
@@ -183,4 +229,34 @@ def _hard_negatives(ds: SplitDataset, rows: Sequence[dict[str, Any]]) -> dict[in
     missing = ds.n_users - len(out)
     if missing:
         log.warning("%d users have no candidates_train row: their negatives are all random", missing)
+    return out
+
+
+def _prefix_negatives(ds: SplitDataset, rows: Sequence[dict[str, Any]]) -> dict[tuple[int, int], list[int]]:
+    """(dense user index, position t) -> the retriever's candidates after that prefix (dense ids,
+    retriever order), from candidates_train_prefixes.jsonl rows (pipeline/candidates.py)."""
+    users = {uid: u for u, uid in enumerate(ds.user_ids)}
+    items = ds.item_index()
+    out: dict[tuple[int, int], list[int]] = {}
+    for row in rows:
+        u = users.get(row["user"])
+        if u is None:
+            raise PipelineError(
+                f"candidates_train_prefixes row for unknown user {row['user']!r}: regenerate it with the same data config"
+            )
+        seq = ds.train_sequence(u)
+        for t, target, cands in zip(row["positions"], row["targets"], row["candidates"]):
+            if not 1 <= t < len(seq) or items.get(target) != seq[t]:
+                raise PipelineError(
+                    f"candidates_train_prefixes row of user {row['user']!r} has target {target!r} at position {t}, not the "
+                    "user's train item there: it was not made from this dataset's train split; re-run the retriever "
+                    "with the same data config"
+                )
+            dense = [items.get(i) for i in cands]
+            if None in dense:
+                raise PipelineError(
+                    f"candidates_train_prefixes row of user {row['user']!r} has unknown item "
+                    f"{cands[dense.index(None)]!r}: regenerate it with the same data config"
+                )
+            out[(u, t)] = dense
     return out

@@ -18,6 +18,7 @@ Runs under `accelerate launch` too: all training goes through the Trainer.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import warnings
 from pathlib import Path
@@ -32,6 +33,7 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
     Trainer,
+    TrainerCallback,
     TrainingArguments,
     set_seed,
 )
@@ -43,8 +45,9 @@ from pipeline.data.dataset import SplitDataset
 from pipeline.errors import PipelineError
 from pipeline.metrics import candidate_rank, metrics_from_ranks
 from rerank.collate import IGNORE_INDEX, TrainingTexts, collator_for
+from rerank.labels import LabelTokens
 from rerank.pretrain import pretrain_stage
-from rerank.prompts import PromptStyle
+from rerank.prompts import PromptStyle, label_tokens
 from rerank.samples import TrainSample
 
 log = logging.getLogger(__name__)
@@ -64,9 +67,18 @@ ScoreRows = Callable[[torch.nn.Module, Sequence[Mapping[str, Any]]], list[list[f
 # LoRA
 
 
-def lora_config(cfg: Any) -> LoraConfig:
-    """The LoRA adapter a `pipeline.config.RerankerConfig` asks for."""
+def lora_config(cfg: Any, n_layers: Optional[int] = None) -> LoraConfig:
+    """The LoRA adapter a `pipeline.config.RerankerConfig` asks for; `n_layers`: the model's
+    transformer layer count (needed with cfg.lora_layers)."""
+    layers = None
+    if cfg.lora_layers is not None:
+        if n_layers is None:
+            raise PipelineError("reranker.lora_layers needs the model's layer count (config.num_hidden_layers)")
+        if cfg.lora_layers > n_layers:
+            raise PipelineError(f"reranker.lora_layers {cfg.lora_layers} > the model's {n_layers} layers: lower it or set null")
+        layers = list(range(n_layers - cfg.lora_layers, n_layers))  # the top layers, nearest the output
     return LoraConfig(
+        layers_to_transform=layers,
         r=cfg.lora_r,
         lora_alpha=cfg.lora_alpha,
         lora_dropout=cfg.lora_dropout,
@@ -91,10 +103,21 @@ def add_lora(model: PreTrainedModel, cfg: Any, seed: int, init_adapter: Optional
         return load_adapter(model, init_adapter, is_trainable=True)
     try:
         with _quiet_peft():
-            return get_peft_model(model, lora_config(cfg))
+            if cfg.lora_target_modules == "all-linear" and cfg.lora_layers is not None:
+                # peft takes layers_to_transform only with named modules: name every linear layer but the head
+                cfg = dataclasses.replace(cfg, lora_target_modules=linear_layer_names(model))
+            return get_peft_model(model, lora_config(cfg, getattr(model.config, "num_hidden_layers", None)))
     except ValueError as e:  # e.g. "Target modules {...} not found in the base model"
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise PipelineError(f"cannot add LoRA to {type(model).__name__} ({first}): fix reranker.lora_target_modules") from e
+
+
+def linear_layer_names(model: PreTrainedModel) -> list[str]:
+    """The distinct names of the model's linear layers except the output head (what peft's
+    "all-linear" selects), e.g. [down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj]."""
+    head = model.get_output_embeddings()
+    names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head}
+    return sorted(names)
 
 
 @contextlib.contextmanager
@@ -134,35 +157,98 @@ def supervised_logits(
     return out.logits, labels[:, 1:][predicts]
 
 
+def labels_loss_sum(
+    model: torch.nn.Module,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    target_index: torch.Tensor,
+    tokens: LabelTokens,
+    pad_id: int,
+) -> torch.Tensor:
+    """Sum over the batch of the cross-entropy over the K candidate labels: -log softmax_k(score_k)
+    at the target's label, score_k the ranker's own label score (`ranker.label_scores`, one
+    definition for training and ranking). Only the label rows of the output layer are used at the
+    answer position (the log-partition there is the same for every label and cancels)."""
+    from rerank.ranker import label_scores, plan_for
+
+    scores = label_scores(model, prompt_ids, prompt_mask, tokens.scored_ids, plan_for(tokens), pad_id, normalized=False)
+    return F.cross_entropy(scores, target_index, reduction="sum")
+
+
 class RerankTrainer(Trainer):
     """The Trainer with the answer-only loss and ranking validation (NDCG@k of the val rows)."""
 
     def __init__(
-        self, *args: Any, score_rows: Optional[ScoreRows] = None, val_rows: Sequence[Mapping[str, Any]] = (), **kwargs: Any
+        self,
+        *args: Any,
+        score_rows: Optional[ScoreRows] = None,
+        val_rows: Sequence[Mapping[str, Any]] = (),
+        loss: str = "vocab",
+        vocab_loss_weight: float = 0.0,
+        train_tokens: Optional[LabelTokens] = None,
+        pad_id: Optional[int] = None,
+        val_shuffled_seed: Optional[int] = None,
+        **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         self.score_rows = score_rows
         self.val_rows = list(val_rows)
-        # Count supervised tokens over each accumulated batch (num_items_in_batch), so the loss is the
-        # token mean over the whole optimizer step, as the stock causal-LM loss is.
+        # The same users, candidates in a seeded shuffled order: the content signal with the
+        # retriever's order hidden (logged as eval_shuffled_*; early stopping reads the unshuffled).
+        self.val_shuffled_rows = shuffled_rows(self.val_rows, val_shuffled_seed) if val_shuffled_seed is not None else []
+        if loss not in ("vocab", "labels"):
+            raise PipelineError(f"unknown reranker.loss {loss!r}: use vocab or labels")
+        if loss == "labels" and (train_tokens is None or pad_id is None):
+            raise PipelineError("loss 'labels' needs the training prompts' label tokens and the pad id")
+        self.loss_kind = loss
+        self.vocab_loss_weight = vocab_loss_weight
+        self.train_tokens = train_tokens
+        self.pad_id = pad_id
+        # Count supervised tokens (vocab) / prompts (labels) over each accumulated batch
+        # (num_items_in_batch), so the loss is the mean over the whole optimizer step, as the stock
+        # causal-LM loss is.
         self.model_accepts_loss_kwargs = True
+
+    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> Any:
+        """vocab: the supervised-token count (the Trainer's own). labels: {"prompts", "tokens"}, the
+        prompt count for the labels term (summed over processes like the token count) and the token
+        count for the optional vocab term."""
+        tokens = super()._get_num_items_in_batch(batch_samples, device)
+        if self.loss_kind == "vocab":
+            return tokens
+        prompts = torch.tensor(sum(len(b["target_index"]) for b in batch_samples), device=device)
+        if self.args.average_tokens_across_devices and self.args.world_size > 1:
+            prompts = self.accelerator.gather(prompts).sum()
+        return {"prompts": prompts, "tokens": tokens}
 
     def compute_loss(
         self,
         model: torch.nn.Module,
         inputs: dict[str, torch.Tensor],
         return_outputs: bool = False,
-        num_items_in_batch: Optional[torch.Tensor | int] = None,
+        num_items_in_batch: Optional[torch.Tensor | int | dict] = None,
     ) -> torch.Tensor | tuple[torch.Tensor, Any]:
-        logits, targets = supervised_logits(model, inputs["input_ids"], inputs["attention_mask"], inputs["labels"])
-        loss = F.cross_entropy(logits.float(), targets, reduction="sum")
-        if num_items_in_batch is None:
-            loss = loss / max(targets.numel(), 1)
-        else:
-            loss = loss / num_items_in_batch
-            if self.args.average_tokens_across_devices and self.args.world_size > 1:
-                loss = loss * self.args.world_size  # the count is summed over processes; DDP averages gradients
+        counts = num_items_in_batch if isinstance(num_items_in_batch, dict) else {"tokens": num_items_in_batch}
+        loss = torch.zeros((), device=inputs["input_ids"].device)
+        logits = None
+        if self.loss_kind == "labels":
+            term = labels_loss_sum(
+                model, inputs["prompt_input_ids"], inputs["prompt_attention_mask"], inputs["target_index"], self.train_tokens, self.pad_id
+            )
+            loss = loss + self._mean(term, counts.get("prompts"), inputs["target_index"].numel())
+        if self.loss_kind == "vocab" or self.vocab_loss_weight > 0:
+            logits, targets = supervised_logits(model, inputs["input_ids"], inputs["attention_mask"], inputs["labels"])
+            term = self._mean(F.cross_entropy(logits.float(), targets, reduction="sum"), counts.get("tokens"), targets.numel())
+            loss = loss + (term if self.loss_kind == "vocab" else self.vocab_loss_weight * term)
         return (loss, {"logits": logits}) if return_outputs else loss
+
+    def _mean(self, total: torch.Tensor, count: Optional[torch.Tensor | int], local: int) -> torch.Tensor:
+        """`total` over the optimizer step's `count` (or this batch's `local` when none is given)."""
+        if count is None:
+            return total / max(local, 1)
+        if self.args.average_tokens_across_devices and self.args.world_size > 1:
+            return total / count * self.args.world_size  # the count is summed over processes; DDP averages gradients
+        return total / count
 
     def evaluate(
         self, eval_dataset: Any = None, ignore_keys: Optional[list[str]] = None, metric_key_prefix: str = "eval"
@@ -173,12 +259,15 @@ class RerankTrainer(Trainer):
         model = self.accelerator.unwrap_model(self.model)
         was_training = model.training
         model.eval()
+        metrics = {}
         try:
             with torch.no_grad():
-                scores = self.score_rows(model, self.val_rows)
+                for name, rows in (("", self.val_rows), ("shuffled_", self.val_shuffled_rows)):
+                    if rows:
+                        scores = self.score_rows(model, rows)
+                        metrics.update({f"{metric_key_prefix}_{name}{k}": v for k, v in ranking_metrics(scores, rows).items()})
         finally:
             model.train(was_training)
-        metrics = {f"{metric_key_prefix}_{k}": v for k, v in ranking_metrics(scores, self.val_rows).items()}
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
@@ -194,6 +283,19 @@ def ranking_metrics(scores: Sequence[Sequence[float]], rows: Sequence[Mapping[st
         raise PipelineError(f"the scorer returned {len(scores)} score lists for {len(rows)} rows: fix the scorer")
     ranks = [candidate_rank(s, r["candidates"], r["target"]) for s, r in zip(scores, rows)]
     return metrics_from_ranks(ranks, VAL_KS)
+
+
+def shuffled_rows(rows: Sequence[Mapping[str, Any]], seed: int) -> list[dict[str, Any]]:
+    """`rows` with each row's candidates (and their scores) in a permutation seeded by (seed, user):
+    what the LLM sees when the retriever's order carries no information."""
+    out = []
+    for row in rows:
+        order = np.random.default_rng([seed, _SHUFFLE_STREAM, *str(row["user"]).encode()]).permutation(len(row["candidates"]))
+        out.append({**row, "candidates": [row["candidates"][i] for i in order], "scores": [row["scores"][i] for i in order]})
+    return out
+
+
+_SHUFFLE_STREAM = 3  # apart from select_val_rows' stream 2
 
 
 def select_val_rows(rows: Sequence[Mapping[str, Any]], max_users: Optional[int], seed: int) -> list[Mapping[str, Any]]:
@@ -295,16 +397,34 @@ def train_reranker(
     )
     tensorboard = TensorBoardCallback()
     tensorboard.logging_dir = str(out / TENSORBOARD_DIR)
-    callbacks = [tensorboard] + ([EarlyStoppingCallback(early_stopping_patience=cfg.patience)] if val else [])
+    tokens = label_tokens(tokenizer, style)
+    train_dataset = TrainingTexts(
+        train_samples, ds.titles, tokenizer, style, cfg.supervise_end_of_turn, tokens,
+        reshuffle_seed=seed if cfg.reshuffle_each_epoch else None,
+    )
+    callbacks = [tensorboard, EpochCallback(train_dataset)]
+    callbacks += [EarlyStoppingCallback(early_stopping_patience=cfg.patience)] if val else []
+    k = _train_candidate_count(train_samples)
+    multi_token = any(len(seq) > 1 for seq in tokens.for_k(k).scored_ids)
+    if cfg.loss == "labels" and cfg.gradient_checkpointing and multi_token:
+        raise PipelineError(
+            "loss 'labels' scores multi-token labels on the prompt's KV cache, which gradient checkpointing disables: "
+            "set reranker.gradient_checkpointing=false, or use single-token labels (letters)"
+        )
     trainer = RerankTrainer(
         model=peft_model,
         args=args,
-        train_dataset=TrainingTexts(train_samples, ds.titles, tokenizer, style, cfg.supervise_end_of_turn),
+        train_dataset=train_dataset,
         eval_dataset=val or None,  # not iterated (evaluate ranks val rows); the Trainer wants one
         data_collator=collator_for(tokenizer),
         callbacks=callbacks,
         score_rows=score_rows,
         val_rows=val,
+        loss=cfg.loss,
+        vocab_loss_weight=cfg.vocab_loss_weight,
+        train_tokens=tokens.for_k(k),
+        pad_id=tokenizer.pad_token_id,
+        val_shuffled_seed=seed if cfg.val_shuffled else None,
     )
     result = trainer.train(resume_from_checkpoint=resume_from)
 
@@ -318,7 +438,9 @@ def train_reranker(
         for e in state.log_history
         if f"eval_{VAL_METRIC}" in e
     ]
+    losses = [{"step": e["step"], "loss": e["loss"]} for e in state.log_history if "loss" in e and "step" in e]
     summary = {
+        "loss": cfg.loss,
         "n_train_samples": len(train_samples),
         "n_val_users": len(val),
         "global_step": state.global_step,
@@ -331,11 +453,31 @@ def train_reranker(
         "resumed_from": resume_from,
         "adapter_dir": str(adapter_dir),
         "validations": history,
+        "train_losses": losses,
         "pretrain_adapter": str(init_adapter) if init_adapter is not None else None,
     }
     if trainer.is_world_process_zero():
         write_json(out / SUMMARY_FILE, summary)
     return summary
+
+
+class EpochCallback(TrainerCallback):
+    """Tells the training prompts which epoch runs (their candidate order is re-drawn per epoch).
+    state.epoch is the float progress, restored on resume, so a resumed epoch gets its own order."""
+
+    def __init__(self, dataset: TrainingTexts) -> None:
+        self.dataset = dataset
+
+    def on_epoch_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.dataset.epoch = int(state.epoch + 1e-6) if state.epoch else 0
+
+
+def _train_candidate_count(samples: Sequence[TrainSample]) -> int:
+    """K of the training prompts (one label set for the labels loss): every sample has the same."""
+    counts = {len(s.candidates) for s in samples}
+    if len(counts) != 1:
+        raise PipelineError(f"training prompts have different candidate counts {sorted(counts)}: the sampler gives each the same K")
+    return counts.pop()
 
 
 def _checkpoint_to_resume(ckpt_dir: Path, resume: bool) -> Optional[str]:

@@ -1,10 +1,16 @@
-"""Retriever output -> candidates rows and metrics (full catalogue and coverage)."""
+"""Retriever output -> candidates rows and metrics (full catalogue and coverage), and the
+per-prefix train candidates (candidates_train_prefixes.jsonl, pipeline/candidates.py)."""
 from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from tqdm.auto import tqdm
 
 from pipeline.config import METRIC_KS
 from pipeline.data import SplitDataset
 from pipeline.metrics import metrics_from_ranks
-from retrieval.evaluate import ScoreFn, rank_split
+from retrieval.evaluate import ScoreFn, masked_scores, rank_split, top_k_masked
 
 
 def retrieve(score_fn: ScoreFn, ds: SplitDataset, split: str, top_k: int, batch_size: int = 256):
@@ -35,3 +41,37 @@ def retrieve(score_fn: ScoreFn, ds: SplitDataset, split: str, top_k: int, batch_
         "n_covered": n_covered,
     }
     return rows, section
+
+
+def prefix_positions(ds: SplitDataset, u: int, last_n: Optional[int]) -> list[int]:
+    """Positions t >= 1 of user u's train sequence whose prefix items[:t] is written: the last
+    `last_n` (None = all; retriever.prefix_candidates)."""
+    ts = list(range(1, len(ds.train_sequence(u))))
+    if last_n is None:
+        return ts
+    return ts[-last_n:] if last_n > 0 else []
+
+
+@torch.no_grad()
+def retrieve_prefixes(
+    score_fn: ScoreFn, ds: SplitDataset, top_k: int, last_n: Optional[int] = None, batch_size: int = 256, progress: bool = True
+) -> list[dict]:
+    """candidates_train_prefixes.jsonl rows (pipeline/candidates.py), one per user: for each kept
+    prefix t of the user's train sequence (`prefix_positions`), the retriever's top_k after the
+    input items[:t] with that input masked (retrieval/evaluate.py's rule: ties lower item id
+    first, masked items never candidates), original item ids, retriever order. Scores go through
+    `score_fn` in batches of `batch_size` prefixes, so every retriever works."""
+    pairs = [(u, t) for u in range(ds.n_users) for t in prefix_positions(ds, u, last_n)]
+    ids = ds.item_ids
+    rows = [{"user": ds.user_ids[u], "positions": [], "targets": [], "candidates": []} for u in range(ds.n_users)]
+    batches = range(0, len(pairs), batch_size)
+    for start in tqdm(batches, desc="rank train prefixes", disable=not progress, leave=False):
+        chunk = pairs[start : start + batch_size]
+        inputs = [ds.train_sequence(u)[:t] for u, t in chunk]
+        items, values = top_k_masked(*masked_scores(score_fn, inputs, ds.n_items), top_k)
+        for (u, t), top, vals in zip(chunk, items, values):
+            row = rows[u]
+            row["positions"].append(t)
+            row["targets"].append(ids[ds.train_sequence(u)[t]])
+            row["candidates"].append([ids[i] for i, v in zip(top, vals) if v != float("-inf")])
+    return rows

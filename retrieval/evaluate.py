@@ -27,6 +27,26 @@ def history_mask(inputs: list[list[int]], n_items: int) -> torch.Tensor:
 
 
 @torch.no_grad()
+def masked_scores(score_fn: ScoreFn, inputs: list[list[int]], n_items: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scores, mask) of one batch: `score_fn(inputs)` as float on the CPU, shape checked, and
+    `history_mask(inputs)` (padding and each input's own items)."""
+    scores = score_fn(inputs).float().cpu()
+    if scores.shape != (len(inputs), n_items + 1):
+        raise RuntimeError(f"retriever returned scores of shape {tuple(scores.shape)}, expected {(len(inputs), n_items + 1)}")
+    return scores, history_mask(inputs, n_items)
+
+
+def top_k_masked(scores: torch.Tensor, mask: torch.Tensor, top_k: int) -> tuple[list[list[int]], list[list[float]]]:
+    """Each row's top_k dense item ids and their scores, masked items at -inf, in retriever order
+    (ties: lower item id first, as the ranks break them). Rows with fewer than top_k unmasked items
+    end in masked ones (score -inf): callers drop those."""
+    masked = scores.masked_fill(mask, float("-inf"))
+    # stable descending sort: equal scores keep ascending item id order, as the ranks do
+    order = torch.sort(masked, dim=1, descending=True, stable=True).indices[:, :top_k]
+    return order.tolist(), masked.gather(1, order).tolist()
+
+
+@torch.no_grad()
 def rank_split(
     score_fn: ScoreFn,
     ds: SplitDataset,
@@ -47,17 +67,12 @@ def rank_split(
         idx = users[start:start + batch_size]
         inputs = [inputs_all[u] for u in idx]
         targets = torch.tensor([targets_all[u] for u in idx])
-        scores = score_fn(inputs).float().cpu()
-        if scores.shape != (len(idx), ds.n_items + 1):
-            raise RuntimeError(f"retriever returned scores of shape {tuple(scores.shape)}, expected {(len(idx), ds.n_items + 1)}")
-        mask = history_mask(inputs, ds.n_items)
+        scores, mask = masked_scores(score_fn, inputs, ds.n_items)
         ranks.extend(full_catalogue_ranks(scores, targets, mask).tolist())
         if top_k:
-            masked = scores.masked_fill(mask, float("-inf"))
-            # stable descending sort: equal scores keep ascending item id order, as the ranks do
-            order = torch.sort(masked, dim=1, descending=True, stable=True).indices[:, :top_k]
-            top_items.extend(order.tolist())
-            top_scores.extend(masked.gather(1, order).tolist())
+            items, values = top_k_masked(scores, mask, top_k)
+            top_items.extend(items)
+            top_scores.extend(values)
     return ranks, top_items, top_scores
 
 

@@ -1,28 +1,32 @@
 """A whole retriever run: data -> fit -> candidates and metrics for val and test -> run dir.
 
-Resumable: with `resume`, a finished stage (every candidates file and the val/test metrics
-written) is kept as it is; an unfinished one is fitted again from scratch (the retriever fits in
-minutes and keeps no checkpoints).
+Resumable: with `resume`, a finished stage (every candidates file, the per-prefix train candidates
+when retriever.prefix_candidates asks for them, and the val/test metrics written) is kept as it
+is; an unfinished one is fitted again from scratch (the retriever fits in minutes and keeps no
+checkpoints).
 """
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
+from typing import Optional
 
 from pipeline.atomic import write_json, write_text
-from pipeline.candidates import candidates_path, write_rows
+from pipeline.candidates import candidates_path, prefix_candidates_path, write_prefix_rows, write_rows
 from pipeline.config import Config
 from pipeline.data import CANDIDATE_SPLITS, SPLITS, load_dataset
 from pipeline.data.preprocess import stats_markdown
 from pipeline.rundir import RunDir
-from retrieval.candidates import retrieve
+from retrieval.candidates import retrieve, retrieve_prefixes
 from retrieval.registry import build_retriever
 
 
 def train_retriever(cfg: Config, run: RunDir, resume: bool = False) -> dict:
-    """Fit `cfg.retriever` on `cfg.data`; write candidates_{train,val,test}.jsonl and metrics.json
-    (val and test). `resume`: keep the stage when `run` already holds it finished."""
-    if resume and retriever_finished(run.path):
+    """Fit `cfg.retriever` on `cfg.data`; write candidates_{train,val,test}.jsonl, with
+    retriever.prefix_candidates != 0 candidates_train_prefixes.jsonl, and metrics.json (val and
+    test). `resume`: keep the stage when `run` already holds it finished."""
+    if resume and retriever_finished(run.path, cfg.retriever.prefix_candidates):
         print(f"retriever: kept the finished stage in {run.path} (--resume)")
         metrics = json.loads((run / "metrics.json").read_text())
         if not (run / "metrics.md").is_file():  # killed between the metrics and their table
@@ -34,6 +38,15 @@ def train_retriever(cfg: Config, run: RunDir, resume: bool = False) -> dict:
     retriever = build_retriever(cfg.retriever, ds)
     summary = retriever.fit(ds, cfg.retriever, cfg.seed, run.path)
     write_json(run / "retriever_summary.json", summary)
+    prefix_file = prefix_candidates_path(run.path)
+    if cfg.retriever.prefix_candidates != 0:  # before the metrics, which mark the stage finished
+        start = time.perf_counter()
+        rows = retrieve_prefixes(retriever.score, ds, cfg.retriever.top_k, cfg.retriever.prefix_candidates)
+        write_prefix_rows(prefix_file, rows)
+        n_prefixes = sum(len(r["positions"]) for r in rows)
+        print(f"retriever: wrote {n_prefixes} train prefixes to {prefix_file.name} in {time.perf_counter() - start:.1f} s")
+    else:  # a stale file of an earlier run would give the reranker another retriever's negatives
+        prefix_file.unlink(missing_ok=True)
     metrics = {}
     for split in CANDIDATE_SPLITS:
         rows, section = retrieve(retriever.score, ds, split, cfg.retriever.top_k)
@@ -44,11 +57,14 @@ def train_retriever(cfg: Config, run: RunDir, resume: bool = False) -> dict:
     return metrics
 
 
-def retriever_finished(run_dir: str | Path) -> bool:
-    """True when `run_dir` holds a finished retriever stage: every candidates file and the
-    retriever metrics of val and test (written last, after the candidates files)."""
+def retriever_finished(run_dir: str | Path, prefix_candidates: Optional[int] = 0) -> bool:
+    """True when `run_dir` holds a finished retriever stage: every candidates file, the per-prefix
+    train candidates when `prefix_candidates` (retriever.prefix_candidates) != 0, and the retriever
+    metrics of val and test (written last, after the candidates files)."""
     run_dir = Path(run_dir)
     if not all(candidates_path(run_dir, split).is_file() for split in CANDIDATE_SPLITS):
+        return False
+    if prefix_candidates != 0 and not prefix_candidates_path(run_dir).is_file():
         return False
     try:
         metrics = json.loads((run_dir / "metrics.json").read_text())

@@ -5,8 +5,8 @@
     accelerate launch --multi_gpu --num_processes 4 scripts/rank_reranker.py --run ... --out ...
 
 The config is RUN/config.yaml with the --set overrides (ranking settings: rank_batch_size,
-rank_permutations, device); the candidates are those the run reranked. Writes to --out:
-config.yaml, run.json, rankings_val.jsonl, rankings_test.jsonl, metrics.json, metrics.md.
+rank_permutations, calibration, fusion, device); the candidates are those the run reranked. Writes to --out:
+config.yaml, run.json, rankings_val.jsonl, rankings_test.jsonl, metrics.json, metrics.md, top1_slots_<split>.png.
 --resume continues an interrupted ranking from rankings_<split>.jsonl.partial.
 """
 from pipeline.cli import parser, run_main

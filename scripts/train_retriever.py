@@ -4,7 +4,8 @@
         [--set retriever.max_epochs=3 ...] [--resume]
 
 Writes to --out: config.yaml, run.json, dataset_stats.json, retriever_summary.json, retriever.pt,
-candidates_{train,val,test}.jsonl, metrics.json, metrics.md, tb/ (TensorBoard).
+candidates_{train,val,test}.jsonl, metrics.json, metrics.md, tb/ (TensorBoard); with
+retriever.prefix_candidates != 0 also candidates_train_prefixes.jsonl (per-prefix hard negatives).
 --resume continues a run in --out: a finished retriever is kept, an unfinished one is fitted again.
 """
 from pipeline.cli import parser, run_main

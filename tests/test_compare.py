@@ -11,6 +11,7 @@ import pytest
 from analysis.compare import valid_label_mass
 from conftest import run_script
 from pipeline.candidates import read_rows
+from rerank.evaluate import raw_scores
 
 SMOKE = ("--config", "configs/experiments/smoke.yaml")
 LOWER = "[" + ", ".join("abcdefghijklmnopqrst") + "]"
@@ -42,7 +43,7 @@ def test_label_table_counts_multi_token_labels_and_valid_mass(labels_run):
         mass = valid_label_mass(rankings)
         assert all(0 < m <= 1 + 1e-6 for m in mass)  # disjoint label events: at most all the probability
         assert data[name]["labels"]["valid_mass_mean"] == pytest.approx(sum(mass) / len(mass))
-        assert mass[0] == pytest.approx(sum(math.exp(s) for s in rankings[0]["scores"]))
+        assert mass[0] == pytest.approx(sum(math.exp(s) for s in raw_scores(rankings[0])))  # log-probs, before calibration/fusion
     table = (out / "compare_labels.md").read_text()
     assert "| retriever order |" in table and "| letters | A..T | 0 |" in table and "| numbers | 1..20 | 11 |" in table
     header = (out / "compare_labels.csv").read_text().splitlines()[0]

@@ -43,6 +43,7 @@ def test_the_committed_notebook_has_no_outputs():
 def test_notebook_executes_on_the_smoke_run(smoke_run, tmp_path, monkeypatch):
     run_dir, _ = smoke_run
     before = hashlib.sha256(NOTEBOOK.read_bytes()).hexdigest()
+    run_files = {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir()}  # the run's own PNGs among them
     # A position-bias folder as scripts/position_bias.py writes it (hand-built scores: no model here).
     rows = [{"user": "u1", "candidates": ["a", "b", "c"], "target": "b"}]
     result = {"run": "hand-built", "split": "test", **position_bias(rows, [[([0, 1, 2], [0.0, 2.0, 1.0]), ([2, 1, 0], [3.0, 1.0, 0.0])]])}
@@ -73,5 +74,5 @@ def test_notebook_executes_on_the_smoke_run(smoke_run, tmp_path, monkeypatch):
     assert str(run_dir) in streams and "IProgress" not in streams
     # Nothing written into the repository's notebook or the run.
     assert hashlib.sha256(NOTEBOOK.read_bytes()).hexdigest() == before
-    assert not any(p.suffix == ".png" for p in run_dir.iterdir())
+    assert {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir()} == run_files
     assert os.listdir(work) == ["analysis.ipynb"]

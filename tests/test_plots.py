@@ -114,3 +114,33 @@ def test_plot_run_script(smoke_run, tmp_path):
     assert proc.returncode == 2 and "would write into run" in proc.stderr
     assert not (run_dir / "plots").exists()
     assert plot_run(run_dir, tmp_path / "api") == [tmp_path / "api" / "metrics_per_k.png", tmp_path / "api" / "training_curves.png"]
+
+
+def test_a_reranker_runs_own_evidence_plots(tmp_path):
+    """top1_slots_<split>.png (raw and calibrated bars, the targets' ticks) and train_curves.png from
+    train_summary.json, with or without train_losses and the shuffled validation keys."""
+    from analysis.plots import plot_top1_slots, plot_train_summary, top1_slots_figure, train_summary_figure
+
+    hist = {"n": 4, "counts": [3, 1, 0], "max_share": 0.75, "max_slot": 0, "target_counts": [1, 1, 2]}
+    section = {"llm_top1_slots": hist, "llm_raw_top1_slots": {**hist, "counts": [0, 0, 4], "max_share": 1.0},
+               "calibration": {"method": "permuted", "prior": {}}}
+    ax = top1_slots_figure(section).get_axes()[0]
+    assert [p.get_height() for p in ax.patches] == [0, 0, 4, 3, 1, 0]  # raw bars, then calibrated
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["targets in slot", "LLM raw top-1, max share 1.00", "LLM (permuted) top-1, max share 0.75"]
+    assert len(top1_slots_figure({"llm_top1_slots": hist}).get_axes()[0].patches) == 3
+    with pytest.raises(PipelineError, match="no llm_top1_slots"):
+        top1_slots_figure({"subset": {}})
+    assert min(png_size(plot_top1_slots(section, tmp_path / "top1.png"))) > 300
+
+    vals = [{"step": 2, "NDCG@10": 0.1, "Recall@10": 0.3, "shuffled_NDCG@10": 0.05}, {"step": 4, "NDCG@10": 0.2, "Recall@10": 0.4, "shuffled_NDCG@10": 0.1}]
+    summary = {"train_losses": [{"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.5}], "validations": vals, "best_step": 4}
+    loss_ax, eval_ax = train_summary_figure(summary).get_axes()
+    assert list(loss_ax.get_lines()[0].get_ydata()) == [3.0, 2.5]
+    assert [line.get_label() for line in eval_ax.get_lines()] == ["NDCG@10", "shuffled_NDCG@10", "Recall@10", "best step 4"]
+    old_loss_ax, old_eval_ax = train_summary_figure({"validations": [{"step": 2, "NDCG@10": 0.1}]}).get_axes()
+    assert not old_loss_ax.get_lines() and "no train_losses" in old_loss_ax.texts[0].get_text()
+    assert [line.get_label() for line in old_eval_ax.get_lines()] == ["NDCG@10"]
+    (tmp_path / "train_summary.json").write_text(json.dumps(summary))
+    assert min(png_size(plot_train_summary(tmp_path / "train_summary.json", tmp_path / "train_curves.png"))) > 300
+    with pytest.raises(PipelineError, match="not valid JSON"):
+        plot_train_summary(tmp_path / "missing.json", tmp_path / "x.png")

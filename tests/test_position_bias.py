@@ -12,7 +12,7 @@ from conftest import REPO, run_script
 from pipeline.candidates import rankings_path, read_rows
 from pipeline.errors import PipelineError
 from pipeline.metrics import candidate_rank, metrics_from_ranks
-from rerank.evaluate import RERANK_KS
+from rerank.evaluate import RERANK_KS, raw_scores
 
 # Three users, three candidates, two orders each (identity, then a shuffle). Worked by hand:
 #   u1 target a (idx 0). identity [3,1,2]: a first (hit, pick slot A).
@@ -137,11 +137,12 @@ def test_script_on_the_smoke_run(smoke_run, tmp_path):
     assert r["labels"] == [chr(ord("A") + i) for i in range(20)]
     for sec in r["conditions"].values():
         assert sum(s["n"] for s in sec["slots"]) == 6 and sum(s["picks"] for s in sec["slots"]) == 6
-    # The retriever-order condition is the run's own ranking (rank_permutations = 1) of the same users.
+    # The retriever-order condition is the run's own raw LLM ranking (rank_permutations = 1, before
+    # calibration and fusion) of the same users.
     users = set(r["users"])
     ranked = [row for row in read_rows(rankings_path(run_dir, "val")) if row["user"] in users]
     assert len(ranked) == 6
-    own = metrics_from_ranks([candidate_rank(row["scores"], row["candidates"], row["target"]) for row in ranked], RERANK_KS)
+    own = metrics_from_ranks([candidate_rank(raw_scores(row), row["candidates"], row["target"]) for row in ranked], RERANK_KS)
     assert r["conditions"]["retriever_order"]["overall"] == pytest.approx(own)
     csv_lines = (out / "position_bias.csv").read_text().splitlines()
     assert len(csv_lines) == 1 + 3 * 20

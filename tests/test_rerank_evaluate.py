@@ -141,3 +141,71 @@ def test_real_model_ranks_only_covered_users_with_permutations():
     again, _ = rank_split(model, tok, make_style(tok, LETTERS), ROWS, ITEMS, cfg, seed=5, progress=False)
     assert [x["scores"] for x in again] == [x["scores"] for x in rankings]  # seeded: deterministic
     assert torch.is_grad_enabled()  # inference_mode did not leak
+
+
+# ----------------------------------------------------------------------------------------
+# The LLM-alone evidence of metrics.json (rerank/evaluate.py llm_evidence and its parts)
+
+
+def _rankings(llm: dict, final: dict | None = None, raw: dict | None = None) -> list[dict]:
+    out = []
+    for row in (ROWS[0], ROWS[1], ROWS[3]):
+        u = row["user"]
+        rk = {**row, "scores": (final or llm)[u], "llm_scores": llm[u]}
+        if raw is not None:
+            rk["llm_raw_scores"] = raw[u]
+        out.append({**rk, "label_scheme": "letters"})
+    return out
+
+
+def test_top1_slots_and_hits_off_the_retrievers_top1():
+    rk = _rankings(RERANKER)
+    # LLM top-1: a -> slot 2 (its target), b -> slot 1 (not its target, i5 at slot 0), d -> slot 4
+    # (its target; the 0.0 tie elsewhere does not matter). Targets sit in slots 2, 0, 4.
+    t = evaluate.top1_slots(rk, "llm_scores")
+    assert t == {"n": 3, "counts": [0, 1, 1, 0, 1], "max_share": 1 / 3, "max_slot": 1, "target_counts": [1, 0, 1, 0, 1]}
+    tied = evaluate.top1_slots([{**rk[0], "llm_scores": [0.5] * 5}], "llm_scores")
+    assert tied["counts"] == [1, 0, 0, 0, 0] and tied["max_share"] == 1.0  # ties: the earlier candidate, as candidate_rank
+    # Users whose target is not the retriever's top-1: a and d (b's target is i5, its top-1).
+    h = evaluate.top1_hit_non_top1(rk, "llm_scores")
+    assert h == {"share": 1.0, "n": 2, "hits": 2, "chance": pytest.approx(1 / 4)}
+    miss = evaluate.top1_hit_non_top1([{**rk[0], "llm_scores": [1.0, 0, 0, 0, 0]}], "llm_scores")
+    assert miss["share"] == 0.0 and miss["n"] == 1
+
+
+def test_bootstrap_on_a_hand_made_case():
+    # Two users: a (retriever rank 3 -> reranker rank 1: NDCG@10 diff 1 - 1/log2(4) = 0.5) and b
+    # (rank 1 -> rank 1: diff 0). Resampled means are 0, 0.25 or 0.5 with chance 1/4, 1/2, 1/4.
+    rk = [{**ROWS[0], "scores": [0, 0, 1, 0, 0]}, {**ROWS[1], "scores": [1, 0, 0, 0, 0]}]
+    b = evaluate.bootstrap_vs_retriever(rk, {"final_minus_retriever": "scores"}, seed=0)
+    assert b["n"] == 2 and b["metric"] == "NDCG@10" and b["resamples"] == 2000
+    assert b["final_minus_retriever"]["mean"] == pytest.approx(0.25)
+    assert (b["final_minus_retriever"]["ci_low"], b["final_minus_retriever"]["ci_high"]) == (0.0, 0.5)
+    # The retriever's own order against itself: exactly 0, a degenerate interval.
+    same = evaluate.bootstrap_vs_retriever([{**r, "x": [-float(j) for j in range(5)]} for r in rk], {"same": "x"}, seed=0)
+    assert same["same"]["mean"] == same["same"]["ci_low"] == same["same"]["ci_high"] == 0.0
+    assert evaluate.bootstrap_vs_retriever(rk, {"final_minus_retriever": "scores"}, seed=0) == b  # same seed, same numbers
+
+
+def test_llm_evidence_and_the_side_by_side_table():
+    final = {"a": [0.0, 0.0, 0.0, 0.0, 1.0], "b": [1.0, 0.0, 0.0, 0.0, 0.0], "d": [1.0, 0.0, 0.0, 0.0, 0.0]}
+    raw = {u: [1.0, 0.0, 0.0, 0.0, 0.0] for u in "abd"}  # the raw LLM always picks slot 0
+    rk = _rankings(RERANKER, final=final, raw=raw)
+    sec = split_metrics(ROWS, rk)
+    ev = evaluate.llm_evidence(ROWS, rk, seed=0)
+    assert ev["llm_subset"] == split_metrics(ROWS, [dict(r, scores=r["llm_scores"]) for r in rk])["subset"]
+    assert ev["llm_subset"]["Recall@1"] == pytest.approx(2 / 3) and ev["llm_raw_subset"]["Recall@1"] == pytest.approx(1 / 3)
+    assert ev["llm_overall"]["NDCG@10"] == pytest.approx(ev["llm_subset"]["NDCG@10"] * 0.75)
+    assert ev["llm_raw_top1_slots"]["counts"] == [3, 0, 0, 0, 0] and ev["llm_raw_top1_slots"]["max_share"] == 1.0
+    assert set(ev["bootstrap"]) >= {"final_minus_retriever", "llm_minus_retriever", "llm_raw_minus_retriever"}
+    sec.update(ev, fusion={"w": 0.5, "grid": {"0.0": 0.4, "0.5": 0.6}}, calibration={"method": "permuted", "prior": {"5": [0.4, 0.1, 0.0, -0.2, -0.3]}})
+    lines = markdown_table(sec).split("\n")
+    assert [ln.split(" | ")[0] for ln in lines[4:11]] == [
+        "| Retriever (subset)", "| LLM raw (subset)", "| LLM calibrated (subset)", "| Reranker (subset)",
+        "| Retriever (overall)", "| LLM calibrated (overall)", "| Reranker (overall)",
+    ]
+    text = "\n".join(lines)
+    assert "w = 0.5 chosen on val NDCG@10 (w=0.0 0.4000, w=0.5 0.6000)" in text
+    assert "Calibration permuted: position prior (K=5, slot 1 first) +0.400 +0.100 +0.000 -0.200 -0.300" in text
+    assert "LLM raw top-1 by retriever slot (1..5, 3 users): 3 0 0 0 0; max share 1.000 (slot 1)" in text
+    assert "(2/2 users; chance 1/(K-1) = 0.250)" in text

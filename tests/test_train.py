@@ -161,7 +161,7 @@ def test_early_stopping_keeps_the_best_adapter_and_resumes(tmp_path):
         good = len(calls) == 1
         return [[(1.0 if (c == r["target"]) == good else 0.0) for c in r["candidates"]] for r in rows]
 
-    c = cfg(num_epochs=2, eval_steps=2, patience=2, val_max_users=3)
+    c = cfg(num_epochs=2, eval_steps=2, patience=2, val_max_users=3, val_shuffled=False)  # one scorer call per validation
     summary = train_reranker(fresh_model(), tok(), style, ds, samples, val_rows(ds), c, tmp_path, seed=0, score_rows=stub_scorer)
     assert calls == [3, 3, 3]  # validated on the 3 sampled users at steps 2, 4, 6, then stopped
     assert summary["stopped_early"] and summary["global_step"] == 6 and summary["max_steps"] == 12
