@@ -170,6 +170,9 @@ class RerankerConfig:
     # (eval_shuffled_NDCG@k): the LLM's content signal with the retriever's order hidden. Costs a
     # second pass over the validation users.
     val_shuffled: bool = True
+    # Which validation NDCG@10 early stopping and the kept adapter follow: "retriever_order" (paper)
+    # or "shuffled" (the content signal alone: the position prior is calibration's job).
+    best_by: Literal["retriever_order", "shuffled"] = "retriever_order"
     # Position prior removed at ranking (rerank/calibration.py): "none"; "permuted": each slot's mean
     # score over validation prompts in seeded shuffled candidate orders (content averages out, the
     # slot's prior stays); "content_free": slot scores of one prompt whose history and candidates
@@ -240,6 +243,8 @@ class RerankerConfig:
             raise PipelineError(f"reranker.weight_decay must be >= 0 (got {self.weight_decay})")
         if not self.lora_target_modules:
             raise PipelineError("reranker.lora_target_modules is empty: name the layers to adapt, e.g. [q_proj, v_proj] or all-linear")
+        if self.best_by == "shuffled" and not self.val_shuffled:
+            raise PipelineError("reranker.best_by shuffled needs the shuffled validation: set reranker.val_shuffled=true")
         if self.lora_layers is not None and self.lora_layers < 1:
             raise PipelineError(f"reranker.lora_layers must be a positive integer or null (got {self.lora_layers})")
         if not 0.0 <= self.retriever_negative_ratio <= 1.0:
@@ -409,6 +414,11 @@ def _coerce(tp, value, key: str):
     if tp is Any:
         return value
     if tp is float:
+        if isinstance(value, str):  # PyYAML (YAML 1.1) reads 1e-3 (no dot) as a string: take it as the number meant
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise PipelineError(f"config key {key} must be a number, got {value!r}")
         return float(value)

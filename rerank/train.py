@@ -359,6 +359,7 @@ def train_reranker(
     # Stage 1 (optional): domain-adaptive pre-training; stage 2 continues its adapter.
     init_adapter = pretrain_stage(model, tokenizer, style, ds, cfg, out, seed) if cfg.pretrain_steps > 0 else None
     peft_model = add_lora(model, cfg, seed, init_adapter)
+    best_metric = VAL_METRIC if cfg.best_by == "retriever_order" else f"shuffled_{VAL_METRIC}"
     on_cuda = next(peft_model.parameters()).device.type == "cuda"
     bf16 = on_cuda and torch.cuda.is_bf16_supported()
     args = TrainingArguments(
@@ -386,7 +387,7 @@ def train_reranker(
         save_steps=cfg.eval_steps,  # a checkpoint after every validation, so the best one exists
         save_total_limit=cfg.save_total_limit,
         load_best_model_at_end=bool(val),
-        metric_for_best_model=VAL_METRIC if val else None,
+        metric_for_best_model=best_metric if val else None,
         greater_is_better=True,
         restore_callback_states_from_checkpoint=True,  # resume keeps the early-stopping counter
         seed=seed,
@@ -446,7 +447,7 @@ def train_reranker(
         "global_step": state.global_step,
         "max_steps": state.max_steps,
         "stopped_early": state.global_step < state.max_steps,
-        "best_metric": {VAL_METRIC: state.best_metric} if val else None,
+        "best_metric": {best_metric: state.best_metric} if val else None,
         "best_step": state.best_global_step if val else state.global_step,
         "train_loss": result.training_loss,
         "train_runtime_s": result.metrics.get("train_runtime"),

@@ -157,3 +157,27 @@ def test_all_linear_and_top_layers():
     assert not any("lm_head" in n for n in adapted)
     with pytest.raises(Exception, match="lora_layers"):
         add_lora(fresh_model(), cfg(lora_layers=n_layers + 1), seed=0)
+
+
+def test_the_kept_adapter_can_follow_the_shuffled_validation(tmp_path):
+    from pipeline.config import RerankerConfig
+    from pipeline.errors import PipelineError
+
+    with pytest.raises(PipelineError, match="val_shuffled"):
+        RerankerConfig(best_by="shuffled", val_shuffled=False).validate()
+    ds = make_ds()
+    samples = build_samples(ds, n_candidates=4, seed=0, history_len=3, max_samples=8)
+    style = make_style(tok(), LETTERS, max_history=3)
+    calls = []
+
+    def stub(model, rows):
+        """Unshuffled validations rank the target first; the shuffled ones rank it first only at the 2nd."""
+        calls.append(rows)
+        shuffled_call = len(calls) % 2 == 0
+        good = not shuffled_call or len(calls) == 4
+        return [[(1.0 if (c == r["target"]) == good else 0.0) for c in r["candidates"]] for r in rows]
+
+    c = cfg(num_epochs=3, eval_steps=2, patience=10, best_by="shuffled")  # 6 steps, validations at 2, 4, 6
+    summary = train_reranker(fresh_model(), tok(), style, ds, samples, val_rows(ds), c, tmp_path, seed=0, score_rows=stub)
+    assert summary["best_step"] == 4 and summary["best_metric"] == {"shuffled_NDCG@10": 1.0}
+    assert [r["candidates"] for r in calls[1]] != [r["candidates"] for r in calls[0]]  # really another order
