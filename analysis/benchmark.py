@@ -15,6 +15,9 @@ batches, timed interleaved (ours, baseline, ours, ...) after warm-up runs, media
   `RerankTrainer.compute_loss`) vs the stock causal-LM loss (`model(..., labels=...)`: logits at
   every position over the whole vocabulary), same batch, same LoRA model. Peak memory: see
   analysis/peak_memory.py; the logits tensors' sizes are reported beside it as computed figures.
+- lora_layout_time: one optimizer step with reranker.loss, LoRA on every linear layer of the top N
+  layers (reranker.lora_layers) vs the paper's q_proj/v_proj in every layer (and every linear layer
+  everywhere, timed beside them): a fresh base model per layout, same batch.
 - batching_padding / batching_time: length-ordered batches (the ranker's) vs arrival order (file
   order): exact padding token counts, and the ranker's scorer timed on both batchings.
 
@@ -52,7 +55,7 @@ from rerank.models import TINY_QWEN2, resolve_dtype, load_from_config, load_toke
 from rerank.prompts import PromptStyle, label_tokens, style_from_config
 from rerank.ranker import encode_rows, length_ordered_batches, rank_rows, score_prompts
 from rerank.samples import samples_from_config
-from rerank.train import add_lora, supervised_logits
+from rerank.train import add_lora, labels_loss_sum, supervised_logits
 
 # Targets (issue 5): our ranking path within 15% of a bare forward; one pass >= 20x faster than
 # generating a list (on tiny-qwen2, whose decoding never stops early); the answer-only loss at most
@@ -462,6 +465,61 @@ def training_figures(model, batch, settings, device, rss: Optional[dict[str, Opt
     return {"training_memory": memory, "training_time": timing}
 
 
+def lora_layouts(cfg: Config, n_layers: int) -> dict[str, Any]:
+    """The LoRA placements timed by `lora_layout_figure`: the paper's (q_proj, v_proj in every
+    layer), every linear layer, and every linear layer of the top N only (N = reranker.lora_layers,
+    else a quarter of the layers), as RerankerConfigs."""
+    top = cfg.reranker.lora_layers or max(1, n_layers // 4)
+    base = cfg.reranker
+    return {
+        "paper": dataclasses.replace(base, lora_target_modules=["q_proj", "v_proj"], lora_layers=None),
+        "all_linear": dataclasses.replace(base, lora_target_modules="all-linear", lora_layers=None),
+        "all_linear_top": dataclasses.replace(base, lora_target_modules="all-linear", lora_layers=top),
+    }
+
+
+def layout_loss(cfg: Config, tokenizer: PreTrainedTokenizerBase, style: PromptStyle, k: int) -> Callable:
+    """The training loss reranker.loss names, as RerankTrainer computes it for one batch (mean)."""
+    if cfg.reranker.loss == "vocab":
+        return ours_loss
+    tokens = label_tokens(tokenizer, style).for_k(k)
+
+    def labels(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        total = labels_loss_sum(
+            model, batch["prompt_input_ids"], batch["prompt_attention_mask"], batch["target_index"], tokens, tokenizer.pad_token_id
+        )
+        return total / batch["target_index"].numel()
+
+    return labels
+
+
+def lora_layout_figure(
+    cfg: Config, settings: Any, batch: Mapping[str, torch.Tensor], loss_fn: Callable, device: str, n_layers: int
+) -> dict[str, Any]:
+    """lora_layout_time: one optimizer step (forward, reranker.loss, backward, AdamW) with LoRA in
+    the top N layers' linear layers vs the paper's q_proj/v_proj in every layer (every linear layer
+    in every layer timed beside them), same batch, a fresh base model per layout, interleaved.
+    Backward stops at the lowest layer that holds a trainable weight, so the top-N step skips most
+    of it."""
+    models = {}
+    for name, rcfg in lora_layouts(cfg, n_layers).items():
+        models[name] = load_lora_model(dataclasses.replace(cfg, reranker=rcfg), settings.architecture)[0]
+    opts = {name: _optimizer(m) for name, m in models.items()}
+    steps = {name: (lambda name=name: _train_step(models[name], opts[name], loss_fn, batch)) for name in models}
+    runs = time_interleaved(steps, max(settings.warmup, 1), settings.repeats, device)
+    fig = _reported_timing(
+        "training step time (forward, loss, backward, AdamW): LoRA on every linear layer of the top N layers vs the "
+        "paper's q_proj/v_proj in every layer",
+        runs, "all_linear_top", "paper",
+    )
+    fig["raw"].update(
+        all_linear_s=_median(runs["all_linear"]), all_linear_runs_s=runs["all_linear"],
+        top_layers=lora_layouts(cfg, n_layers)["all_linear_top"].lora_layers, n_layers=n_layers, loss=cfg.reranker.loss,
+        trainable_parameters={name: sum(p.numel() for p in m.parameters() if p.requires_grad) for name, m in models.items()},
+    )
+    return fig
+
+
 # ----------------------------------------------------------------------------------------
 # RSS in fresh subprocesses
 
@@ -555,6 +613,9 @@ def run_benchmark(cfg: Config, settings: BenchmarkSettings) -> dict[str, Any]:
     batch = training_batch(cfg, ds, tokenizer, style, device)
     rss = rss_step_peak(cfg, settings.architecture) if settings.rss_check and not device.startswith("cuda") else None
     figures.update(training_figures(model, batch, settings, device, rss))
+    n_layers = int(model.get_base_model().config.num_hidden_layers)
+    loss_fn = layout_loss(cfg, tokenizer, style, cfg.reranker.train_candidates)
+    figures["lora_layout_time"] = lora_layout_figure(cfg, settings, batch, loss_fn, device, n_layers)
 
     base = model.get_base_model()
     return {
@@ -582,12 +643,15 @@ def run_benchmark(cfg: Config, settings: BenchmarkSettings) -> dict[str, Any]:
     }
 
 
-FIGURE_ORDER = ("ranking_overhead", "generation_speedup", "training_memory", "training_time", "batching_padding", "batching_time")
+FIGURE_ORDER = (
+    "ranking_overhead", "generation_speedup", "training_memory", "training_time", "lora_layout_time", "batching_padding", "batching_time",
+)
 _FIGURE_COLUMNS = {  # figure -> (label, our raw key, baseline raw key, unit)
     "ranking_overhead": ("ranking overhead vs bare forward", "ours_s", "floor_s", "s"),
     "generation_speedup": ("generation (list) vs one pass", "ours_s", "generation_s", "s"),
     "training_memory": ("training step peak memory", "ours_peak_bytes", "stock_peak_bytes", "B"),
     "training_time": ("training step time", "ours_s", "stock_s", "s"),
+    "lora_layout_time": ("training step time, LoRA top-N all-linear vs q/v everywhere", "all_linear_top_s", "paper_s", "s"),
     "batching_padding": ("padding tokens, length-ordered vs arrival", "padding_ours", "padding_arrival", "tok"),
     "batching_time": ("scoring time, length-ordered vs arrival", "ordered_s", "arrival_s", "s"),
 }

@@ -25,9 +25,9 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
-import numpy as np
 
 from pipeline.errors import PipelineError
+from rerank.evaluate import covered_sample
 from rerank.ranker import candidate_orders, score_orders
 
 METHODS = ("none", "permuted", "content_free")
@@ -56,13 +56,11 @@ def prior_from_slot_scores(prompts: Iterable[Sequence[float]]) -> Prior:
 
 def sample_users(rows: Sequence[Mapping[str, Any]], n: Optional[int], seed: int) -> list[Mapping[str, Any]]:
     """The covered rows (target among the candidates), or a seeded uniform sample of `n` of them
-    in file order."""
-    covered = [row for row in rows if row["target"] in row["candidates"]]
-    if n is not None and len(covered) > n:
-        rng = np.random.default_rng([seed, 17])
-        keep = sorted(rng.choice(len(covered), size=n, replace=False).tolist())
-        covered = [covered[i] for i in keep]
-    return covered
+    in file order (a draw of its own, apart from training's validation users)."""
+    return covered_sample(rows, n, seed, _CALIBRATION_STREAM)
+
+
+_CALIBRATION_STREAM = 17
 
 
 def permuted_rows(rows: Sequence[Mapping[str, Any]], orders: int, seed: int) -> list[dict[str, Any]]:

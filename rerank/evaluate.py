@@ -55,6 +55,16 @@ def is_covered(row: Mapping[str, Any]) -> bool:
     return row["target"] in row["candidates"]
 
 
+def covered_sample(rows: Sequence[Mapping[str, Any]], n: Optional[int], seed: int, stream: int) -> list[Mapping[str, Any]]:
+    """The covered rows, or a uniform sample of `n` of them drawn from the RNG stream (seed, stream),
+    in file order: the validation users of training, the calibration users (each its own stream)."""
+    covered = [row for row in rows if is_covered(row)]
+    if n is not None and len(covered) > n:
+        keep = np.random.default_rng([seed, stream]).choice(len(covered), size=n, replace=False)
+        covered = [covered[i] for i in sorted(keep.tolist())]
+    return covered
+
+
 def rank_split(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,

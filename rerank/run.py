@@ -1,6 +1,7 @@
 """A whole reranker run: candidates files -> LoRA training -> rankings and metrics -> run dir.
 
-Reads only the retriever run's files (candidates_<split>.jsonl, metrics.json), never its code.
+Reads only the retriever run's files (candidates_<split>.jsonl, candidates_train_prefixes.jsonl when
+written, metrics.json), never its code.
 
 Resumable (`resume`, the scripts' --resume): finished stages are kept, interrupted ones continue.
 - Training is finished when adapter/ and train_summary.json exist (the adapter is loaded, not

@@ -45,6 +45,7 @@ from pipeline.data.dataset import SplitDataset
 from pipeline.errors import PipelineError
 from pipeline.metrics import candidate_rank, metrics_from_ranks
 from rerank.collate import IGNORE_INDEX, TrainingTexts, collator_for
+from rerank.evaluate import covered_sample
 from rerank.labels import LabelTokens
 from rerank.pretrain import pretrain_stage
 from rerank.prompts import PromptStyle, label_tokens
@@ -295,17 +296,16 @@ def shuffled_rows(rows: Sequence[Mapping[str, Any]], seed: int) -> list[dict[str
     return out
 
 
-_SHUFFLE_STREAM = 3  # apart from select_val_rows' stream 2
+_SHUFFLE_STREAM = 3  # apart from the validation users' draw
 
 
 def select_val_rows(rows: Sequence[Mapping[str, Any]], max_users: Optional[int], seed: int) -> list[Mapping[str, Any]]:
     """The covered rows (target among the candidates: the users the reranker sees), a seeded uniform
     sample of `max_users` of them when given, in file order."""
-    covered = [r for r in rows if r["target"] in r["candidates"]]
-    if max_users is not None and len(covered) > max_users:
-        keep = np.random.default_rng([seed, 2]).choice(len(covered), size=max_users, replace=False)
-        covered = [covered[i] for i in sorted(keep.tolist())]
-    return covered
+    return covered_sample(rows, max_users, seed, _VAL_STREAM)
+
+
+_VAL_STREAM = 2  # the validation users' draw
 
 
 def ranking_scorer(

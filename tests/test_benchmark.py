@@ -105,7 +105,11 @@ def test_script_writes_benchmark_json_and_table(tmp_path):
         if fig["raw"][den]:
             assert fig["ratio"] == pytest.approx(fig["raw"][num] / fig["raw"][den]), name
     figs = result["figures"]
-    for name in ("ranking_overhead", "generation_speedup", "training_time", "batching_time"):  # timed figures
+    layout = figs["lora_layout_time"]["raw"]
+    assert layout["n_layers"] == 2 and layout["top_layers"] == 1  # tiny-qwen2: a quarter of 2 layers, at least 1
+    trainable = layout["trainable_parameters"]
+    assert trainable["all_linear_top"] < trainable["all_linear"] and trainable["paper"] < trainable["all_linear"]
+    for name in ("ranking_overhead", "generation_speedup", "training_time", "lora_layout_time", "batching_time"):  # timed figures
         raw = figs[name]["raw"]
         num, den = (key[:-2] + "_runs_s" for key in figs[name]["ratio_is"].split(" / "))
         assert figs[name]["ratio_of_fastest"] == pytest.approx(min(raw[num]) / min(raw[den])), name
