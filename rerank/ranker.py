@@ -169,12 +169,15 @@ def label_scores(
     positions = (mask.cumsum(1) - 1).clamp(min=0)
     need_cache = bool(plan.paths)
     first_ids = [seq[0] for seq in scored]
-    head = model.get_output_embeddings()
+    # A wrapper without the model's methods (DistributedDataParallel in multi-process training) must
+    # run its own forward, so gradients are synchronised: it takes the full path.
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    config = getattr(model, "config", None)
     rows_only = (
         not normalized
         and type(head) is torch.nn.Linear  # a plain head (not LoRA-wrapped): its rows are the logits' weights
-        and getattr(model.config, "final_logit_softcapping", None) is None
-        and getattr(model.config, "logit_scale", None) is None
+        and getattr(config, "final_logit_softcapping", None) is None
+        and getattr(config, "logit_scale", None) is None
     )
     if rows_only:
         out = model.get_decoder()(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=need_cache)

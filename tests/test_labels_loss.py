@@ -181,3 +181,26 @@ def test_the_kept_adapter_can_follow_the_shuffled_validation(tmp_path):
     summary = train_reranker(fresh_model(), tok(), style, ds, samples, val_rows(ds), c, tmp_path, seed=0, score_rows=stub)
     assert summary["best_step"] == 4 and summary["best_metric"] == {"shuffled_NDCG@10": 1.0}
     assert [r["candidates"] for r in calls[1]] != [r["candidates"] for r in calls[0]]  # really another order
+
+
+def test_a_wrapped_model_takes_the_full_path_with_the_same_loss(tmp_path):
+    """DistributedDataParallel hides the model's methods and must run its own forward: the labels
+    loss then projects the whole vocabulary, and the loss is the same."""
+    ds, samples, style, batch, tokens = setup(LETTERS)
+    model = fresh_model().eval()
+
+    class Wrapper(torch.nn.Module):  # like DDP: forward only, no get_output_embeddings / get_decoder
+        def __init__(self, inner):
+            super().__init__()
+            self.module = inner
+
+        def forward(self, **kw):
+            return self.module(**kw)
+
+    from rerank.train import labels_loss_sum
+
+    args = (batch["prompt_input_ids"], batch["prompt_attention_mask"], batch["target_index"], tokens, tok().pad_token_id)
+    with torch.no_grad():
+        direct = labels_loss_sum(model, *args)
+        wrapped = labels_loss_sum(Wrapper(model), *args)
+    assert wrapped.item() == pytest.approx(direct.item(), abs=1e-4)
