@@ -301,12 +301,52 @@ class AnalysisConfig:
 
 
 @dataclass
+class ServeConfig:
+    """scripts/serve.py: the HTTP front end (serving/app.py) and what scores behind it."""
+
+    host: str = "127.0.0.1"  # loopback by default: exposing a model is the operator's choice (--host 0.0.0.0)
+    port: int = 8000
+    # "local": the run's model in this process; "vllm": a vLLM server's /v1/completions
+    # (serving/vllm_backend.py; single-token labels only), the scale-out path on GPUs.
+    backend: Literal["local", "vllm"] = "local"
+    # Concurrent requests are gathered into one forward pass: at most this many requests ...
+    max_batch_size: int = 8
+    # ... waiting at most this long after the first one arrived (latency traded for throughput).
+    max_wait_ms: float = 10.0
+    # Requests waiting for a forward pass; beyond it the server answers 503 at once rather than
+    # queueing without bound (a client retries; the server keeps its latency).
+    max_queue: int = 256
+    # Subtract the run's position prior (reranker.calibration, estimated on validation prompts) from
+    # the label scores, as the run's `llm_scores` did; false serves the raw label scores.
+    calibration: bool = True
+    name: Optional[str] = None  # model name in responses and /info; None = the run / model folder name
+    vllm_url: Optional[str] = None  # backend vllm: the server's base URL, e.g. http://127.0.0.1:8001
+    vllm_model: str = "reranker"  # backend vllm: the served name of the LoRA adapter (--lora-modules NAME=DIR)
+    vllm_timeout_s: float = 60.0  # backend vllm: seconds per HTTP request before it counts as failed
+
+    def validate(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise PipelineError(f"serve.port must be 0..65535 (got {self.port})")
+        if self.max_batch_size < 1:
+            raise PipelineError(f"serve.max_batch_size must be >= 1 (got {self.max_batch_size})")
+        if self.max_wait_ms < 0:
+            raise PipelineError(f"serve.max_wait_ms must be >= 0 (got {self.max_wait_ms})")
+        if self.max_queue < 1:
+            raise PipelineError(f"serve.max_queue must be >= 1 (got {self.max_queue})")
+        if self.backend == "vllm" and not self.vllm_url:
+            raise PipelineError("serve.backend=vllm needs serve.vllm_url: set it to the vLLM server's base URL, e.g. http://127.0.0.1:8001")
+        if self.vllm_timeout_s <= 0:
+            raise PipelineError(f"serve.vllm_timeout_s must be > 0 (got {self.vllm_timeout_s})")
+
+
+@dataclass
 class Config:
     seed: int = 0  # every RNG (python, numpy, torch) is seeded from this
     data: DataConfig = field(default_factory=DataConfig)
     retriever: RetrieverConfig = field(default_factory=RetrieverConfig)
     reranker: RerankerConfig = field(default_factory=RerankerConfig)
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
     # train_reranker.py: the retriever run directory whose candidates_<split>.jsonl are reranked.
     # run_experiment.py writes both stages into --out and ignores this.
     retriever_run: Optional[str] = None

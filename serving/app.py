@@ -1,0 +1,139 @@
+"""The FastAPI application: POST /v1/rerank (alias /rerank), GET /health, GET /info.
+
+FastAPI (on uvicorn) because it is the stack the rerank servers we mirror are written in (vLLM's
+and Infinity's OpenAPI front ends): pydantic validates the body and FastAPI publishes the schema at
+/openapi.json and /docs without code of ours. What is ours: turning validation errors into one-line
+4xx messages that name the field and the fix, and the micro-batcher (serving/batcher.py) that lets
+concurrent requests share a forward pass.
+"""
+from __future__ import annotations
+
+import time
+import uuid
+from contextlib import asynccontextmanager
+from typing import Any, Sequence
+
+from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from pipeline.config import ServeConfig
+from serving.batcher import MicroBatcher, QueueFull
+from serving.engine import Prepared, RequestError, RerankEngine, softmax
+from serving.schema import ErrorResponse, RerankRequest, RerankResponse, RerankResult, ResultDocument, Usage
+
+ERRORS = {code: {"model": ErrorResponse} for code in (404, 413, 422, 500, 503)}
+FIX = {  # what to send instead, by pydantic error type
+    "missing": "add it",
+    "extra_forbidden": "remove it (fields: model, query, documents, top_n, return_documents)",
+    "list_type": "send a JSON list",
+    "greater_than_equal": "send a positive integer",
+    "bool_type": "send true or false",
+    "int_type": "send an integer",
+    "string_type": "send a string",
+    "json_invalid": "send a valid JSON body",
+    "model_attributes_type": "send a JSON object",
+    "dict_type": "send a JSON object",
+}
+ITEM_FIX = 'send an item id (string or integer) or {"text": title}'
+
+
+def _field(loc: Sequence[Any]) -> str:
+    """("body", "documents", 2, "text") -> "documents[2].text"."""
+    out = ""
+    for part in loc[1:] if loc and loc[0] == "body" else loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in ("str", "int", "TextItem"):  # pydantic's union branch names: not fields
+            continue
+        else:
+            out += f".{part}" if out else str(part)
+    return out or "body"
+
+
+def validation_message(errors: Sequence[dict]) -> str:
+    """The first validation error as one line: the field, what is wrong, the fix."""
+    err = errors[0]
+    loc = list(err.get("loc", ()))
+    field = _field(loc)
+    if err.get("type") == "json_invalid":
+        return f"body: not valid JSON ({err.get('msg', '')}): send a JSON object"
+    in_item = len(loc) >= 3 and loc[0] == "body" and loc[1] in ("query", "documents") and isinstance(loc[2], int)
+    fix = ITEM_FIX if in_item and err.get("type") != "missing" else FIX.get(err.get("type", ""), "see GET /openapi.json")
+    return f"{field}: {err.get('msg', 'invalid')}: {fix}"
+
+
+def create_app(engine: RerankEngine, scfg: ServeConfig) -> FastAPI:
+    batcher = MicroBatcher(engine.score, scfg.max_batch_size, scfg.max_wait_ms / 1000.0, scfg.max_queue)
+    started = time.time()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        batcher.start()
+        yield
+        await batcher.stop()
+
+    app = FastAPI(
+        title="LLM reranker",
+        version="1",
+        description="Reranks a user's candidate items with a LoRA-tuned causal LM: one forward pass, the label "
+        "scores at the answer position, softmax over the candidates.",
+        lifespan=lifespan,
+    )
+    app.state.engine, app.state.batcher = engine, batcher
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse({"detail": validation_message(exc.errors())}, status_code=422)
+
+    @app.exception_handler(RequestError)
+    async def _refused(request: Request, exc: RequestError) -> JSONResponse:
+        return JSONResponse({"detail": exc.message}, status_code=exc.status)
+
+    async def rerank(req: RerankRequest) -> RerankResponse:
+        prepared: Prepared = await run_in_threadpool(engine.prepare, req)  # tokenizing off the event loop
+        try:
+            scores = await batcher.submit(prepared)
+        except QueueFull:
+            raise RequestError(503, f"server busy: {scfg.max_queue} requests are waiting (serve.max_queue): retry shortly") from None
+        except Exception as e:  # a failed forward pass (or vLLM call): this request fails, the server goes on
+            raise RequestError(500, f"scoring failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}): see the server log") from e
+        probs = softmax(scores)
+        order = sorted(range(len(probs)), key=lambda j: -probs[j])  # stable: ties keep the request's order
+        if req.top_n is not None:
+            order = order[: req.top_n]
+        labels = engine.style.scheme.for_k(len(prepared.titles))
+        results = [
+            RerankResult(
+                index=j,
+                relevance_score=probs[j],
+                label=labels[j],
+                document=ResultDocument(text=prepared.titles[j], id=prepared.ids[j]) if req.return_documents else None,
+            )
+            for j in order
+        ]
+        n = len(prepared.prompt_ids)
+        return RerankResponse(id=f"rerank-{uuid.uuid4().hex}", model=engine.name, results=results, usage=Usage(prompt_tokens=n, total_tokens=n))
+
+    for path in ("/v1/rerank", "/rerank"):
+        app.post(path, response_model=RerankResponse, response_model_exclude_none=True, responses=ERRORS, summary="Rerank candidate items for a user's history")(rerank)
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/info")
+    async def info() -> dict:
+        stats = batcher.stats
+        return {
+            **engine.info,
+            "batching": {"max_batch_size": scfg.max_batch_size, "max_wait_ms": scfg.max_wait_ms, "max_queue": scfg.max_queue},
+            "stats": {
+                "requests": stats.requests, "batches": stats.batches, "largest_batch": stats.largest_batch,
+                "failed_batches": stats.failed_batches, "batch_sizes": {str(k): v for k, v in sorted(stats.sizes.items())},
+                "uptime_s": round(time.time() - started, 1),
+            },
+        }
+
+    return app
