@@ -10,6 +10,9 @@ batches, timed interleaved (ours, baseline, ours, ...) after warm-up runs, media
 - generation_speedup: one-pass ranking (the same `rank_rows` runs) vs generating a ranked list of
   every label (`rerank.generation.generate_rankings`, mode "list", at least a complete list's tokens
   decoded per user) for the same users.
+- merged_vs_adapter: one-pass ranking (`rank_rows`, the same prompts and batches) with the LoRA
+  merged into the weights (`rerank.export.merge_lora`, what scripts/export_model.py saves) vs the
+  unmerged PeftModel (base + low-rank path at every adapted layer). Reported, no target.
 - training_memory / training_time: one optimizer step (forward, loss, backward, AdamW) with the
   loss only at the supervised positions (`rerank.train.supervised_logits` + cross-entropy, as
   `RerankTrainer.compute_loss`) vs the stock causal-LM loss (`model(..., labels=...)`: logits at
@@ -27,6 +30,7 @@ tokenizer instead, for GPU measurements without a hub.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import multiprocessing
 import os
@@ -50,6 +54,7 @@ from pipeline.device import resolve_device
 from pipeline.errors import PipelineError
 from rerank.collate import TrainingTexts, collator_for
 from rerank.evaluate import titles_by_item
+from rerank.export import merge_lora
 from rerank.generation import generate_rankings
 from rerank.models import TINY_QWEN2, resolve_dtype, load_from_config, load_tokenizer
 from rerank.prompts import PromptStyle, label_tokens, style_from_config
@@ -373,6 +378,23 @@ def generation_figure(model, tokenizer, style, rows, titles, batch_size, model_n
     )
 
 
+def merged_figure(model, tokenizer, style, rows, titles, batch_size, settings, device) -> dict[str, Any]:
+    """merged_vs_adapter: `rank_rows` with the LoRA merged into a copy of the model vs the PeftModel
+    itself, same rows and batch size, interleaved. The copy is merged so the other figures keep
+    measuring the PeftModel; it is freed on return (before the training figures' memory peaks)."""
+    merged = merge_lora(copy.deepcopy(model))
+
+    def ranking(m: torch.nn.Module) -> Callable[[], Any]:
+        return lambda: rank_rows(m, tokenizer, style, rows, titles, batch_size=batch_size, progress=False)
+
+    runs = time_interleaved({"merged": ranking(merged), "adapter": ranking(model)}, settings.warmup, settings.repeats, device)
+    return _reported_timing(
+        "one-pass ranking (rank_rows) with the LoRA merged into the weights (scripts/export_model.py) vs the unmerged "
+        "PeftModel, same prompts and batches",
+        runs, "merged", "adapter",
+    )
+
+
 def _generation_stats(out: Any) -> dict[str, Any]:
     """What the generated answers were like (reported, never required): a list answer costs about
     one decoding step per generated token, so these explain the generation time."""
@@ -610,6 +632,7 @@ def run_benchmark(cfg: Config, settings: BenchmarkSettings) -> dict[str, Any]:
         model, tokenizer, style, rows, titles, batch_size, model_name, settings,
         cfg.analysis.generation_batch_size, device,
     )
+    figures["merged_vs_adapter"] = merged_figure(model, tokenizer, style, rows, titles, batch_size, settings, device)
     batch = training_batch(cfg, ds, tokenizer, style, device)
     rss = rss_step_peak(cfg, settings.architecture) if settings.rss_check and not device.startswith("cuda") else None
     figures.update(training_figures(model, batch, settings, device, rss))
@@ -644,11 +667,13 @@ def run_benchmark(cfg: Config, settings: BenchmarkSettings) -> dict[str, Any]:
 
 
 FIGURE_ORDER = (
-    "ranking_overhead", "generation_speedup", "training_memory", "training_time", "lora_layout_time", "batching_padding", "batching_time",
+    "ranking_overhead", "generation_speedup", "merged_vs_adapter", "training_memory", "training_time", "lora_layout_time",
+    "batching_padding", "batching_time",
 )
 _FIGURE_COLUMNS = {  # figure -> (label, our raw key, baseline raw key, unit)
     "ranking_overhead": ("ranking overhead vs bare forward", "ours_s", "floor_s", "s"),
     "generation_speedup": ("generation (list) vs one pass", "ours_s", "generation_s", "s"),
+    "merged_vs_adapter": ("ranking, merged LoRA vs unmerged PeftModel", "merged_s", "adapter_s", "s"),
     "training_memory": ("training step peak memory", "ours_peak_bytes", "stock_peak_bytes", "B"),
     "training_time": ("training step time", "ours_s", "stock_s", "s"),
     "lora_layout_time": ("training step time, LoRA top-N all-linear vs q/v everywhere", "all_linear_top_s", "paper_s", "s"),

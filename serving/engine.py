@@ -199,7 +199,7 @@ def load_engine(cfg: Config, run_dir: Optional[str] = None, model_dir: Optional[
             )
         titles = _titles(cfg) if (folder / "config.yaml").is_file() else None  # the export's run catalogue
         export = folder / "export.json"
-        prior = _prior(json.loads(export.read_text(encoding="utf-8")).get("calibration", {})) if export.is_file() else {}
+        prior = _prior(json.loads(export.read_text(encoding="utf-8")).get("calibration") or {}) if export.is_file() else {}
         name = scfg.name or folder.resolve().name
         info = {"model_dir": str(folder.resolve()), "adapter": None, "base_model": str(folder.resolve())}
         style_dir = folder

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import statistics
 
 import pytest
 import torch
@@ -109,7 +110,7 @@ def test_script_writes_benchmark_json_and_table(tmp_path):
     assert layout["n_layers"] == 2 and layout["top_layers"] == 1  # tiny-qwen2: a quarter of 2 layers, at least 1
     trainable = layout["trainable_parameters"]
     assert trainable["all_linear_top"] < trainable["all_linear"] and trainable["paper"] < trainable["all_linear"]
-    for name in ("ranking_overhead", "generation_speedup", "training_time", "lora_layout_time", "batching_time"):  # timed figures
+    for name in ("ranking_overhead", "generation_speedup", "merged_vs_adapter", "training_time", "lora_layout_time", "batching_time"):  # timed
         raw = figs[name]["raw"]
         num, den = (key[:-2] + "_runs_s" for key in figs[name]["ratio_is"].split(" / "))
         assert figs[name]["ratio_of_fastest"] == pytest.approx(min(raw[num]) / min(raw[den])), name
@@ -117,6 +118,12 @@ def test_script_writes_benchmark_json_and_table(tmp_path):
     assert figs["ranking_overhead"]["target"] == "<= 1.15" and len(figs["ranking_overhead"]["raw"]["ours_runs_s"]) == 1
     assert figs["generation_speedup"]["target"] == ">= 20.0"  # tiny-qwen2: the target applies
     assert figs["generation_speedup"]["raw"]["generated_tokens_mean"] > 0
+    merged = figs["merged_vs_adapter"]  # reported: merged weights vs the PeftModel, from its own raw runs
+    assert merged["ratio_is"] == "merged_s / adapter_s" and merged["target"] is None and merged["pass"] is None
+    assert len(merged["raw"]["merged_runs_s"]) == len(merged["raw"]["adapter_runs_s"]) == 1
+    assert merged["raw"]["merged_s"] == pytest.approx(statistics.median(merged["raw"]["merged_runs_s"]))
+    assert merged["raw"]["adapter_s"] == pytest.approx(statistics.median(merged["raw"]["adapter_runs_s"]))
+    assert merged["ratio"] > 0 and merged["ratio"] == pytest.approx(merged["raw"]["merged_s"] / merged["raw"]["adapter_s"])
 
     pad = figs["batching_padding"]["raw"]
     assert 0 <= pad["padding_ours"] <= pad["padding_arrival"] and figs["batching_padding"]["pass"] is True

@@ -238,3 +238,21 @@ def test_load_test_bounded_on_loopback(smoke_run, tmp_path):
     import urllib.error
     with pytest.raises((urllib.error.URLError, OSError)):
         _OPENER.open(result["server_url"] + "/health", timeout=2)
+
+
+def test_merged_export_serves_the_runs_scores(smoke_run, ranked, tmp_path):
+    """scripts/export_model.py's folder, served with --model: the adapter's scores (merged within
+    float tolerance), the run's catalogue (item ids) and its calibration prior (from export.json)."""
+    run, _ = smoke_run
+    export = tmp_path / "export"
+    proc = run_script("scripts/export_model.py", "--run", str(run), "--out", str(export), env=ONE_THREAD)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    with ServerProcess(["--model", str(export)], [], tmp_path / "server.log", env=ONE_THREAD) as srv:
+        info = srv.get("/info")
+        assert info["adapter"] is None and info["model"] == "export" and info["calibrated_k"] == [20]
+        for row in ranked[:3]:
+            status, body = post_json(f"{srv.url}/v1/rerank", request_for(row))
+            assert status == 200, body
+            got = {r["index"]: r["relevance_score"] for r in body["results"]}
+            for j, p in enumerate(softmax(row["llm_scores"])):
+                assert got[j] == pytest.approx(p, rel=1e-3, abs=1e-6)
