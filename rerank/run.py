@@ -28,6 +28,7 @@ from pipeline.candidates import candidates_path, prefix_candidates_path, ranking
 from pipeline.candidates import ROW_FIELDS
 from pipeline.config import Config
 from pipeline.data import SPLITS, load_dataset
+from pipeline.data.dataset import SplitDataset
 from pipeline.errors import PipelineError
 from pipeline.rundir import RunDir
 from rerank.calibration import Prior, calibrate, estimate_prior, prior_json
@@ -39,7 +40,7 @@ from rerank.load_run import RerankerRun
 from rerank.models import load_from_config
 from rerank.progress import PartialRankings
 from rerank.prompts import PromptStyle, check_tokenizer, style_from_config
-from rerank.samples import USES_RETRIEVER, samples_from_config
+from rerank.samples import USES_RETRIEVER, TrainSample, samples_from_config
 from rerank.train import ADAPTER_DIR, CHECKPOINT_DIR, SUMMARY_FILE, load_adapter, resolve_adapter_dir, train_reranker
 
 TRAINER_STATE = "trainer_state.json"  # the last file the Trainer writes into a checkpoint
@@ -74,14 +75,7 @@ def rerank_run(cfg: Config, run: RunDir, candidates_dir: str | Path, resume: boo
         known = set(ds.item_ids[1:])
         # Bad candidates files stop the run here, before the model is loaded or anything trained.
         rows = {split: read_rows(candidates_path(candidates_dir, split), known) for split in SPLITS}
-        scheme = scheme_from_config(cfg.reranker)
-        for split in SPLITS:
-            check_candidates_fit(scheme, rows[split], str(candidates_path(candidates_dir, split)))
-        if cfg.reranker.train_candidates > len(scheme.labels):
-            raise PipelineError(
-                f"reranker.train_candidates {cfg.reranker.train_candidates} is more than label scheme "
-                f"{scheme.name!r} has labels ({len(scheme.labels)}): lower it, or give more reranker.custom_labels"
-            )
+        check_labels_fit(cfg, rows, candidates_dir)
         model, tokenizer = load_from_config(cfg.reranker)
 
     if resume and from_main(lambda: training_finished(run.path)):
@@ -96,20 +90,43 @@ def rerank_run(cfg: Config, run: RunDir, candidates_dir: str | Path, resume: boo
             last = from_main(lambda: last_complete_checkpoint(run / CHECKPOINT_DIR))
             _say(f"reranker: resuming training from {last}" if last else "reranker: no checkpoint yet, training from the start")
             train_cfg = dataclasses.replace(cfg.reranker, resume=last is not None)
-        train_rows = prefix_rows = None
-        if cfg.reranker.train_negatives in USES_RETRIEVER:
-            train_rows = read_rows(candidates_path(candidates_dir, "train"), known)
-            prefix_file = prefix_candidates_path(candidates_dir)  # per-prefix negatives, when the retriever wrote them
-            if prefix_file.is_file():
-                prefix_rows = read_prefix_rows(prefix_file, known)
-            _say(f"reranker: {cfg.reranker.train_negatives} negatives from {prefix_file.name if prefix_rows is not None else 'candidates_train.jsonl'}")
-        samples = samples_from_config(ds, cfg.reranker, cfg.seed, retriever_rows=train_rows, prefix_rows=prefix_rows)
+        samples = training_samples(cfg, ds, candidates_dir)
         _say(f"reranker: {len(samples)} training prompts, model {cfg.reranker.model}, labels {style.scheme.name}")
         train_reranker(model, tokenizer, style, ds, samples, rows["val"], train_cfg, run.path, seed=cfg.seed)
         # Ranking progress of an earlier adapter (its run was trained again) is not this one's.
         on_main(lambda: [PartialRankings(rankings_path(run.path, split)).discard() for split in SPLITS])
 
     return rank_splits(cfg, run, model, tokenizer, style, rows, titles_by_item(ds), candidates_dir, resume)
+
+
+def check_labels_fit(cfg: Config, rows: Mapping[str, Sequence[Mapping[str, Any]]], candidates_dir: str | Path) -> None:
+    """Stop before any model is loaded when the label scheme has fewer labels than a split's
+    candidates rows or the training prompts (reranker.train_candidates) need."""
+    scheme = scheme_from_config(cfg.reranker)
+    for split, split_rows in rows.items():
+        check_candidates_fit(scheme, split_rows, str(candidates_path(candidates_dir, split)))
+    if cfg.reranker.train_candidates > len(scheme.labels):
+        raise PipelineError(
+            f"reranker.train_candidates {cfg.reranker.train_candidates} is more than label scheme "
+            f"{scheme.name!r} has labels ({len(scheme.labels)}): lower it, or give more reranker.custom_labels"
+        )
+
+
+def training_samples(cfg: Config, ds: SplitDataset, candidates_dir: str | Path) -> list[TrainSample]:
+    """The reranker's training prompts (rerank/samples.py) for `cfg`: random negatives need nothing
+    else; retriever/mix negatives read `candidates_dir`'s candidates_train.jsonl and, when the
+    retriever wrote it, candidates_train_prefixes.jsonl (per-prefix negatives). Training and
+    `--dry-run` (rerank/dry_run.py) both call this, so they count the same prompts."""
+    candidates_dir = Path(candidates_dir)
+    known = set(ds.item_ids[1:])
+    train_rows = prefix_rows = None
+    if cfg.reranker.train_negatives in USES_RETRIEVER:
+        train_rows = read_rows(candidates_path(candidates_dir, "train"), known)
+        prefix_file = prefix_candidates_path(candidates_dir)  # per-prefix negatives, when the retriever wrote them
+        if prefix_file.is_file():
+            prefix_rows = read_prefix_rows(prefix_file, known)
+        _say(f"reranker: {cfg.reranker.train_negatives} negatives from {prefix_file.name if prefix_rows is not None else 'candidates_train.jsonl'}")
+    return samples_from_config(ds, cfg.reranker, cfg.seed, retriever_rows=train_rows, prefix_rows=prefix_rows)
 
 
 def rank_run(cfg: Config, run: RunDir, source: RerankerRun, resume: bool = False) -> dict:

@@ -4,7 +4,8 @@
 samples (rerank/samples.py, encoded by rerank/collate.py). The loss is the cross-entropy of the
 answer's supervised tokens only (label + end of turn), and only those positions are projected onto
 the vocabulary: the model's `logits_to_keep` gets a boolean (batch, sequence) mask of the positions
-that predict a supervised token, so the (sequence x vocabulary) logits are never formed.
+that predict a supervised token, so the (sequence x vocabulary) logits are never formed (with
+transformers versions that take no boolean mask, the columns holding them: rerank/compat.py).
 
 Every `eval_steps` optimizer steps (and at the end) the adapter ranks the validation rows (covered
 val users, capped by `val_max_users`) with the ranker (rerank/ranker.py) and logs NDCG/Recall/MRR@k
@@ -45,6 +46,7 @@ from pipeline.data.dataset import SplitDataset
 from pipeline.errors import PipelineError
 from pipeline.metrics import candidate_rank, metrics_from_ranks
 from rerank.collate import IGNORE_INDEX, TrainingTexts, collator_for
+from rerank.compat import checkpointing_args, masked_logits
 from rerank.evaluate import covered_sample
 from rerank.labels import LabelTokens
 from rerank.pretrain import pretrain_stage
@@ -142,20 +144,15 @@ def supervised_logits(
     predicts = labels[:, 1:] != IGNORE_INDEX  # position p predicts token p + 1
     keep = F.pad(predicts, (0, 1), value=False)  # (B, L) bool: the positions whose logits we need
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    out = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids,
-        logits_to_keep=keep,
-        use_cache=False,
-    )
+    # The boolean mask where this transformers takes one, its columns otherwise (rerank/compat.py).
+    logits = masked_logits(model, keep, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
     n = int(predicts.sum())
-    if out.logits.dim() != 2 or out.logits.shape[0] != n:
+    if logits.dim() != 2 or logits.shape[0] != n:
         raise PipelineError(
-            f"{type(model).__name__} ignored the boolean logits_to_keep mask (logits {tuple(out.logits.shape)}, want ({n}, V)): "
+            f"{type(model).__name__} ignored the boolean logits_to_keep mask (logits {tuple(logits.shape)}, want ({n}, V)): "
             "use a transformers causal LM class that supports it (transformers >= 5)"
         )
-    return out.logits, labels[:, 1:][predicts]
+    return logits, labels[:, 1:][predicts]
 
 
 def labels_loss_sum(
@@ -376,8 +373,9 @@ def train_reranker(
         bf16=bf16,  # autocast on GPUs with bf16; fp32 on CPU
         fp16=on_cuda and not bf16,
         use_cpu=not on_cuda,
-        activation_checkpointing=cfg.gradient_checkpointing,  # transformers 5's name for gradient checkpointing
-        activation_checkpointing_kwargs={"use_reentrant": False},  # works with frozen inputs (LoRA)
+        # gradient checkpointing, under this transformers' argument names (rerank/compat.py); non-reentrant
+        # checkpointing works with frozen inputs (LoRA)
+        **checkpointing_args(cfg.gradient_checkpointing, {"use_reentrant": False}),
         logging_steps=cfg.logging_steps,
         logging_first_step=True,
         report_to="none",  # TensorBoard is added below with its folder in the run directory

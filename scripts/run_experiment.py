@@ -6,19 +6,33 @@
 Writes to --out everything train_retriever.py and train_reranker.py write; metrics.json holds
 the retriever's full-catalogue metrics and the reranker's subset/overall metrics per split.
 --resume (or reranker.resume=true) continues an interrupted run in --out: finished stages are kept.
+--dry-run counts what the reranker stage would cost (users, items, training prompts, tokens,
+optimizer steps) without training the retriever or loading a model; writes <out>/dry_run.json.
 Under `accelerate launch` the main process trains the retriever while the others wait, then all
 of them train and rank the reranker.
 """
+from pathlib import Path
+
+from pipeline.candidates import candidates_path
 from pipeline.cli import parser, run_main
 from pipeline.config import load_config
+from pipeline.data import SPLITS
+from rerank import dry_run
 from rerank.distributed import on_main
 from rerank.run import finish_run, rerank_run, start_run
 from retrieval.run import train_retriever
 
 
 def main(argv=None):
-    args = parser(__doc__.splitlines()[0]).parse_args(argv)
+    p = parser(__doc__.splitlines()[0])
+    dry_run.add_arguments(p)
+    args = p.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
+    if args.dry_run:
+        # The retriever is not trained here; an --out holding its candidates (a run to resume) is read.
+        ran = all(candidates_path(args.out, split).is_file() for split in SPLITS)
+        dry_run.dry_run(cfg, args.out, Path(args.out) if ran else None, args.dry_run_sample, argv)
+        return
     resume = args.resume or cfg.reranker.resume
     run = start_run(args.out, cfg, argv, resume)
     on_main(lambda: train_retriever(cfg, run, resume=resume))

@@ -1,0 +1,55 @@
+"""The GPU set (requirements-gpu.txt) stays in step with requirements.txt, and scripts/gpu_resolve.py
+refuses the resolutions that would give a broken GPU environment. Offline: .ci/gpu_resolve runs pip."""
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("gpu_resolve", REPO / "scripts" / "gpu_resolve.py")
+gpu_resolve = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(gpu_resolve)
+
+
+def test_gpu_set_is_in_step_with_the_cpu_set():
+    cpu = gpu_resolve.read_requirements(REPO / "requirements.txt")
+    gpu = gpu_resolve.read_requirements(REPO / "requirements-gpu.txt")
+    gpu_resolve.check_in_step(cpu, gpu)
+    # unsloth's ceilings, and the CUDA-only packages the CPU set lacks
+    assert gpu["transformers"] == "==5.17.0" and gpu["trl"] == "==1.15.0"
+    assert {"bitsandbytes", "unsloth", "unsloth-zoo", "xformers", "torchvision"} <= set(gpu) - set(cpu)
+
+
+def test_a_missing_or_different_pin_is_refused():
+    cpu = {"peft": "==0.21.2", "pandas": ">=2.2,<3", "transformers": "==5.23.0"}
+    with pytest.raises(gpu_resolve.Problem, match="peft is in requirements.txt but not in requirements-gpu.txt"):
+        gpu_resolve.check_in_step(cpu, {"pandas": ">=2.2,<3", "transformers": "==5.17.0"})
+    with pytest.raises(gpu_resolve.Problem, match="pandas is pinned >=2.2,<3 in requirements.txt but >=2.2"):
+        gpu_resolve.check_in_step(cpu, {"peft": "==0.21.2", "pandas": ">=2.2", "transformers": "==5.17.0"})
+    gpu_resolve.check_in_step(cpu, {"peft": "==0.21.2", "pandas": ">=2.2,<3", "transformers": "==5.17.0"})  # capped: may differ
+
+
+def _item(name, version, requires=(), url="https://files.example/x.whl"):
+    return {"metadata": {"name": name, "version": version, "requires_dist": list(requires)}, "download_info": {"url": url}}
+
+
+def test_report_must_hold_a_cuda_torch_and_the_pinned_versions():
+    gpu = {"torch": "==2.13.0", "unsloth": "==2026.10.9", "pandas": ">=2.2,<3"}
+    cuda_torch = _item("torch", "2.13.0", ['nvidia-cudnn-cu13==9.20.0.48; platform_system == "Linux"'])
+    ok = {"install": [cuda_torch, _item("unsloth", "2026.10.9"), _item("pandas", "2.3.3")]}
+    assert gpu_resolve.check_report(ok, gpu)["torch"] == "2.13.0"
+    cpu_torch = {"install": [_item("torch", "2.13.0+cpu", url="file:///opt/wheels/torch.whl"), _item("unsloth", "2026.10.9")]}
+    with pytest.raises(gpu_resolve.Problem, match=r"CPU-only torch \(2.13.0\+cpu"):
+        gpu_resolve.check_report(cpu_torch, gpu)
+    other = {"install": [cuda_torch, _item("unsloth", "2026.9.1")]}
+    with pytest.raises(gpu_resolve.Problem, match="pip chose unsloth 2026.9.1 instead of requirements-gpu.txt's 2026.10.9"):
+        gpu_resolve.check_report(other, gpu)
+
+
+def test_requirement_lines_are_parsed_with_comments_and_extras(tmp_path):
+    f = tmp_path / "r.txt"
+    f.write_text("# c\nTorch==2.13.0  # why\nunsloth_zoo==2026.10.9\nfoo[bar]>=1, <2\n\n")
+    assert gpu_resolve.read_requirements(f) == {"torch": "==2.13.0", "unsloth-zoo": "==2026.10.9", "foo": ">=1,<2"}
+    f.write_text("-r other.txt\n")
+    with pytest.raises(gpu_resolve.Problem, match="line 1 is not a plain requirement"):
+        gpu_resolve.read_requirements(f)
