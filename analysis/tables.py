@@ -8,15 +8,21 @@
 - Significance: per reranker run, a paired bootstrap over users of reranker - retriever
   (analysis/significance.py), on the covered subset and overall.
 
-Runs are grouped by their data section (different data, different table). Every number comes from
-the runs' metrics.json, except the per-user values of the significance test, which come from
-rankings_<split>.jsonl and are checked against metrics.json. Inputs are read only; nothing is
-written until every run has been read and checked.
+Runs are grouped by their data section (different data, different table). Within a dataset, runs
+of one method with different seeds form one row, with mean ± sample standard deviation (n - 1)
+and n: retriever runs whose retriever section is the same but for `seed` (and `device`), and
+reranker runs whose retriever is such a method and whose reranker section is the same but for
+bookkeeping keys (`RERANKER_BOOKKEEPING`). Two runs of one method with the same seed are refused
+(one would count twice). Table 3's relative improvement is that of the means; the significance
+tests stay per run. Every number comes from the runs' metrics.json, except the per-user values of
+the significance test, which come from rankings_<split>.jsonl and are checked against
+metrics.json. Inputs are read only; nothing is written until every run has been read and checked.
 """
 from __future__ import annotations
 
 import json
 import math
+import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
@@ -43,6 +49,10 @@ RETRIEVER_ORDER = ("Popularity", "GRU4Rec", *paper.PAPER_RETRIEVERS)
 # means of the same numbers; anything larger means the files come from different runs).
 _TOLERANCE = 1e-9
 MISSING = "–"  # a cell with no number: not run, or not published in our sources
+# Config keys that do not change what a run measures, left out when runs are grouped into one
+# method's seeds (`seed` itself is what the runs of a method vary).
+RETRIEVER_BOOKKEEPING = ("device",)
+RERANKER_BOOKKEEPING = ("resume", "device", "model_cache_dir", "dataloader_workers", "save_total_limit", "logging_steps")
 OUTPUT_FILES = ("table1.md", "table1.csv", "table3.md", "table3.csv", "significance.json", "significance.csv", "tables.md")
 
 
@@ -57,6 +67,10 @@ class Run:
     section: Mapping[str, Any]  # metrics.json[split]
     reranker_model: Optional[str] = None  # None for a retriever-only run
     label_scheme: Optional[str] = None
+    seed: Any = None  # the run's config seed
+    retriever_seed: Any = None  # the seed of the run that produced the candidates
+    retriever_key: str = ""  # the retriever's method: runs with equal keys are seeds of one method
+    reranker_key: str = ""  # reranker runs only: retriever_key + the reranker's settings
 
     @property
     def is_reranker(self) -> bool:
@@ -65,6 +79,34 @@ class Run:
     @property
     def reranker_name(self) -> str:
         return f"LLM reranker ({self.reranker_model}, {self.label_scheme}) on {self.retriever}"
+
+
+@dataclass(frozen=True)
+class Seeds:
+    """The runs of one method (one row of a table), its seeds, and their metric sections."""
+
+    method: str
+    kind: str  # "retriever" or "reranker"
+    runs: tuple[Run, ...]
+
+    @property
+    def n(self) -> int:
+        return len(self.runs)
+
+    def values(self, key: str, metric: str) -> list[float]:
+        return [float(r.section[key][metric]) for r in self.runs]
+
+    def mean(self, key: str, metric: str) -> float:
+        return mean_std(self.values(key, metric))[0]
+
+    def std(self, key: str, metric: str) -> float:
+        return mean_std(self.values(key, metric))[1]
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """(mean, sample standard deviation with n - 1); the deviation is NaN for a single value."""
+    mean = math.fsum(values) / len(values)
+    return mean, statistics.stdev(values) if len(values) > 1 else math.nan
 
 
 @dataclass
@@ -111,20 +153,29 @@ def _config_value(cfg: Mapping[str, Any], path: Path, section: str, key: str) ->
     return value
 
 
-def _retriever_of(path: Path, cfg: Mapping[str, Any], split: str) -> tuple[str, str]:
-    """(paper name, source directory) of the retriever behind a run. A run holding its own
-    candidates (train_retriever.py, run_experiment.py) is its own source; a train_reranker.py run
-    reranked `retriever_run`, whose config names the model (its own config's retriever section
-    is whatever the reranker config said, not necessarily what produced the candidates)."""
+def _method_key(section: Any, leave_out: Sequence[str]) -> str:
+    """A config section as canonical JSON without the keys in `leave_out`."""
+    section = section if isinstance(section, dict) else {}
+    return json.dumps({k: v for k, v in section.items() if k not in leave_out}, sort_keys=True, default=str)
+
+
+def _retriever_of(path: Path, cfg: Mapping[str, Any], split: str) -> tuple[str, str, str, Any]:
+    """(paper name, source directory, method key, seed) of the retriever behind a run. A run
+    holding its own candidates (train_retriever.py, run_experiment.py) is its own source; a
+    train_reranker.py run reranked `retriever_run`, whose config names the model (its own config's
+    retriever section is whatever the reranker config said, not necessarily what produced the
+    candidates). The key is the source's retriever section without `seed` and bookkeeping."""
     cfg_path = path / "config.yaml"
     model = _config_value(cfg, cfg_path, "retriever", "model")
-    source = path
+    source, source_cfg = path, cfg
     retriever_run = cfg.get("retriever_run")
     if not candidates_path(path, split).is_file() and retriever_run:
         source = Path(retriever_run)
         if (source / "config.yaml").is_file():
-            model = _config_value(_load_yaml(source / "config.yaml"), source / "config.yaml", "retriever", "model")
-    return paper.METHOD_NAMES.get(model, model), str(source.resolve())
+            source_cfg = _load_yaml(source / "config.yaml")
+            model = _config_value(source_cfg, source / "config.yaml", "retriever", "model")
+    key = _method_key(source_cfg.get("retriever"), RETRIEVER_BOOKKEEPING)
+    return paper.METHOD_NAMES.get(model, model), str(source.resolve()), key, source_cfg.get("seed")
 
 
 def load_run(path: str | Path, split: str = SPLIT) -> Run:
@@ -164,15 +215,18 @@ def load_run(path: str | Path, split: str = SPLIT) -> Run:
         missing = [m for m in TABLE_METRICS if not isinstance(section[key].get(m), (int, float))]
         if missing:
             raise PipelineError(f"{metrics_file} [{split}][{key}] has no {missing[0]}: rerun the run with the current scripts")
-    retriever, source = _retriever_of(path, cfg, split)
+    retriever, source, retriever_key, retriever_seed = _retriever_of(path, cfg, split)
+    seeds = dict(seed=cfg.get("seed"), retriever_seed=retriever_seed, retriever_key=retriever_key)
     if not is_reranker:
-        return Run(path, data, retriever, source, section)
+        return Run(path, data, retriever, source, section, **seeds)
     if not rankings_path(path, split).is_file():
         raise PipelineError(f"{path} has reranker metrics but no {rankings_path(path, split).name}: rerun train_reranker.py")
     return Run(
         path, data, retriever, source, section,
         reranker_model=_config_value(cfg, path / "config.yaml", "reranker", "model"),
         label_scheme=_config_value(cfg, path / "config.yaml", "reranker", "label_scheme"),
+        reranker_key=retriever_key + "\n" + _method_key(cfg.get("reranker"), RERANKER_BOOKKEEPING),
+        **seeds,
     )
 
 
@@ -250,71 +304,119 @@ def retriever_runs(group: Group) -> list[Run]:
     return list(chosen.values())
 
 
+def _by_method(runs: Sequence[Run], key, seed, method, kind: str) -> list[Seeds]:
+    """`runs` grouped by key(run), in first-appearance order; one seed(run) twice is refused."""
+    grouped: dict[str, list[Run]] = {}
+    for run in runs:
+        same = grouped.setdefault(key(run), [])
+        twin = next((r for r in same if seed(r) == seed(run)), None)
+        if twin is not None:
+            raise PipelineError(
+                f"runs {twin.path} and {run.path} are both {method(run)} with seed {seed(run)!r} and the same settings: "
+                "pass one of them (runs of one method are averaged over their seeds)"
+            )
+        same.append(run)
+    return [Seeds(method(rs[0]), kind, tuple(rs)) for rs in grouped.values()]
+
+
+def retriever_seeds(group: Group) -> list[Seeds]:
+    """One row per retriever method (paper name + retriever settings but the seed), over its seed runs."""
+    return _by_method(retriever_runs(group), lambda r: f"{r.retriever}\n{r.retriever_key}", lambda r: r.retriever_seed,
+                      lambda r: r.retriever, "retriever")
+
+
+def reranker_seeds(group: Group) -> list[Seeds]:
+    """One row per reranker method (its retriever's method + reranker settings but the seeds), over
+    its runs; a run's seed is the pair (retriever's seed, reranker's seed)."""
+    runs = [r for r in group.runs if r.is_reranker]
+    return _by_method(runs, lambda r: f"{r.reranker_name}\n{r.reranker_key}", lambda r: (r.retriever_seed, r.seed),
+                      lambda r: r.reranker_name, "reranker")
+
+
 def not_run(group: Group) -> list[str]:
     """The paper's Table 1 baselines with no run on this dataset."""
     have = {r.retriever for r in retriever_runs(group)}
     return [name for name in paper.PAPER_RETRIEVERS if name not in have]
 
 
+def _joined_runs(seeds: Optional[Seeds]) -> str:
+    return ";".join(str(r.path) for r in seeds.runs) if seeds else ""
+
+
+def _users(seeds: Optional[Seeds]) -> Optional[int]:
+    """The runs' n_users when they agree (same data: they do), else None."""
+    counts = {r.section.get("n_users") for r in seeds.runs} if seeds else {None}
+    return counts.pop() if len(counts) == 1 else None
+
+
 def table1(group: Group, split: str) -> pd.DataFrame:
-    """Paper Table 1 for one dataset: every retriever (all users, full catalogue), the paper's
-    baselines not run, every reranker run (overall); `paper <metric>` columns hold the published
-    numbers (NaN where none)."""
+    """Paper Table 1 for one dataset: every retriever method (all users, full catalogue), the
+    paper's baselines not run, every reranker method (overall), each the mean over its seed runs
+    (`run`: their paths joined by ";", `n`: how many, `<metric> std`: sample standard deviation,
+    NaN for one run); `paper <metric>` columns hold the published numbers (NaN where none)."""
     pd_name = group.match.paper_dataset
 
-    def row(method: str, kind: str, run: Optional[Run], values: Optional[Mapping[str, float]], paper_method: Optional[str]) -> dict:
+    def row(method: str, kind: str, seeds: Optional[Seeds], key: str, paper_method: Optional[str]) -> dict:
         out: dict[str, Any] = {
             "dataset": group.label, "paper dataset": pd_name, "split": split, "method": method, "kind": kind,
-            "run": str(run.path) if run else "", "users": run.section.get("n_users") if run else None,
+            "run": _joined_runs(seeds), "users": _users(seeds),
         }
         for m in TABLE_METRICS:
-            out[m] = float(values[m]) if values else None
+            out[m] = seeds.mean(key, m) if seeds else None
+        out["n"] = seeds.n if seeds else 0
+        for m in TABLE_METRICS:
+            out[f"{m} std"] = seeds.std(key, m) if seeds else None
         for m in TABLE_METRICS:
             out[f"paper {m}"] = paper.published(paper.TABLE1, pd_name, paper_method, m) if paper_method else None
         return out
 
     order = {name: i for i, name in enumerate(RETRIEVER_ORDER)}
-    rows = [row(r.retriever, "retriever", r, r.section["retriever"], r.retriever) for r in retriever_runs(group)]
-    rows += [row(name, "not run", None, None, name) for name in not_run(group)]
-    rows.sort(key=lambda r: order.get(r["method"], len(order)))  # stable: runs of one model keep their order
-    for run in group.runs:
-        if run.is_reranker:
-            paper_method = paper.PAPER_RERANKER if run.retriever == paper.PAPER_RETRIEVER else None
-            rows.append(row(run.reranker_name, "reranker", run, run.section["overall"], paper_method))
+    rows = [row(s.method, "retriever", s, "retriever", s.method) for s in retriever_seeds(group)]
+    rows += [row(name, "not run", None, "", name) for name in not_run(group)]
+    rows.sort(key=lambda r: order.get(r["method"], len(order)))  # stable: rows of one model keep their order
+    for s in reranker_seeds(group):
+        paper_method = paper.PAPER_RERANKER if s.runs[0].retriever == paper.PAPER_RETRIEVER else None
+        rows.append(row(s.method, "reranker", s, "overall", paper_method))
     df = pd.DataFrame(rows)
     df["users"] = df["users"].astype("Int64")  # a count; "not run" rows have none
-    numbers = [*TABLE_METRICS, *(f"paper {m}" for m in TABLE_METRICS)]
+    numbers = [*TABLE_METRICS, *(f"{m} std" for m in TABLE_METRICS), *(f"paper {m}" for m in TABLE_METRICS)]
     df[numbers] = df[numbers].astype(float)  # NaN where there is no number
     return df
 
 
+TABLE3_COLUMNS = (
+    "dataset", "paper dataset", "split", "method", "run", "n", "coverage", "coverage std", "n_covered", "n_users", "metric",
+    "retriever", "retriever std", "reranker", "reranker std", "improvement %", "paper retriever", "paper reranker",
+    "paper improvement %",
+)
+
+
 def table3(group: Group, split: str) -> pd.DataFrame:
-    """Paper Table 3 for one dataset, one row per (reranker run, metric): the retriever's order
-    -> the reranker on the covered users, relative improvement %, and the published numbers where
-    the run is LRURec -> reranker (the paper's setting)."""
+    """Paper Table 3 for one dataset, one row per (reranker method, metric): the retriever's order
+    -> the reranker on the covered users, each the mean over the method's seed runs (`std`: sample
+    standard deviation, NaN for one run; `coverage`, `n_covered`: means), the relative improvement
+    of the means %, and the published numbers where the method is LRURec -> reranker (the paper's
+    setting)."""
     rows = []
-    for run in group.runs:
-        if not run.is_reranker:
-            continue
-        sec = run.section
-        is_paper_setting = run.retriever == paper.PAPER_RETRIEVER
+    for s in reranker_seeds(group):
+        is_paper_setting = s.runs[0].retriever == paper.PAPER_RETRIEVER
+        coverage = mean_std([r.section["n_covered"] / r.section["n_users"] for r in s.runs])
+        n_covered = mean_std([r.section["n_covered"] for r in s.runs])[0]
         for m in TABLE_METRICS:
-            before, after = float(sec["retriever_subset"][m]), float(sec["subset"][m])
+            before, after = mean_std(s.values("retriever_subset", m)), mean_std(s.values("subset", m))
             p_before = paper.published(paper.TABLE3, group.match.paper_dataset, paper.PAPER_RETRIEVER, m) if is_paper_setting else None
             p_after = paper.published(paper.TABLE3, group.match.paper_dataset, paper.PAPER_RERANKER, m) if is_paper_setting else None
             rows.append({
                 "dataset": group.label, "paper dataset": group.match.paper_dataset, "split": split,
-                "method": run.reranker_name, "run": str(run.path), "coverage": sec["n_covered"] / sec["n_users"],
-                "n_covered": sec["n_covered"], "n_users": sec["n_users"], "metric": m,
-                "retriever": before, "reranker": after, "improvement %": relative_improvement(before, after),
+                "method": s.method, "run": _joined_runs(s), "n": s.n, "coverage": coverage[0], "coverage std": coverage[1],
+                "n_covered": int(n_covered) if s.n == 1 else n_covered, "n_users": _users(s), "metric": m,
+                "retriever": before[0], "retriever std": before[1], "reranker": after[0], "reranker std": after[1],
+                "improvement %": relative_improvement(before[0], after[0]),
                 "paper retriever": p_before, "paper reranker": p_after,
                 "paper improvement %": relative_improvement(p_before, p_after),
             })
-    df = pd.DataFrame(rows, columns=[
-        "dataset", "paper dataset", "split", "method", "run", "coverage", "n_covered", "n_users", "metric", "retriever", "reranker",
-        "improvement %", "paper retriever", "paper reranker", "paper improvement %",
-    ])
-    numbers = ["improvement %", "paper retriever", "paper reranker", "paper improvement %"]
+    df = pd.DataFrame(rows, columns=list(TABLE3_COLUMNS))
+    numbers = ["coverage std", "retriever std", "reranker std", "improvement %", "paper retriever", "paper reranker", "paper improvement %"]
     df[numbers] = df[numbers].astype(float)  # NaN where there is no number
     return df
 
@@ -389,6 +491,19 @@ def _num(x: Any) -> str:
     return MISSING if pd.isna(x) else f"{x:.4f}"
 
 
+def _mean_std(mean: Any, std: Any) -> str:
+    """"0.1234 ± 0.0056" over several seeds; one run (std NaN): its value alone."""
+    return _num(mean) if pd.isna(std) else f"{_num(mean)} ± {std:.4f}"
+
+
+def _run_cell(runs: str) -> str:
+    """The Run column: the run directory's name; several seeds: "n=3: a, b, c"."""
+    if not runs:
+        return "not run"
+    names = [Path(p).name for p in runs.split(";")]
+    return names[0] if len(names) == 1 else f"n={len(names)}: " + ", ".join(names)
+
+
 def _pct(x: Any) -> str:
     return MISSING if pd.isna(x) else f"{x:+.1f}%"
 
@@ -421,11 +536,12 @@ def table1_markdown(df: pd.DataFrame, group: Group) -> str:
     header = ["Method", "Run", "Users", *[f"{m} ours / paper" if with_paper else m for m in TABLE_METRICS]]
     rows = []
     for r in d.to_dict("records"):
-        cells = [_num(r[m]) + (f" / {_num(r[f'paper {m}'])}" if with_paper else "") for m in TABLE_METRICS]
-        run = Path(r["run"]).name if r["run"] else "not run"
+        cells = [_mean_std(r[m], r[f"{m} std"]) + (f" / {_num(r[f'paper {m}'])}" if with_paper else "") for m in TABLE_METRICS]
         users = MISSING if pd.isna(r["users"]) else str(int(r["users"]))
-        rows.append([r["method"], run, users, *cells])
+        rows.append([r["method"], _run_cell(r["run"]), users, *cells])
     out = [f"### Table 1: all {d['split'].iloc[0]} users", "", markdown_table(header, rows, align_right_from=2)]
+    if (d["n"] > 1).any():
+        out.append("Several seeds of a method: mean ± sample standard deviation over its n runs (Run: n=<runs>: their directories).\n")
     missing = not_run(group)
     if missing:
         out.append(f"Not run: {', '.join(missing)} (the paper's baselines; pass their run directories with --runs to fill the rows).\n")
@@ -442,9 +558,13 @@ def table3_markdown(df: pd.DataFrame, group: Group) -> str:
     rows = []
     for run, r in d.groupby("run", sort=False):
         first = r.iloc[0]
-        cells = {x["metric"]: f"{_num(x['retriever'])} → {_num(x['reranker'])} ({_pct(x['improvement %'])})" for x in r.to_dict("records")}
-        covered = f"{int(first['n_covered'])}/{int(first['n_users'])} ({first['coverage']:.1%})"
-        rows.append([first["method"], Path(run).name, covered, *[cells[m] for m in TABLE_METRICS]])
+        cells = {x["metric"]: f"{_mean_std(x['retriever'], x['retriever std'])} → {_mean_std(x['reranker'], x['reranker std'])} "
+                 f"({_pct(x['improvement %'])})" for x in r.to_dict("records")}
+        if first["n"] == 1:
+            covered = f"{int(first['n_covered'])}/{int(first['n_users'])} ({first['coverage']:.1%})"
+        else:
+            covered = f"{first['n_covered']:.1f}/{first['n_users']} ({first['coverage']:.1%} ± {first['coverage std']:.1%})"
+        rows.append([first["method"], _run_cell(run), covered, *[cells[m] for m in TABLE_METRICS]])
     if group.match.paper_dataset:
         pcells = []
         for m in TABLE_METRICS:
@@ -453,9 +573,11 @@ def table3_markdown(df: pd.DataFrame, group: Group) -> str:
             pcells.append(MISSING if before is None and after is None else
                           f"{_num(before)} → {_num(after)} ({_pct(relative_improvement(before, after))})")
         rows.append([f"paper: {paper.PAPER_RETRIEVER} → {paper.PAPER_RERANKER}", MISSING, MISSING, *pcells])
+    note = (["Several seeds of a method: mean ± sample standard deviation over its n runs; the improvement is that of the means.\n"]
+            if (d["n"] > 1).any() else [])
     return "\n".join([
         f"### Table 3: covered {d['split'].iloc[0]} users (retriever order → reranker, relative improvement)", "",
-        markdown_table(header, rows, align_right_from=2),
+        markdown_table(header, rows, align_right_from=2), *note,
     ])
 
 

@@ -28,11 +28,13 @@ def history_mask(inputs: list[list[int]], n_items: int) -> torch.Tensor:
 
 @torch.no_grad()
 def masked_scores(score_fn: ScoreFn, inputs: list[list[int]], n_items: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scores, mask) of one batch: `score_fn(inputs)` as float on the CPU, shape checked, and
+    """(scores, mask) of one batch: `score_fn(inputs)` as float on the CPU, shape and NaN checked, and
     `history_mask(inputs)` (padding and each input's own items)."""
     scores = score_fn(inputs).float().cpu()
     if scores.shape != (len(inputs), n_items + 1):
         raise RuntimeError(f"retriever returned scores of shape {tuple(scores.shape)}, expected {(len(inputs), n_items + 1)}")
+    if torch.isnan(scores).any():  # NaN compares false: every target would rank first
+        raise RuntimeError("retriever returned NaN scores (diverged weights?)")
     return scores, history_mask(inputs, n_items)
 
 

@@ -74,6 +74,8 @@ def fit(model: TrainableRetriever, ds: SplitDataset, cfg: RetrieverConfig, seed:
         total, n = 0.0, 0
         for batch in model.batches(train_seqs, cfg.batch_size, rng):
             loss = model.loss(batch)
+            if not torch.isfinite(loss):  # NaN weights would score every target first (NaN ties)
+                raise RuntimeError(f"retriever training loss is {loss.item()} at epoch {epoch}, step {step + 1}")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             nn.utils.clip_grad_norm_(model.module.parameters(), cfg.grad_clip)

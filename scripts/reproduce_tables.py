@@ -4,8 +4,13 @@
         [--split test] [--resamples 10000] [--seed 0]
 
 --runs takes any mix of train_retriever.py, train_reranker.py and run_experiment.py run
-directories (read only). Writes to --out: table1.md/.csv, table3.md/.csv, significance.json/.csv
-(paired bootstrap over users of reranker - retriever, covered subset and overall) and tables.md
+directories (read only). Runs of one method with different seeds (the same config but `seed`;
+for a reranker, its retriever's method and the same reranker settings) are one row: mean ±
+sample std over the n runs (the Run column lists them as "n=3: a, b, c"; the CSVs have `n` and
+`<metric> std` columns); two runs of one method with the same seed are refused.
+scripts/run_table1.py runs every retriever for 3 seeds and the reranker on each LRURec seed, then
+this script. Writes to --out: table1.md/.csv, table3.md/.csv, significance.json/.csv (paired
+bootstrap over users of reranker - retriever, covered subset and overall, per run) and tables.md
 (all of it, grouped by dataset). Nothing is written when a run cannot be read.
 """
 import argparse

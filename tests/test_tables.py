@@ -280,3 +280,102 @@ def test_smoke_run_tables(smoke_run, tmp_path):
         assert by[("overall", m)]["ci_low"] <= by[("overall", m)]["mean_diff"] <= by[("overall", m)]["ci_high"]
     t3 = (out / "table3.csv").read_text().splitlines()
     assert len(t3) == 1 + 6  # one row per table metric
+
+
+# --- several seeds per method -------------------------------------------------------------------
+
+
+def _set_config(path: Path, **updates) -> Path:
+    cfg = yaml.safe_load((path / "config.yaml").read_text())
+    for key, value in updates.items():
+        if isinstance(value, dict):
+            cfg[key] = {**cfg.get(key, {}), **value}
+        else:
+            cfg[key] = value
+    (path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _flat(value: float) -> dict:
+    return {f"{m}@{k}": value for k in (1, 5, 10, 20) for m in ("NDCG", "Recall", "MRR")}
+
+
+@pytest.fixture
+def seed_runs(tmp_path):
+    """LRURec seeds 0, 1, 2 (all-user metrics 0.1, 0.2, 0.3), a train_reranker.py run on each
+    (seed k on LRURec seed k; overall 0.30, 0.40, 0.35; seed 1 keeps the retriever's order, so its
+    covered-user metrics are the retriever's), and an LRURec run with another hidden size."""
+    lrus, rrs = [], []
+    for k, (ret, overall) in enumerate([(0.1, 0.30), (0.2, 0.40), (0.3, 0.35)]):
+        test = {"retriever": _flat(ret), "coverage": 0.75, "n_users": 4, "n_covered": 3}
+        lru = write_run(tmp_path / f"lrurec_seed{k}", metrics={"val": test, "test": test})
+        lrus.append(_set_config(lru, seed=k, retriever={"model": "lrurec", "hidden": 64}))
+        subset = section(RET, 3) if k == 1 else section(RER, 3)
+        rankings = ([{**r, "label_scheme": "letters"} for r in ROWS[:3]] if k == 1 else None)  # retriever order
+        rr_test = {"retriever": _flat(ret), "retriever_subset": section(RET, 3), "subset": subset, "overall": _flat(overall),
+                   "coverage": 0.75, "n_users": 4, "n_covered": 3}
+        rr = write_run(tmp_path / f"rerank_seed{k}", reranker="tiny-qwen2", candidates=False, retriever_run=str(lru),
+                       rankings=rankings, metrics={"val": rr_test, "test": rr_test})
+        rrs.append(_set_config(rr, seed=k, reranker={"model": "tiny-qwen2", "label_scheme": "letters", "resume": k == 2}))
+    test = {"retriever": _flat(0.5), "coverage": 0.75, "n_users": 4, "n_covered": 3}
+    wide = _set_config(write_run(tmp_path / "lrurec_h128", metrics={"val": test, "test": test}),
+                       retriever={"model": "lrurec", "hidden": 128})
+    return lrus, rrs, wide
+
+
+def test_seeds_of_a_method_are_one_row_with_mean_and_std(seed_runs, tmp_path):
+    lrus, rrs, wide = seed_runs
+    t = build_tables([*lrus, wide, *rrs], n_resamples=100)
+    t1 = t.table1
+    lru = t1[t1["method"] == "LRURec"]
+    assert len(lru) == 2  # seeds 0-2 in one row; hidden 128 is another method
+    three = lru[lru["n"] == 3].iloc[0]
+    assert three["NDCG@10"] == pytest.approx(0.2) and three["NDCG@10 std"] == pytest.approx(0.1)  # 0.1, 0.2, 0.3
+    assert three["run"] == ";".join(str(p) for p in lrus) and three["users"] == 4
+    one = lru[lru["n"] == 1].iloc[0]
+    assert one["NDCG@10"] == 0.5 and math.isnan(one["NDCG@10 std"]) and one["run"] == str(wide)
+    rer = t1[t1["kind"] == "reranker"]
+    assert len(rer) == 1 and rer.iloc[0]["n"] == 3  # `resume` differs, but it is bookkeeping
+    assert rer.iloc[0]["MRR@5"] == pytest.approx(0.35) and rer.iloc[0]["MRR@5 std"] == pytest.approx(0.05)  # 0.30, 0.40, 0.35
+
+    # Table 3: subset NDCG@10 a, b, a (a: reranker, b: retriever order): mean (2a + b) / 3, std |a - b| / sqrt(3)
+    a, b = (2 + 1 / L3) / 3, (1 / L3 + 1 + 1 / L4) / 3
+    t3 = t.table3.set_index("metric")
+    assert t3.loc["NDCG@10", "n"] == 3
+    assert t3.loc["NDCG@10", "reranker"] == pytest.approx((2 * a + b) / 3)
+    assert t3.loc["NDCG@10", "reranker std"] == pytest.approx(abs(a - b) / math.sqrt(3))
+    assert t3.loc["NDCG@10", "retriever"] == pytest.approx(b) and t3.loc["NDCG@10", "retriever std"] == pytest.approx(0.0)
+    assert t3.loc["NDCG@10", "improvement %"] == pytest.approx(((2 * a + b) / 3 - b) / b * 100)  # of the means
+    assert t3.loc["NDCG@10", "coverage"] == 0.75 and t3.loc["NDCG@10", "coverage std"] == 0.0
+    assert len(t.significance) == 3 * 2 * 3  # still per run: 3 runs x 2 scopes x 3 metrics
+
+    texts = render(t)
+    names = ", ".join(p.name for p in lrus)
+    assert f"| LRURec | n=3: {names} | 4 | 0.2000 ± 0.1000 / – |" in texts["table1.md"]
+    assert f"| LRURec | lrurec_h128 | 4 | 0.5000 / – |" in texts["table1.md"]
+    assert "mean ± sample standard deviation over its n runs" in texts["table1.md"]
+    assert f"| n=3: {', '.join(p.name for p in rrs)} | 3.0/4 (75.0% ± 0.0%) |" in texts["table3.md"]
+    ndcg = f"{b:.4f} ± 0.0000 → {(2 * a + b) / 3:.4f} ± {abs(a - b) / math.sqrt(3):.4f} (+{((2 * a + b) / 3 - b) / b * 100:.1f}%)"
+    assert ndcg in texts["table3.md"]
+    csv = texts["table1.csv"].splitlines()
+    assert "n" in csv[0].split(",") and "NDCG@10 std" in csv[0].split(",")
+
+
+def test_two_runs_of_one_method_and_seed_are_refused(seed_runs, tmp_path):
+    lrus, _, _ = seed_runs
+    again = _set_config(write_run(tmp_path / "again"), seed=1, retriever={"model": "lrurec", "hidden": 64})
+    with pytest.raises(PipelineError, match=r"are both LRURec with seed 1 and the same settings: pass one of them"):
+        build_tables([*lrus, again], n_resamples=10)
+    # another seed of the same method is welcome
+    _set_config(again, seed=3)
+    t1 = build_tables([*lrus, again], n_resamples=10).table1
+    assert list(t1[t1["method"] == "LRURec"]["n"]) == [4]
+
+
+def test_script_prints_seed_means(seed_runs, tmp_path):
+    lrus, rrs, _ = seed_runs
+    proc = run_script("scripts/reproduce_tables.py", "--runs", *map(str, [*lrus, *rrs]), "--out", str(tmp_path / "out"),
+                      "--resamples", "100")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "0.2000 ± 0.1000 / 0.0705" in proc.stdout  # LRURec NDCG@10 over 3 seeds, beside the paper's
+    assert "0.3500 ± 0.0500 / 0.0759" in proc.stdout  # the reranker's overall NDCG@10
