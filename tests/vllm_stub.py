@@ -53,6 +53,10 @@ class StubVLLM:
                 self._send(status, answer)
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        # Handler threads are joined by close(): a daemon one still inside a torch forward when the
+        # interpreter exits (the "slow" mode outlives its client's timeout) aborts pytest at shutdown
+        # ("terminate called without an active exception").
+        self.server.daemon_threads = False
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
