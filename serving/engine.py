@@ -23,12 +23,12 @@ from transformers import PreTrainedTokenizerBase
 
 from pipeline.config import Config, load_config
 from pipeline.errors import PipelineError
+from rerank.calibration import Prior  # candidate count K -> the prior of each slot
 from rerank.labels import LabelTokens
 from rerank.prompts import PromptStyle, check_tokenizer, encode_prompt, label_tokens
 from serving.schema import RerankRequest, TextItem
 from serving.scorer import Scorer
 
-Prior = dict[int, list[float]]  # candidate count K -> prior of each slot (rerank/calibration.py)
 
 
 class RequestError(Exception):
