@@ -31,6 +31,7 @@ import pandas as pd
 import yaml
 
 from analysis import paper
+from analysis.convergence import convergence, convergence_markdown
 from analysis.significance import CONFIDENCE, N_RESAMPLES, SEED, paired_tests, paired_user_values
 from pipeline.atomic import write_text
 from pipeline.candidates import candidates_path, rankings_path, read_rows
@@ -53,7 +54,8 @@ MISSING = "–"  # a cell with no number: not run, or not published in our sourc
 # method's seeds (`seed` itself is what the runs of a method vary).
 RETRIEVER_BOOKKEEPING = ("device",)
 RERANKER_BOOKKEEPING = ("resume", "device", "model_cache_dir", "dataloader_workers", "save_total_limit", "logging_steps")
-OUTPUT_FILES = ("table1.md", "table1.csv", "table3.md", "table3.csv", "significance.json", "significance.csv", "tables.md")
+OUTPUT_FILES = ("table1.md", "table1.csv", "table3.md", "table3.csv", "significance.json", "significance.csv",
+                "convergence.md", "convergence.csv", "tables.md")
 
 
 @dataclass(frozen=True)
@@ -129,6 +131,7 @@ class Tables:
     table3: pd.DataFrame
     significance: pd.DataFrame
     settings: dict[str, Any]
+    convergence: pd.DataFrame  # how each retriever's training ended (analysis/convergence.py)
 
 
 # --- reading runs -------------------------------------------------------------------------------
@@ -474,6 +477,7 @@ def build_tables(
     frames = ([table1(g, split) for g in groups], [table3(g, split) for g in groups],
               [significance(g, split, n_resamples, seed, confidence) for g in groups])
     t1, t3, sig = (_concat(f) for f in frames)
+    conv = _concat([convergence(g, split) for g in groups])
     settings = {
         "split": split, "runs": [str(Path(p)) for p in paths],
         "bootstrap": {"resamples": n_resamples, "seed": seed, "confidence": confidence,
@@ -481,7 +485,7 @@ def build_tables(
                       "unit": "user (paired: the same users for reranker and retriever)"},
         "paper": {"title": paper.PAPER, "url": paper.PAPER_URL, "numbers_from": paper.NUMBERS_SOURCE},
     }
-    return Tables(split, groups, t1, t3, sig, settings)
+    return Tables(split, groups, t1, t3, sig, settings, conv)
 
 
 # --- rendering ----------------------------------------------------------------------------------
@@ -615,13 +619,16 @@ def render(tables: Tables) -> dict[str, str]:
     t1 = [f"# Table 1: all {tables.split} users", "", _preamble(tables)]
     t3 = [f"# Table 3: covered {tables.split} users", "", _preamble(tables)]
     both = ["# The paper's tables, reproduced", "", _preamble(tables)]
+    conv = [f"# Retriever training: {tables.split} metrics", ""]
     for g in tables.groups:
         intro = _group_intro(g)
         p1, p3 = table1_markdown(tables.table1, g), table3_markdown(tables.table3, g)
         ps = significance_markdown(tables.significance, g, conf)
+        pc = convergence_markdown(tables.convergence, g.label)
         t1 += [intro, p1]
         t3 += [intro, p3]
-        both += [intro, p1, p3] + ([ps] if ps else [])
+        conv += [intro, pc or "No retriever run on this dataset.\n"]
+        both += [intro, p1] + ([pc] if pc else []) + [p3] + ([ps] if ps else [])
     sig = tables.significance.astype(object).where(tables.significance.notna(), None)
     return {
         "table1.md": "\n".join(t1),
@@ -630,6 +637,8 @@ def render(tables: Tables) -> dict[str, str]:
         "table3.csv": tables.table3.to_csv(index=False),
         "significance.csv": tables.significance.to_csv(index=False),
         "significance.json": json.dumps({**tables.settings, "tests": sig.to_dict("records")}, indent=2) + "\n",
+        "convergence.md": "\n".join(conv),
+        "convergence.csv": tables.convergence.to_csv(index=False),
         "tables.md": "\n".join(both),
     }
 

@@ -14,7 +14,7 @@ import yaml
 
 from analysis import paper
 from analysis.significance import bootstrap_means, paired_tests, paired_user_values
-from analysis.tables import build_tables, not_run, relative_improvement, render, write_outputs
+from analysis.tables import OUTPUT_FILES, build_tables, not_run, relative_improvement, render, write_outputs
 from pipeline.errors import PipelineError
 from pipeline.metrics import metrics_from_ranks, per_user_metrics
 from tests.conftest import REPO, run_script
@@ -261,8 +261,7 @@ def test_smoke_run_tables(smoke_run, tmp_path):
     out = tmp_path / "tables"
     proc = run_script("scripts/reproduce_tables.py", "--runs", str(run_dir), "--out", str(out), "--resamples", "2000")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["table1.md", "table1.csv", "table3.md", "table3.csv", "significance.json", "significance.csv", "tables.md"])
+    assert sorted(p.name for p in out.iterdir()) == sorted(OUTPUT_FILES)
     assert sorted(p.relative_to(run_dir) for p in run_dir.rglob("*")) == before  # read only
     test = json.loads((run_dir / "metrics.json").read_text())["test"]
     t1 = (out / "table1.md").read_text()
@@ -280,6 +279,10 @@ def test_smoke_run_tables(smoke_run, tmp_path):
         assert by[("overall", m)]["ci_low"] <= by[("overall", m)]["mean_diff"] <= by[("overall", m)]["ci_high"]
     t3 = (out / "table3.csv").read_text().splitlines()
     assert len(t3) == 1 + 6  # one row per table metric
+    summary = json.loads((run_dir / "retriever_summary.json").read_text())
+    conv = (out / "convergence.md").read_text()  # a run_experiment.py run: no retriever-only wall time
+    assert f"| LRURec | 1 | {summary['epochs_run']:.1f} | {summary['best_epoch']:.1f} |" in conv
+    assert f"| {summary['train_seconds']:.0f} | – | {ret['NDCG@10']:.4f} | {ret['Recall@20']:.4f} |" in conv
 
 
 # --- several seeds per method -------------------------------------------------------------------
@@ -379,3 +382,53 @@ def test_script_prints_seed_means(seed_runs, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "0.2000 ± 0.1000 / 0.0705" in proc.stdout  # LRURec NDCG@10 over 3 seeds, beside the paper's
     assert "0.3500 ± 0.0500 / 0.0759" in proc.stdout  # the reranker's overall NDCG@10
+
+
+def _summary(run: Path, epochs_run: int, best_epoch: int, train_seconds: float, start: str, end: str) -> None:
+    """retriever_summary.json and run.json as train_retriever.py writes them (validation every epoch)."""
+    history = [{"epoch": e, "NDCG@10": 0.1} for e in range(1, epochs_run + 1)]
+    (run / "retriever_summary.json").write_text(json.dumps(
+        {"epochs_run": epochs_run, "best_epoch": best_epoch, "train_seconds": train_seconds, "history": history}))
+    (run / "run.json").write_text(json.dumps({"start": start, "end": end}))
+
+
+def test_convergence_table_epochs_stops_and_times(seed_runs, tmp_path):
+    """Seeds stopped by patience after 20 and 12 epochs, and one that ran into max_epochs (30) with
+    its best at 29: the row says so, with means and sample stds computed by hand."""
+    lrus, rrs, _ = seed_runs
+    for lru in lrus:
+        _set_config(lru, retriever={"model": "lrurec", "hidden": 64, "max_epochs": 30, "patience": 5})
+    _summary(lrus[0], 20, 15, 100.0, "2026-01-01T00:00:00+00:00", "2026-01-01T00:02:00+00:00")  # 5 after best: patience
+    _summary(lrus[1], 12, 7, 60.0, "2026-01-01T00:00:00+00:00", "2026-01-01T00:01:30+00:00")
+    _summary(lrus[2], 30, 29, 200.0, "2026-01-01T00:00:00+00:00", "2026-01-01T00:04:00+00:00")  # 1 after best: bound
+    pop = _set_config(write_run(tmp_path / "pop", retriever="pop"), retriever={"model": "pop"})
+    t = build_tables([*lrus, pop, *rrs], n_resamples=10)
+    conv = t.convergence.set_index("method")
+    lru = conv.loc["LRURec"]
+    assert lru["n"] == 3 and lru["max_epochs"] == "30" and lru["patience"] == "5"
+    assert lru["epochs_run"] == pytest.approx(62 / 3) and lru["epochs_run std"] == pytest.approx(math.sqrt(((20 - 62 / 3) ** 2 + (12 - 62 / 3) ** 2 + (30 - 62 / 3) ** 2) / 2))
+    assert lru["best_epoch"] == pytest.approx(17.0) and lru["train_seconds"] == pytest.approx(120.0)
+    assert lru["wall_seconds"] == pytest.approx(150.0)  # 120, 90, 240
+    assert (lru["stopped by patience"], lru["stopped by epoch bound"]) == (2, 1)
+    assert lru["NDCG@10"] == pytest.approx(0.2) and lru["Recall@20 std"] == pytest.approx(0.1)
+    popularity = conv.loc["Popularity"]
+    assert math.isnan(popularity["epochs_run"]) and popularity["stopped by patience"] == 0
+    texts = render(t)
+    assert "| LRURec | 3 | 20.7 ± 9.0 | 17.0 ± 11.1 | 30 | 5 | patience 2/3, BOUND 1/3 | 120 ± 72 | 150 ± 79 |" in texts["convergence.md"]
+    assert "| Popularity | 1 | – | – | – | – | – |" in texts["convergence.md"]
+    assert "### Retriever training: how each run ended" in texts["tables.md"]
+    assert texts["convergence.csv"].splitlines()[0].startswith("dataset,split,method,run,n,epochs_run")
+
+
+def test_convergence_wall_time_only_for_retriever_only_runs(tmp_path):
+    """A run that also trained a reranker (run_experiment.py) has no retriever wall time; nor has a
+    resumed run (its span includes the pause)."""
+    both = write_run(tmp_path / "both", reranker="tiny-qwen2")
+    _summary(both, 10, 5, 50.0, "2026-01-01T00:00:00+00:00", "2026-01-01T00:30:00+00:00")
+    resumed = _set_config(write_run(tmp_path / "resumed", retriever="sasrec"), seed=1)
+    _summary(resumed, 10, 5, 50.0, "2026-01-01T00:00:00+00:00", "2026-01-01T00:30:00+00:00")
+    (resumed / "run.json").write_text(json.dumps({"start": "2026-01-01T00:00:00+00:00", "end": "2026-01-01T00:30:00+00:00",
+                                                  "resumes": [{"start": "2026-01-01T00:20:00+00:00"}]}))
+    conv = build_tables([both, resumed], n_resamples=10).convergence.set_index("method")
+    assert conv.loc["LRURec", "train_seconds"] == 50.0 and math.isnan(conv.loc["LRURec", "wall_seconds"])
+    assert math.isnan(conv.loc["SASRec", "wall_seconds"])

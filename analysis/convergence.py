@@ -1,0 +1,144 @@
+"""How each retriever's training ended: the evidence that Table 1 compares converged models.
+
+One row per retriever method (its seed runs, as Table 1 groups them): epochs run, the epoch of the
+best validation NDCG@10 (the weights kept), what ended training (early stopping's patience, or the
+`max_epochs` bound: a run that hit its bound was still improving and its row is not a fair
+comparison), training seconds (retriever_summary.json), wall seconds of the run (run.json start to
+end, retriever-only runs that were not resumed: a run_experiment.py run also timed its reranker) and
+the headline test metrics, each as mean ± sample std over the seeds.
+
+Everything is read from the retriever's own run directory (`Run.retriever_source`); a run without
+retriever_summary.json (popularity has no epochs; older runs) shows "–" where it has no number.
+"""
+from __future__ import annotations
+
+import json
+import math
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import pandas as pd
+import yaml
+
+from pipeline.errors import PipelineError
+
+SUMMARY_FILE = "retriever_summary.json"  # written by retrieval/run.py after fitting
+METRICS = ("NDCG@10", "Recall@20")  # issue-level headline: ranking quality and the reranker's coverage
+PATIENCE, BOUND = "patience", "epoch bound"
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise PipelineError(f"{path} is not valid JSON: rerun the run") from None
+
+
+def stopped_by(summary: dict, patience: int) -> Optional[str]:
+    """PATIENCE when `patience` validations after the best one ended the loop, BOUND when the loop
+    ran out of epochs first (retrieval/training.py stops on exactly these two), None without epochs."""
+    if "epochs_run" not in summary or "best_epoch" not in summary:
+        return None
+    after_best = [h for h in summary.get("history", []) if h.get("epoch", 0) > summary["best_epoch"]]
+    return PATIENCE if len(after_best) >= patience else BOUND
+
+
+def wall_seconds(source: Path) -> Optional[float]:
+    """run.json end - start for a finished retriever-only run that was never resumed, else None."""
+    run_file, metrics_file = source / "run.json", source / "metrics.json"
+    if not run_file.is_file() or not metrics_file.is_file():
+        return None
+    run = _read_json(run_file)
+    if not run.get("end") or run.get("resumes") or any("subset" in s for s in _read_json(metrics_file).values()):
+        return None
+    return (datetime.fromisoformat(run["end"]) - datetime.fromisoformat(run["start"])).total_seconds()
+
+
+def run_training(source: Path) -> dict[str, Any]:
+    """One retriever run's training facts (NaN / None where the run has none)."""
+    summary_file = source / SUMMARY_FILE
+    summary = _read_json(summary_file) if summary_file.is_file() else {}
+    cfg = yaml.safe_load((source / "config.yaml").read_text(encoding="utf-8")) or {}
+    retriever = cfg.get("retriever") or {}
+    has_epochs = "epochs_run" in summary
+    patience = retriever.get("patience")
+    return {
+        "epochs_run": summary.get("epochs_run", math.nan),
+        "best_epoch": summary.get("best_epoch", math.nan),
+        "max_epochs": retriever.get("max_epochs") if has_epochs else None,
+        "patience": patience if has_epochs else None,
+        "stopped_by": stopped_by(summary, patience) if has_epochs and isinstance(patience, int) else None,
+        "train_seconds": summary.get("train_seconds", math.nan),
+        "wall_seconds": wall_seconds(source) or math.nan,
+    }
+
+
+# analysis.tables imports this module, so its helpers are imported where they are called.
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    from analysis.tables import mean_std  # one definition of the seed statistics
+
+    finite = [float(v) for v in values if v is not None and not math.isnan(float(v))]
+    return mean_std(finite) if finite else (math.nan, math.nan)
+
+
+def _joined(values: Sequence[Any]) -> Optional[str]:
+    distinct = sorted({v for v in values if v is not None}, key=str)
+    return "/".join(map(str, distinct)) if distinct else None
+
+
+def convergence(group: Any, split: str) -> pd.DataFrame:
+    """One row per retriever method of `group` (analysis.tables.Group): the training facts of its
+    seed runs (mean, sample std), how many stopped on patience / on the bound, and `split` metrics."""
+    from analysis.tables import retriever_seeds
+
+    rows = []
+    for seeds in retriever_seeds(group):
+        facts = [run_training(Path(r.retriever_source)) for r in seeds.runs]
+        row: dict[str, Any] = {"dataset": group.label, "split": split, "method": seeds.method,
+                               "run": ";".join(str(r.path) for r in seeds.runs), "n": seeds.n}
+        for key in ("epochs_run", "best_epoch", "train_seconds", "wall_seconds"):
+            row[key], row[f"{key} std"] = _mean_std([f[key] for f in facts])
+        row["max_epochs"] = _joined([f["max_epochs"] for f in facts])
+        row["patience"] = _joined([f["patience"] for f in facts])
+        stops = [f["stopped_by"] for f in facts]
+        row["stopped by patience"] = stops.count(PATIENCE)
+        row["stopped by epoch bound"] = stops.count(BOUND)
+        for m in METRICS:
+            row[m], row[f"{m} std"] = _mean_std(seeds.values("retriever", m))
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _cell(mean: Any, std: Any, digits: int) -> str:
+    if pd.isna(mean):
+        return "–"
+    return f"{mean:.{digits}f}" if pd.isna(std) else f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def convergence_markdown(df: pd.DataFrame, label: str) -> str:
+    from analysis.tables import markdown_table
+
+    d = df[df["dataset"] == label] if not df.empty else df
+    if d.empty:
+        return ""
+    header = ["Method", "n", "Epochs run", "Best epoch", "max_epochs", "Patience", "Stopped by",
+              "Train s", "Wall s", *(f"{d['split'].iloc[0]} {m}" for m in METRICS)]
+    rows = []
+    for r in d.to_dict("records"):
+        with_epochs = r["stopped by patience"] + r["stopped by epoch bound"]
+        stops = (f"patience {r['stopped by patience']}/{r['n']}" + (f", BOUND {r['stopped by epoch bound']}/{r['n']}"
+                 if r["stopped by epoch bound"] else "")) if with_epochs else "–"
+        rows.append([r["method"], str(r["n"]), _cell(r["epochs_run"], r["epochs_run std"], 1),
+                     _cell(r["best_epoch"], r["best_epoch std"], 1), r["max_epochs"] or "–", r["patience"] or "–", stops,
+                     _cell(r["train_seconds"], r["train_seconds std"], 0), _cell(r["wall_seconds"], r["wall_seconds std"], 0),
+                     *(_cell(r[m], r[f"{m} std"], 4) for m in METRICS)])
+    return "\n".join([
+        "### Retriever training: how each run ended", "",
+        markdown_table(header, rows, align_right_from=1),
+        "Mean ± sample std over the method's seed runs. Stopped by: early stopping's patience on validation NDCG@10, "
+        "or the max_epochs bound (BOUND: still improving, not converged). Wall s: the whole retriever run "
+        "(run.json), – for runs that also trained a reranker or were resumed.\n",
+    ])
