@@ -15,11 +15,15 @@ under --out (a rerun continues: every command gets --resume, which keeps finishe
                             reranker config asks for (its retriever.prefix_candidates)
     <out>/tables            reproduce_tables.py over all of them: mean ± std (n) per method
 
---dry-run prints the commands without running them. Stops at the first command that fails.
+A run whose run.json says it finished (an end time, no error) is not started again, so its run.json
+keeps the start and end of the one process that made it (the wall time the tables report); an
+unfinished one is continued with --resume. --dry-run prints the commands without running them.
+Stops at the first command that fails.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import subprocess
 import sys
@@ -66,6 +70,15 @@ def commands(out: str, seeds: list[int], retrievers: list[str], reranker_config:
     return cmds
 
 
+def finished(run_dir: Path) -> bool:
+    """True when `run_dir`'s run.json records a finished run (RunDir stamps `end` only on success)."""
+    try:
+        run = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return False
+    return bool(run.get("end")) and not run.get("error")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="directory for every run and the tables")
@@ -79,6 +92,10 @@ def main(argv=None):
     reranker_config = None if args.no_reranker else args.reranker_config
     cmds = commands(args.out, args.seeds, args.retrievers, reranker_config, args.reranker_seeds or args.seeds)
     for cmd in cmds:
+        run_dir = Path(cmd[cmd.index("--out") + 1])
+        if cmd[1] != "scripts/reproduce_tables.py" and finished(REPO / run_dir):
+            print(f"kept finished run {run_dir}", flush=True)
+            continue
         print("$ " + shlex.join(cmd), flush=True)
         if args.dry_run:
             continue

@@ -1,4 +1,5 @@
 """scripts/run_table1.py: the commands it runs (dry run: nothing is trained)."""
+import json
 import shlex
 import sys
 
@@ -39,3 +40,22 @@ def test_no_reranker_and_bad_reranker_seeds(tmp_path):
     assert "train_reranker" not in proc.stdout
     proc = run_script("scripts/run_table1.py", "--out", str(tmp_path), "--seeds", "0", "--reranker-seeds", "1", "--dry-run")
     assert proc.returncode != 0 and "--reranker-seeds [1] have no LRURec run" in proc.stderr
+
+
+def test_finished_runs_are_kept_untouched_and_tabulated(tmp_path):
+    """A finished run (run.json with an end, no error) is not started again: its run.json, which
+    times the run, stays as it was; the tables are made over it. An unfinished one would be run."""
+    from tests.test_tables import write_run
+
+    out = tmp_path / "t1"
+    pop = write_run(out / "pop", retriever="pop")
+    stamp = json.dumps({"start": "2026-01-01T00:00:00+00:00", "end": "2026-01-01T00:00:05+00:00"})
+    (pop / "run.json").write_text(stamp)
+    proc = run_script("scripts/run_table1.py", "--out", str(out), "--retrievers", "pop", "--no-reranker")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"kept finished run {pop}" in proc.stdout and "train_retriever.py" not in proc.stdout
+    assert (pop / "run.json").read_text() == stamp
+    assert "| Popularity | 1 | – |" in (out / "tables" / "convergence.md").read_text()
+    (pop / "run.json").write_text(json.dumps({"start": "2026-01-01T00:00:00+00:00", "end": None}))  # killed
+    proc = run_script("scripts/run_table1.py", "--out", str(out), "--retrievers", "pop", "--no-reranker", "--dry-run")
+    assert f"train_retriever.py --config configs/retrieval/pop_ml-100k.yaml --out {pop}" in proc.stdout
