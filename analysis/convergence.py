@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import pandas as pd
-import yaml
 
 from pipeline.errors import PipelineError
 
@@ -59,7 +58,9 @@ def run_training(source: Path) -> dict[str, Any]:
     """One retriever run's training facts (NaN / None where the run has none)."""
     summary_file = source / SUMMARY_FILE
     summary = _read_json(summary_file) if summary_file.is_file() else {}
-    cfg = yaml.safe_load((source / "config.yaml").read_text(encoding="utf-8")) or {}
+    from analysis.tables import _load_yaml  # the tables' reading of config.yaml: one error for a bad file
+
+    cfg = _load_yaml(source / "config.yaml")
     retriever = cfg.get("retriever") or {}
     has_epochs = "epochs_run" in summary
     patience = retriever.get("patience")
@@ -70,7 +71,7 @@ def run_training(source: Path) -> dict[str, Any]:
         "patience": patience if has_epochs else None,
         "stopped_by": stopped_by(summary, patience) if has_epochs and isinstance(patience, int) else None,
         "train_seconds": summary.get("train_seconds", math.nan),
-        "wall_seconds": wall_seconds(source) or math.nan,
+        "wall_seconds": math.nan if (wall := wall_seconds(source)) is None else wall,
     }
 
 
