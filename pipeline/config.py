@@ -67,7 +67,7 @@ class RetrieverConfig:
     max_epochs: int = 200  # upper bound; early stopping normally ends training first
     patience: int = 10  # epochs without validation NDCG@10 improvement before stopping
     eval_every: int = 1  # epochs between validations
-    # recbole models trained on prefixes (train_on below; by default bert4rec and narm): every prefix
+    # recbole models trained on prefixes (train_on below; by default bert4rec): every prefix
     # of every train sequence is ~96K instances per epoch on ML-100K; this samples that many per epoch
     # instead (seeded), with validation every N instances. None = every prefix (recbole's own
     # behaviour). A model trained on windows refuses it when trained (not checked here, so old run
@@ -75,10 +75,10 @@ class RetrieverConfig:
     instances_per_epoch: Optional[int] = None
     # recbole models: what one training row is (retrieval/recbole_models.py). "windows": windows of
     # <= max_len of each train sequence, every position once per epoch (sasrec/gru4rec: next-item loss
-    # at every position; bert4rec: its cloze loss on the windows; narm has none: it is not causal per
-    # position). "prefixes": one instance per prefix, the model's own calculate_loss (recbole's
-    # sequential augmentation). null = the model's default: windows for sasrec/gru4rec, prefixes for
-    # bert4rec (measured better on ML-100K) and narm. lrurec always trains on windows; pop ignores it.
+    # at every position, narm through its attention restated per position; bert4rec: its cloze loss on
+    # the windows). "prefixes": one instance per prefix, the model's own calculate_loss (recbole's
+    # sequential augmentation). null = the model's default: windows for sasrec/gru4rec/narm, prefixes
+    # for bert4rec (measured better on ML-100K). lrurec always trains on windows; pop ignores it.
     train_on: Optional[Literal["windows", "prefixes"]] = None
     top_k: int = 20  # candidates written per user (paper: 20)
     # Also write candidates_train_prefixes.jsonl: the top_k (history masked) after every prefix of
@@ -100,9 +100,6 @@ class RetrieverConfig:
             raise PipelineError(f"retriever.prefix_candidates must be >= 0 or null (got {self.prefix_candidates})")
         if self.instances_per_epoch is not None and self.instances_per_epoch < 1:
             raise PipelineError(f"retriever.instances_per_epoch must be a positive integer or null (got {self.instances_per_epoch})")
-        if self.train_on == "windows" and self.model == "narm":
-            raise PipelineError("retriever.train_on=windows: narm is not causal per position (its attention reads the whole "
-                                "input), so it trains on prefixes: set train_on to prefixes or null")
 
 
 @dataclass

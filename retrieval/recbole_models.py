@@ -21,14 +21,17 @@ recbole's Trainer and dataloaders (SPEC: ~10x slower) with our shared loop
   it), in one pass instead of one per prefix. recbole's sequential augmentation gives each prefix
   its last max_len items as context; here a position sees its window's items up to it (as LRURec,
   and SASRec's paper, train).
-- NARM: prefixes, always. NARM is not causal per position: its output for a sequence is an
-  attention over ALL its GRU states whose query is the LAST state (c_local = sum_j alpha_j h_j,
-  alpha_j = v . sigmoid(A1 h_j + A2 h_last)), concatenated with the last state, and recbole's
-  `forward` exposes only that final output; the output "at position t" of a window is not the
-  output of the prefix s[:t+1] (every later item would enter the attention). An all-position NARM
-  would mean re-implementing its attention in our code with one query per position
-  (B x L x L x H): our NARM, not recbole's. So NARM trains on prefix instances, the objective
-  recbole trains it with, and its epochs are made cheap instead (below).
+- NARM: windows too ("all_positions"), through `narm_per_position_output`. recbole's NARM
+  `forward` is not per-position: its output is an attention over ALL the input's GRU states whose
+  query is the LAST state (c_local = sum_j alpha_j h_j, alpha_j = v . sigmoid(A1 h_j + A2 h_last)),
+  concatenated with the last state and projected by B. Its per-position output is the same
+  computation with one query per position t over the states j <= t (a lower-triangular mask in
+  place of recbole's padding mask), written with the model's own modules (item_embedding,
+  emb_dropout, gru, a_1, a_2, v_t, ct_dropout, b) and weights: position t's output is exactly
+  recbole's `forward` of the prefix window[:t+1] (tests/test_recbole_models.py checks it, and
+  the loss against `calculate_loss` over every prefix). It costs sigmoid(A1 h_j + A2 h_t) for
+  every pair j <= t (hidden wide), computed in blocks of queries (NARM_QUERY_BLOCK); the config
+  header gives the measured epoch time. train_on=prefixes keeps recbole's prefix instances.
 - BERT4Rec: prefixes by default, its own masked-item (cloze) objective either way:
   `calculate_loss` after recbole's `MaskItemSequence` transform (mask_ratio 0.2; with recbole's
   ft_ratio 0.5, half the batches mask only each row's last item). train_on=windows applies it to
@@ -99,11 +102,18 @@ FFN_MULT = 4
 # size: recbole's default ratio (embedding_size 64, hidden_size 128).
 GRU_MULT = 2
 # retriever.train_on when null (module docstring).
-DEFAULT_TRAIN_ON = {"sasrec": "windows", "gru4rec": "windows", "bert4rec": "prefixes", "narm": "prefixes"}
-# Models whose output at position t is the output of the prefix s[:t+1] (all_position_loss).
+DEFAULT_TRAIN_ON = {"sasrec": "windows", "gru4rec": "windows", "bert4rec": "prefixes", "narm": "windows"}
+# Models whose own forward, read out at every position (per_position_output), gives at position t
+# the output of the prefix s[:t+1].
 CAUSAL = ("sasrec", "gru4rec")
+# Models with a per-position output (all_position_loss): CAUSAL, and NARM's restated attention.
+PER_POSITION = (*CAUSAL, "narm")
 # Training batches are sorted by length within pools of this many batches (length_bucketed).
 BUCKET_POOL = 32
+# NARM's per-position attention is computed for this many query positions at a time
+# (narm_per_position_output). Measured, one thread, 64 x 150 items, forward + backward: the full
+# L x L square 4.6 s, blocks of 25 2.3 s, of 16 1.8 s, of 10 1.6 s.
+NARM_QUERY_BLOCK = 10
 # Interaction field of the per-position next-item targets (all-position batches; 0 = no target).
 NEXT_ITEMS = "next_item_id_list"
 
@@ -117,12 +127,11 @@ def objective(name: str, train_on: str | None) -> str:
         return "prefixes"
     if train_on != "windows":
         raise PipelineError(f"retriever.train_on must be windows, prefixes or null (got {train_on!r})")
-    if name in CAUSAL:
+    if name in PER_POSITION:
         return "all_positions"
     if name == "bert4rec":
         return "cloze"
-    raise PipelineError(f"retriever.train_on=windows: {name} is not causal per position (see retrieval/recbole_models.py), "
-                        "so it trains on prefixes: set train_on to prefixes or null")
+    raise AssertionError(name)  # every recbole model is one of the two
 
 
 def recbole_params(name: str, cfg: RetrieverConfig) -> dict:
@@ -176,7 +185,7 @@ class RecboleSizes:
 
 
 # ----------------------------------------------------------------------------------------
-# The all-position loss (SASRec, GRU4Rec)
+# The all-position loss (SASRec, GRU4Rec, NARM)
 
 
 @contextmanager
@@ -184,10 +193,10 @@ def per_position_output(module: torch.nn.Module) -> Iterator[None]:
     """Within the block, `module.forward(item_seq, item_seq_len)` returns its (B, L, H) output
     at every position: the model's own forward, with the `gather_indexes` it ends with (the
     read-out at item_length - 1) made the identity on this instance. SASRec and GRU4Rec call
-    gather_indexes once, as their last step; a model whose forward uses it elsewhere (NARM)
-    is refused."""
+    gather_indexes once, as their last step; a model whose forward uses it elsewhere (NARM: use
+    per_position_forward) is refused."""
     if type(module).__name__.lower() not in CAUSAL:
-        raise ValueError(f"{type(module).__name__} has no per-position output to train (see retrieval/recbole_models.py)")
+        raise ValueError(f"{type(module).__name__}'s forward cannot be read out per position (see per_position_forward)")
     module.gather_indexes = lambda output, gather_index: output  # instance attribute shadows the method
     try:
         yield
@@ -195,15 +204,49 @@ def per_position_output(module: torch.nn.Module) -> Iterator[None]:
         del module.gather_indexes
 
 
+def narm_per_position_output(module: torch.nn.Module, item_seq: torch.Tensor) -> torch.Tensor:
+    """NARM's (B, L, embedding) output at every position of right-padded `item_seq`: recbole's
+    `NARM.forward` with the last GRU state replaced by each position's own state as the query
+    (and as c_global), the attention restricted to states j <= t. Padding positions get outputs
+    too (of their window so far); callers drop them. Same modules, same order of operations."""
+    emb = module.emb_dropout(module.item_embedding(item_seq))
+    gru_out, _ = module.gru(emb)  # (B, L, H): states h_j, causal
+    keys = module.a_1(gru_out)  # A1 h_j
+    queries = module.a_2(gru_out)  # A2 h_t, one query per position t
+    # alpha[b, t, j] = v . sigmoid(A1 h_j + A2 h_t) for j <= t, else 0. recbole multiplies the
+    # sigmoid by its (padding) mask before v_t; v_t has no bias, so masking its output is the same.
+    # Computed for blocks of NARM_QUERY_BLOCK queries against the keys up to the block's end:
+    # about half the (t, j) pairs of the full square, and blocks small enough to stay in cache.
+    length = item_seq.shape[1]
+    blocks = []
+    for first in range(0, length, NARM_QUERY_BLOCK):
+        end = min(length, first + NARM_QUERY_BLOCK)
+        pairs = torch.sigmoid(keys[:, None, :end] + queries[:, first:end, None])  # (B, t in block, j < end, H)
+        alpha = module.v_t(pairs).squeeze(-1)
+        alpha = alpha * torch.ones(end - first, end, dtype=alpha.dtype, device=alpha.device).tril(first)  # j <= t
+        blocks.append(alpha @ gru_out[:, :end])  # sum_j alpha[t, j] h_j
+    c_local = torch.cat(blocks, dim=1)  # (B, L, H)
+    c_t = module.ct_dropout(torch.cat([c_local, gru_out], dim=-1))  # [c_local, c_global = h_t]
+    return module.b(c_t)
+
+
+def per_position_forward(module: torch.nn.Module, item_seq: torch.Tensor, item_seq_len: torch.Tensor) -> torch.Tensor:
+    """The model's (B, L, H) output at every position: its own forward read out everywhere
+    (SASRec, GRU4Rec) or NARM's restated attention."""
+    if type(module).__name__.lower() == "narm":
+        return narm_per_position_output(module, item_seq)
+    with per_position_output(module):
+        return module.forward(item_seq, item_seq_len)
+
+
 def all_position_loss(module: torch.nn.Module, item_seq: torch.Tensor, item_seq_len: torch.Tensor, next_items: torch.Tensor) -> torch.Tensor:
     """Next-item full-softmax cross-entropy at every position t with next_items[:, t] > 0, the
     mean over those positions: recbole's CE `calculate_loss` (logits = output @
     item_embedding.weight.T, the model's `loss_fct`), applied at each position of the model's
-    own per-position output instead of only at item_length - 1."""
+    per-position output instead of only at item_length - 1."""
     if module.loss_type != "CE":
         raise ValueError(f"all_position_loss is the CE loss; the model has loss_type {module.loss_type!r}")
-    with per_position_output(module):
-        output = module.forward(item_seq, item_seq_len)  # (B, L, H)
+    output = per_position_forward(module, item_seq, item_seq_len)  # (B, L, H)
     if output.shape[:2] != item_seq.shape:
         raise RuntimeError(f"{type(module).__name__}.forward gave {tuple(output.shape)} per-position outputs for items {tuple(item_seq.shape)}")
     keep = next_items > 0
@@ -419,7 +462,7 @@ class RecboleRetriever:
     def loss(self, batch: Interaction) -> torch.Tensor:
         if self.objective == "all_positions":
             return all_position_loss(self.module, batch[self.item_seq], batch[self.item_seq_len], batch[NEXT_ITEMS])
-        return self.module.calculate_loss(batch)  # BERT4Rec: masked items; NARM: the prefix's target
+        return self.module.calculate_loss(batch)  # cloze: masked items; prefixes: the prefix's target
 
     def _interaction(self, items: np.ndarray, lengths: np.ndarray, targets: np.ndarray | None = None) -> Interaction:
         fields = {self.item_seq: torch.from_numpy(np.ascontiguousarray(items)), self.item_seq_len: torch.from_numpy(lengths)}

@@ -20,9 +20,10 @@ from retrieval.evaluate import evaluate, history_mask
 from pipeline.config import load_config
 from pipeline.errors import PipelineError
 from retrieval.lrurec import training_windows
+from retrieval import recbole_models
 from retrieval.recbole_models import (
-    NEXT_ITEMS, RecboleRetriever, all_position_loss, item_windows, length_bucketed, next_item_windows, per_position_output,
-    prefix_instances, right_pad,
+    NEXT_ITEMS, RecboleRetriever, all_position_loss, item_windows, length_bucketed, next_item_windows, per_position_forward,
+    per_position_output, prefix_instances, right_pad,
 )
 from retrieval.recbole_compat import Interaction
 
@@ -100,7 +101,7 @@ def test_fit_learns_successor_rule(name, train_on, tmp_path):
     # The checkpoint fit wrote holds the best weights: a fresh retriever scores the same.
     fresh = RecboleRetriever(name, ds, cfg, "cpu")
     assert summary["objective"] == fresh.objective == {"sasrec": "all_positions", "gru4rec": "all_positions",
-                                                       "bert4rec": "cloze" if train_on else "prefixes", "narm": "prefixes"}[name]
+                                                       "bert4rec": "cloze" if train_on else "prefixes", "narm": "all_positions"}[name]
     fresh.load_checkpoint(tmp_path / "retriever.pt")
     torch.testing.assert_close(fresh.score(ds.inputs("test")), scores)
 
@@ -140,8 +141,8 @@ def test_batches_right_padded_and_bert4rec_masked():
     ds = successor_dataset()
     rng = np.random.default_rng(0)
     seqs = [ds.train_sequence(u) for u in range(ds.n_users)]
-    # NARM: prefix instances, right-padded, target = the item after the prefix
-    narm = RecboleRetriever("narm", ds, tiny_cfg("narm"), "cpu")
+    # NARM on prefixes: prefix instances, right-padded, target = the item after the prefix
+    narm = RecboleRetriever("narm", ds, tiny_cfg("narm", train_on="prefixes"), "cpu")
     batch = next(iter(narm.batches(seqs, 16, rng)))
     seq, length = batch["item_id_list"], batch["item_length"]
     assert seq.shape[1] <= 8 and (length >= 1).all()
@@ -151,11 +152,11 @@ def test_batches_right_padded_and_bert4rec_masked():
     assert ((seq.gather(1, (length - 1)[:, None])[:, 0] % N_ITEMS) + 1 == batch["item_id"]).all()
 
     # instances_per_epoch (training on prefixes only): each epoch a fresh sample of that many prefix instances
-    capped = RecboleRetriever("narm", ds, tiny_cfg("narm"), "cpu", instances_per_epoch=50)
+    capped = RecboleRetriever("narm", ds, tiny_cfg("narm", train_on="prefixes"), "cpu", instances_per_epoch=50)
     epoch1 = [b["item_id"] for b in capped.batches(seqs, 16, rng)]
     epoch2 = [b["item_id"] for b in capped.batches(seqs, 16, rng)]
     assert sorted(len(b) for b in epoch1) == [2, 16, 16, 16] and not torch.equal(torch.cat(epoch1), torch.cat(epoch2))
-    for name, train_on in [("sasrec", None), ("gru4rec", None), ("bert4rec", "windows")]:  # every position: no sampling
+    for name, train_on in [("sasrec", None), ("gru4rec", None), ("narm", None), ("bert4rec", "windows")]:  # every position: no sampling
         with pytest.raises(PipelineError, match=f"but {name} trains on windows"):
             RecboleRetriever(name, ds, tiny_cfg(name, train_on=train_on), "cpu", instances_per_epoch=50)
     prefix_sas = RecboleRetriever("sasrec", ds, tiny_cfg("sasrec", train_on="prefixes"), "cpu", instances_per_epoch=50)
@@ -212,11 +213,14 @@ def all_prefixes(items: np.ndarray, next_items: np.ndarray, lengths: np.ndarray)
     return np.stack(inputs), np.array(lens), np.array(targets)
 
 
-@pytest.mark.parametrize("name", ["sasrec", "gru4rec"])
-def test_all_position_loss_is_mean_of_recbole_prefix_losses(name):
-    """SASRec and GRU4Rec are causal: position t of a window gives the output of the prefix
-    window[:t+1]. So the all-position loss over windows equals recbole's own calculate_loss over
-    every prefix instance of those windows (both the mean over targets), in eval mode."""
+@pytest.mark.parametrize("name", ["sasrec", "gru4rec", "narm"])
+def test_all_position_loss_is_mean_of_recbole_prefix_losses(name, monkeypatch):
+    """Position t of a window gives the output of the prefix window[:t+1] (SASRec and GRU4Rec are
+    causal; NARM's attention is restated with one query per position). So the all-position loss
+    over windows equals recbole's own calculate_loss over every prefix instance of those windows
+    (both the mean over targets), in eval mode."""
+    # NARM's attention in blocks of 3 queries: windows of 8 span several blocks, the last one short
+    monkeypatch.setattr(recbole_models, "NARM_QUERY_BLOCK", 3)
     # sequences longer than max_len give several windows; dropout on, so eval mode matters
     seqs = [list(range(1, 20)), [5, 9, 2, 7], [3, 1], list(range(30, 10, -1))]
     ds = successor_dataset()
@@ -233,12 +237,11 @@ def test_all_position_loss_is_mean_of_recbole_prefix_losses(name):
         recbole = r.module.calculate_loss(prefix_batch)
         torch.testing.assert_close(ours, recbole, rtol=1e-5, atol=1e-6)
         # position by position: the per-position output at t is recbole's forward of the prefix
-        with per_position_output(r.module):
-            per_pos = r.module.forward(torch.from_numpy(items), torch.from_numpy(lengths))
+        per_pos = per_position_forward(r.module, torch.from_numpy(items), torch.from_numpy(lengths))
         keep = torch.from_numpy(next_items) > 0
         torch.testing.assert_close(per_pos[keep], r.module.forward(prefix_batch["item_id_list"], prefix_batch["item_length"]),
                                    rtol=1e-5, atol=1e-5)
-        # the block is undone: forward reads out at item_length - 1 again
+        # SASRec/GRU4Rec: the read-out is restored after per_position_forward
         assert r.module.forward(torch.from_numpy(items), torch.from_numpy(lengths)).shape == (len(lengths), 16)
         # not vacuous: the last positions alone (what calculate_loss on the windows reads) differ
         last = next_items[np.arange(len(lengths)), lengths - 1]
@@ -251,16 +254,17 @@ def test_all_position_loss_is_mean_of_recbole_prefix_losses(name):
     assert torch.isfinite(all_position_loss(r.module, torch.from_numpy(items), torch.from_numpy(lengths), torch.from_numpy(next_items)))
 
 
-def test_narm_has_no_per_position_output():
+def test_only_causal_forwards_are_read_out_per_position():
+    """NARM's own forward reads its LAST state as the attention query everywhere, so reading it out
+    at every position would be wrong: per_position_output refuses it (per_position_forward restates
+    it instead, tested above), and it trains on windows by default."""
     ds = successor_dataset()
     narm = RecboleRetriever("narm", ds, tiny_cfg("narm"), "cpu")
-    with pytest.raises(ValueError, match="no per-position output"):
+    assert narm.objective == "all_positions"
+    with pytest.raises(ValueError, match="cannot be read out per position"):
         with per_position_output(narm.module):
             pass
-    with pytest.raises(PipelineError, match="narm is not causal per position"):
-        RecboleRetriever("narm", ds, tiny_cfg("narm", train_on="windows"), "cpu")
-    with pytest.raises(PipelineError, match="narm is not causal per position"):
-        load_config(None, ["retriever.model=narm", "retriever.train_on=windows"])
+    assert RecboleRetriever("narm", ds, tiny_cfg("narm", train_on="prefixes"), "cpu").objective == "prefixes"
 
 
 def test_windows_are_lrurec_windows_and_cover_every_pair_once():
