@@ -1,7 +1,8 @@
 """How each retriever's training ended: the evidence that Table 1 compares converged models.
 
 One row per retriever method (its seed runs, as Table 1 groups them): epochs run, the epoch of the
-best validation NDCG@10 (the weights kept), what ended training (early stopping's patience, or the
+best validation NDCG@10 (the weights kept) and that NDCG@10 (what selects settings: compare runs of
+one method with different settings here, never on test), what ended training (early stopping's patience, or the
 `max_epochs` bound: a run that hit its bound was still improving and its row is not a fair
 comparison), training seconds (retriever_summary.json), wall seconds of the run (run.json start to
 end, retriever-only runs that were not resumed: a run_experiment.py run also timed its reranker) and
@@ -67,6 +68,7 @@ def run_training(source: Path) -> dict[str, Any]:
     return {
         "epochs_run": summary.get("epochs_run", math.nan),
         "best_epoch": summary.get("best_epoch", math.nan),
+        "best_val_ndcg10": summary.get("best_val_NDCG@10", math.nan),
         "max_epochs": retriever.get("max_epochs") if has_epochs else None,
         "patience": patience if has_epochs else None,
         "stopped_by": stopped_by(summary, patience) if has_epochs and isinstance(patience, int) else None,
@@ -100,7 +102,7 @@ def convergence(group: Any, split: str) -> pd.DataFrame:
         facts = [run_training(Path(r.retriever_source)) for r in seeds.runs]
         row: dict[str, Any] = {"dataset": group.label, "split": split, "method": seeds.method,
                                "run": ";".join(str(r.path) for r in seeds.runs), "n": seeds.n}
-        for key in ("epochs_run", "best_epoch", "train_seconds", "wall_seconds"):
+        for key in ("epochs_run", "best_epoch", "best_val_ndcg10", "train_seconds", "wall_seconds"):
             row[key], row[f"{key} std"] = _mean_std([f[key] for f in facts])
         row["max_epochs"] = _joined([f["max_epochs"] for f in facts])
         row["patience"] = _joined([f["patience"] for f in facts])
@@ -125,7 +127,7 @@ def convergence_markdown(df: pd.DataFrame, label: str) -> str:
     d = df[df["dataset"] == label] if not df.empty else df
     if d.empty:
         return ""
-    header = ["Method", "n", "Epochs run", "Best epoch", "max_epochs", "Patience", "Stopped by",
+    header = ["Method", "n", "Epochs run", "Best epoch", "Best val NDCG@10", "max_epochs", "Patience", "Stopped by",
               "Train s", "Wall s", *(f"{d['split'].iloc[0]} {m}" for m in METRICS)]
     rows = []
     for r in d.to_dict("records"):
@@ -133,13 +135,14 @@ def convergence_markdown(df: pd.DataFrame, label: str) -> str:
         stops = (f"patience {r['stopped by patience']}/{r['n']}" + (f", BOUND {r['stopped by epoch bound']}/{r['n']}"
                  if r["stopped by epoch bound"] else "")) if with_epochs else "–"
         rows.append([r["method"], str(r["n"]), _cell(r["epochs_run"], r["epochs_run std"], 1),
-                     _cell(r["best_epoch"], r["best_epoch std"], 1), r["max_epochs"] or "–", r["patience"] or "–", stops,
+                     _cell(r["best_epoch"], r["best_epoch std"], 1), _cell(r["best_val_ndcg10"], r["best_val_ndcg10 std"], 4),
+                     r["max_epochs"] or "–", r["patience"] or "–", stops,
                      _cell(r["train_seconds"], r["train_seconds std"], 0), _cell(r["wall_seconds"], r["wall_seconds std"], 0),
                      *(_cell(r[m], r[f"{m} std"], 4) for m in METRICS)])
     return "\n".join([
         "### Retriever training: how each run ended", "",
         markdown_table(header, rows, align_right_from=1),
-        "Mean ± sample std over the method's seed runs. Stopped by: early stopping's patience on validation NDCG@10, "
+        "Mean ± sample std over the method's seed runs. Best val NDCG@10: at the best epoch (the weights kept). Stopped by: early stopping's patience on validation NDCG@10, "
         "or the max_epochs bound (BOUND: still improving, not converged). Wall s: the whole retriever run "
         "(run.json), – for runs that also trained a reranker or were resumed.\n",
     ])

@@ -281,7 +281,7 @@ def test_smoke_run_tables(smoke_run, tmp_path):
     assert len(t3) == 1 + 6  # one row per table metric
     summary = json.loads((run_dir / "retriever_summary.json").read_text())
     conv = (out / "convergence.md").read_text()  # a run_experiment.py run: no retriever-only wall time
-    assert f"| LRURec | 1 | {summary['epochs_run']:.1f} | {summary['best_epoch']:.1f} |" in conv
+    assert f"| LRURec | 1 | {summary['epochs_run']:.1f} | {summary['best_epoch']:.1f} | {summary['best_val_NDCG@10']:.4f} |" in conv
     assert f"| {summary['train_seconds']:.0f} | – | {ret['NDCG@10']:.4f} | {ret['Recall@20']:.4f} |" in conv
 
 
@@ -384,11 +384,12 @@ def test_script_prints_seed_means(seed_runs, tmp_path):
     assert "0.3500 ± 0.0500 / 0.0759" in proc.stdout  # the reranker's overall NDCG@10
 
 
-def _summary(run: Path, epochs_run: int, best_epoch: int, train_seconds: float, start: str, end: str) -> None:
+def _summary(run: Path, epochs_run: int, best_epoch: int, train_seconds: float, start: str, end: str, best_val: float = 0.1) -> None:
     """retriever_summary.json and run.json as train_retriever.py writes them (validation every epoch)."""
-    history = [{"epoch": e, "NDCG@10": 0.1} for e in range(1, epochs_run + 1)]
+    history = [{"epoch": e, "NDCG@10": best_val if e == best_epoch else 0.05} for e in range(1, epochs_run + 1)]
     (run / "retriever_summary.json").write_text(json.dumps(
-        {"epochs_run": epochs_run, "best_epoch": best_epoch, "train_seconds": train_seconds, "history": history}))
+        {"epochs_run": epochs_run, "best_epoch": best_epoch, "best_val_NDCG@10": best_val, "train_seconds": train_seconds,
+         "history": history}))
     (run / "run.json").write_text(json.dumps({"start": start, "end": end}))
 
 
@@ -398,9 +399,9 @@ def test_convergence_table_epochs_stops_and_times(seed_runs, tmp_path):
     lrus, rrs, _ = seed_runs
     for lru in lrus:
         _set_config(lru, retriever={"model": "lrurec", "hidden": 64, "max_epochs": 30, "patience": 5})
-    _summary(lrus[0], 20, 15, 100.0, "2026-01-01T00:00:00+00:00", "2026-01-01T00:02:00+00:00")  # 5 after best: patience
-    _summary(lrus[1], 12, 7, 60.0, "2026-01-01T00:00:00+00:00", "2026-01-01T00:01:30+00:00")
-    _summary(lrus[2], 30, 29, 200.0, "2026-01-01T00:00:00+00:00", "2026-01-01T00:04:00+00:00")  # 1 after best: bound
+    _summary(lrus[0], 20, 15, 100.0, "2026-01-01T00:00:00+00:00", "2026-01-01T00:02:00+00:00", 0.11)  # 5 after best: patience
+    _summary(lrus[1], 12, 7, 60.0, "2026-01-01T00:00:00+00:00", "2026-01-01T00:01:30+00:00", 0.12)
+    _summary(lrus[2], 30, 29, 200.0, "2026-01-01T00:00:00+00:00", "2026-01-01T00:04:00+00:00", 0.13)  # 1 after best: bound
     pop = _set_config(write_run(tmp_path / "pop", retriever="pop"), retriever={"model": "pop"})
     t = build_tables([*lrus, pop, *rrs], n_resamples=10)
     conv = t.convergence.set_index("method")
@@ -408,14 +409,15 @@ def test_convergence_table_epochs_stops_and_times(seed_runs, tmp_path):
     assert lru["n"] == 3 and lru["max_epochs"] == "30" and lru["patience"] == "5"
     assert lru["epochs_run"] == pytest.approx(62 / 3) and lru["epochs_run std"] == pytest.approx(math.sqrt(((20 - 62 / 3) ** 2 + (12 - 62 / 3) ** 2 + (30 - 62 / 3) ** 2) / 2))
     assert lru["best_epoch"] == pytest.approx(17.0) and lru["train_seconds"] == pytest.approx(120.0)
+    assert lru["best_val_ndcg10"] == pytest.approx(0.12) and lru["best_val_ndcg10 std"] == pytest.approx(0.01)
     assert lru["wall_seconds"] == pytest.approx(150.0)  # 120, 90, 240
     assert (lru["stopped by patience"], lru["stopped by epoch bound"]) == (2, 1)
     assert lru["NDCG@10"] == pytest.approx(0.2) and lru["Recall@20 std"] == pytest.approx(0.1)
     popularity = conv.loc["Popularity"]
     assert math.isnan(popularity["epochs_run"]) and popularity["stopped by patience"] == 0
     texts = render(t)
-    assert "| LRURec | 3 | 20.7 ± 9.0 | 17.0 ± 11.1 | 30 | 5 | patience 2/3, BOUND 1/3 | 120 ± 72 | 150 ± 79 |" in texts["convergence.md"]
-    assert "| Popularity | 1 | – | – | – | – | – |" in texts["convergence.md"]
+    assert "| LRURec | 3 | 20.7 ± 9.0 | 17.0 ± 11.1 | 0.1200 ± 0.0100 | 30 | 5 | patience 2/3, BOUND 1/3 | 120 ± 72 | 150 ± 79 |" in texts["convergence.md"]
+    assert "| Popularity | 1 | – | – | – | – | – | – |" in texts["convergence.md"]
     assert "### Retriever training: how each run ended" in texts["tables.md"]
     assert texts["convergence.csv"].splitlines()[0].startswith("dataset,split,method,run,n,epochs_run")
 
