@@ -92,15 +92,28 @@ def _joined(values: Sequence[Any]) -> Optional[str]:
     return "/".join(map(str, distinct)) if distinct else None
 
 
+def setting_labels(seeds_list: Sequence[Any]) -> list[str]:
+    """Each row's method name; where one method has rows with different retriever settings (a
+    sweep), followed by the settings in which those rows differ, e.g. "SASRec (dropout=0.1)"."""
+    sections = [json.loads(s.runs[0].retriever_key or "{}") for s in seeds_list]
+    labels = []
+    for seeds, mine in zip(seeds_list, sections):
+        twins = [sec for other, sec in zip(seeds_list, sections) if other.method == seeds.method]
+        differ = sorted(k for k in set().union(*twins) if len({json.dumps(t.get(k), default=str) for t in twins}) > 1)
+        labels.append(f"{seeds.method} ({', '.join(f'{k}={mine.get(k)}' for k in differ)})" if differ else seeds.method)
+    return labels
+
+
 def convergence(group: Any, split: str) -> pd.DataFrame:
     """One row per retriever method of `group` (analysis.tables.Group): the training facts of its
     seed runs (mean, sample std), how many stopped on patience / on the bound, and `split` metrics."""
     from analysis.tables import retriever_seeds
 
     rows = []
-    for seeds in retriever_seeds(group):
+    all_seeds = retriever_seeds(group)
+    for seeds, label in zip(all_seeds, setting_labels(all_seeds)):
         facts = [run_training(Path(r.retriever_source)) for r in seeds.runs]
-        row: dict[str, Any] = {"dataset": group.label, "split": split, "method": seeds.method,
+        row: dict[str, Any] = {"dataset": group.label, "split": split, "method": label,
                                "run": ";".join(str(r.path) for r in seeds.runs), "n": seeds.n}
         for key in ("epochs_run", "best_epoch", "best_val_ndcg10", "train_seconds", "wall_seconds"):
             row[key], row[f"{key} std"] = _mean_std([f[key] for f in facts])

@@ -337,6 +337,8 @@ def test_seeds_of_a_method_are_one_row_with_mean_and_std(seed_runs, tmp_path):
     assert three["run"] == ";".join(str(p) for p in lrus) and three["users"] == 4
     one = lru[lru["n"] == 1].iloc[0]
     assert one["NDCG@10"] == 0.5 and math.isnan(one["NDCG@10 std"]) and one["run"] == str(wide)
+    # the convergence table names the two LRURec rows by the setting in which they differ
+    assert t.convergence["method"].tolist()[:2] == ["LRURec (hidden=64)", "LRURec (hidden=128)"]
     rer = t1[t1["kind"] == "reranker"]
     assert len(rer) == 1 and rer.iloc[0]["n"] == 3  # `resume` differs, but it is bookkeeping
     assert rer.iloc[0]["MRR@5"] == pytest.approx(0.35) and rer.iloc[0]["MRR@5 std"] == pytest.approx(0.05)  # 0.30, 0.40, 0.35
