@@ -43,7 +43,7 @@ def candidates_source(cfg: Config, out: Path) -> Path:
     from retrieval.run import train_retriever  # only when this comparison trains its own retriever
 
     src = out / RETRIEVER_DIR
-    # Resumed: a finished retriever is kept, an unfinished one (a killed comparison) fitted again.
+    # Resumed: a finished retriever is kept, an unfinished one (a killed comparison) continues.
     run = RunDir(src).start(cfg, resume=True)
     train_retriever(cfg, run, resume=True)
     run.finish()

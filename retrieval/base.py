@@ -11,9 +11,10 @@ from pipeline.data import SplitDataset
 
 
 class Retriever(Protocol):
-    def fit(self, ds: SplitDataset, cfg: RetrieverConfig, seed: int, out_dir: Path) -> dict:
+    def fit(self, ds: SplitDataset, cfg: RetrieverConfig, seed: int, out_dir: Path, resume: bool = False) -> dict:
         """Train on the train split (early stopping on validation NDCG@10, best weights kept).
-        Returns a summary (epochs run, best epoch, best validation NDCG@10, seconds)."""
+        Returns a summary (epochs run, best epoch, best validation NDCG@10, seconds).
+        `resume`: continue from the state a killed fit left in `out_dir`, if any."""
         ...
 
     def score(self, inputs: list[list[int]]) -> torch.Tensor:

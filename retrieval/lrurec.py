@@ -347,13 +347,13 @@ class LRURecRetriever:
 
     # -- Retriever --------------------------------------------------------------------
 
-    def fit(self, ds: SplitDataset, cfg: RetrieverConfig, seed: int, out_dir: Path) -> dict:
+    def fit(self, ds: SplitDataset, cfg: RetrieverConfig, seed: int, out_dir: Path, resume: bool = False) -> dict:
         if ds.n_items != self.n_items:
             raise ValueError(f"retriever built for {self.n_items} items, dataset has {ds.n_items}")
         # Re-initialise from `seed`, so the weights do not depend on RNG use before fit.
         training.seed_everything(seed)
         self.module.reset_parameters()
-        summary = training.fit(self, ds, cfg, seed, Path(out_dir))
+        summary = training.fit(self, ds, cfg, seed, Path(out_dir), resume=resume)
         return {"model": "lrurec", "n_parameters": sum(p.numel() for p in self.module.parameters()), **summary}
 
     @torch.no_grad()

@@ -23,9 +23,9 @@ class PopularityRetriever:
         self.n_items = n_items
         self.counts = torch.zeros(n_items + 1)  # all-zero until fit: every item ties
 
-    def fit(self, ds: SplitDataset, cfg: RetrieverConfig, seed: int, out_dir: Path) -> dict:
-        """Count item occurrences over train sequences (cfg, seed, out_dir: nothing to tune,
-        nothing random, nothing to save; accepted for the common Retriever signature)."""
+    def fit(self, ds: SplitDataset, cfg: RetrieverConfig, seed: int, out_dir: Path, resume: bool = False) -> dict:
+        """Count item occurrences over train sequences (cfg, seed, out_dir, resume: nothing to
+        tune, nothing random, nothing to save; accepted for the common Retriever signature)."""
         if ds.n_items != self.n_items:
             raise ValueError(f"retriever built for {self.n_items} items, dataset has {ds.n_items}")
         t0 = time.time()

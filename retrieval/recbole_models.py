@@ -380,12 +380,12 @@ class RecboleRetriever:
 
     # -- Retriever --------------------------------------------------------------------
 
-    def fit(self, ds: SplitDataset, cfg: RetrieverConfig, seed: int, out_dir: Path) -> dict:
+    def fit(self, ds: SplitDataset, cfg: RetrieverConfig, seed: int, out_dir: Path, resume: bool = False) -> dict:
         """Train a fresh model (weights initialised from `seed`, so they do not depend on RNG
         use before fit) with the shared loop; the best weights stay loaded."""
         training.seed_everything(seed)
         self._build(ds.n_items, cfg)
-        summary = training.fit(self, ds, cfg, seed, Path(out_dir))
+        summary = training.fit(self, ds, cfg, seed, Path(out_dir), resume=resume)
         return {
             "model": self.name,
             "objective": self.objective,

@@ -2,8 +2,8 @@
 
 Resumable: with `resume`, a finished stage (every candidates file, the per-prefix train candidates
 when retriever.prefix_candidates asks for them, and the val/test metrics written) is kept as it
-is; an unfinished one is fitted again from scratch (the retriever fits in minutes and keeps no
-checkpoints).
+is; an unfinished one continues training from the last epoch the killed run finished
+(`retrieval/training.py`, `retriever_state.pt`, removed once the stage is finished).
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from pipeline.data.preprocess import stats_markdown
 from pipeline.rundir import RunDir
 from retrieval.candidates import retrieve, retrieve_prefixes
 from retrieval.registry import build_retriever
+from retrieval.training import STATE_FILE
 
 
 def train_retriever(cfg: Config, run: RunDir, resume: bool = False) -> dict:
@@ -36,7 +37,7 @@ def train_retriever(cfg: Config, run: RunDir, resume: bool = False) -> dict:
     print(stats_markdown(ds.stats))
     write_json(run / "dataset_stats.json", ds.stats)
     retriever = build_retriever(cfg.retriever, ds)
-    summary = retriever.fit(ds, cfg.retriever, cfg.seed, run.path)
+    summary = retriever.fit(ds, cfg.retriever, cfg.seed, run.path, resume=resume)
     write_json(run / "retriever_summary.json", summary)
     prefix_file = prefix_candidates_path(run.path)
     if cfg.retriever.prefix_candidates != 0:  # before the metrics, which mark the stage finished
@@ -54,6 +55,7 @@ def train_retriever(cfg: Config, run: RunDir, resume: bool = False) -> dict:
         if split in SPLITS:  # train targets were fitted on: their metrics would flatter the model
             metrics = run.update_metrics(split, section)
     write_text(run / "metrics.md", retriever_table(metrics, cfg.retriever.model))
+    (run / STATE_FILE).unlink(missing_ok=True)  # the stage is finished: nothing left to resume
     return metrics
 
 

@@ -6,7 +6,8 @@
 Writes to --out: config.yaml, run.json, dataset_stats.json, retriever_summary.json, retriever.pt,
 candidates_{train,val,test}.jsonl, metrics.json, metrics.md, tb/ (TensorBoard); with
 retriever.prefix_candidates != 0 also candidates_train_prefixes.jsonl (per-prefix hard negatives).
---resume continues a run in --out: a finished retriever is kept, an unfinished one is fitted again.
+--resume continues a run in --out: a finished retriever is kept, an unfinished one continues from
+the last epoch it finished.
 """
 from pipeline.cli import parser, run_main
 from pipeline.config import load_config

@@ -165,6 +165,28 @@ def test_checkpoints_a_kill_cut_short_are_deleted(tmp_path):
 # Killing real runs
 
 
+def test_retriever_killed_mid_training_resumes_to_the_uninterrupted_result(tmp_path):
+    """train_retriever.py SIGKILLed after its first epoch's state is saved: --resume continues
+    from that epoch (not from scratch) and writes the candidates and metrics of a run never
+    killed, byte for byte; the loop state is removed once the stage is finished."""
+    args = ["scripts/train_retriever.py", "--config", SMOKE, "--set", "retriever.max_epochs=6", "--set", "retriever.patience=6"]
+    done = tmp_path / "done"
+    assert run_script(*args, "--out", str(done), env=ENV).returncode == 0
+    out = tmp_path / "run"
+    proc = start_script(*args, "--out", str(out), log=tmp_path / "killed.log")
+    kill_when(proc, lambda: (out / "retriever_state.pt").is_file())
+    assert not (out / "metrics.json").exists()  # killed mid-training
+
+    resumed = run_script(*args, "--out", str(out), "--resume", env=ENV)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "retriever: resumed after epoch" in resumed.stdout
+    for name in ["candidates_train.jsonl", "candidates_val.jsonl", "candidates_test.jsonl", "metrics.json", "retriever.pt"]:
+        assert (out / name).read_bytes() == (done / name).read_bytes(), name
+    summaries = [json.loads((d / "retriever_summary.json").read_text()) for d in (done, out)]
+    assert summaries[0]["history"] == summaries[1]["history"] and summaries[1]["epochs_run"] == 6
+    assert not (out / "retriever_state.pt").exists() and not (done / "retriever_state.pt").exists()
+
+
 def test_experiment_killed_mid_training_resumes_to_the_uninterrupted_result(smoke_run, tmp_path):
     """run_experiment.py on the smoke config, SIGKILLed right after its first checkpoint: --resume
     keeps the retriever, continues training from the checkpoint to the same number of steps, and

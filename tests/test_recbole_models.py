@@ -354,3 +354,54 @@ def test_recbole_compat_imports_in_fresh_process():
                          timeout=60)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().endswith("ok")
+
+
+class Killed(Exception):
+    """Stands in for a kill (session end, Ctrl-C) in the middle of an epoch's validation."""
+
+
+@pytest.mark.parametrize("name", ["bert4rec", "sasrec"])
+def test_killed_fit_resumes_to_the_uninterrupted_result(name, tmp_path, monkeypatch):
+    """A fit killed during its last epoch (patience about to stop it) and resumed stops at the
+    same epoch with the same history and weights as one never killed. BERT4Rec's masking draws
+    from python's `random`, dropout from torch's RNG, batching from the numpy generator: all
+    three must come back with the state, and so must the patience count."""
+    ds = successor_dataset()
+    cfg = tiny_cfg(name, dropout=0.1, attn_dropout=0.1, max_epochs=8, patience=2)
+    straight = RecboleRetriever(name, ds, cfg, "cpu")
+    expected = straight.fit(ds, cfg, seed=3, out_dir=tmp_path / "straight")
+    kill_at = expected["epochs_run"]  # the resumed run must stop at once: `bad` must come back too
+    assert kill_at - expected["best_epoch"] == cfg.patience and kill_at >= 2
+
+    calls = {"n": 0}
+    real_evaluate = training.evaluate
+
+    def evaluate_then_die(*args, **kw):
+        calls["n"] += 1
+        if calls["n"] == kill_at:
+            raise Killed
+        return real_evaluate(*args, **kw)
+
+    monkeypatch.setattr(training, "evaluate", evaluate_then_die)
+    with pytest.raises(Killed):
+        RecboleRetriever(name, ds, cfg, "cpu").fit(ds, cfg, seed=3, out_dir=tmp_path / "killed")
+    assert torch.load(tmp_path / "killed" / training.STATE_FILE, weights_only=False)["epoch"] == kill_at - 1
+    monkeypatch.setattr(training, "evaluate", real_evaluate)
+    torch.rand(5)  # the global RNG moved on in between, as in a new process
+    resumed = RecboleRetriever(name, ds, cfg, "cpu")
+    got = resumed.fit(ds, cfg, seed=3, out_dir=tmp_path / "killed", resume=True)
+
+    for key in ("epochs_run", "best_epoch", "best_val_NDCG@10", "optimizer_steps", "history"):
+        assert got[key] == expected[key], key
+    inputs = ds.inputs("test")
+    torch.testing.assert_close(resumed.score(inputs), straight.score(inputs), rtol=0, atol=0)
+
+    # A stage killed after its fit stopped resumes without another training step.
+    monkeypatch.setattr(RecboleRetriever, "loss", lambda self, batch: pytest.fail("trained again"))
+    again = RecboleRetriever(name, ds, cfg, "cpu")
+    assert again.fit(ds, cfg, seed=3, out_dir=tmp_path / "killed", resume=True)["history"] == expected["history"]
+    torch.testing.assert_close(again.score(inputs), straight.score(inputs), rtol=0, atol=0)
+    # Without resume the state is ignored: a fresh fit, the same result from the same seed.
+    monkeypatch.undo()
+    fresh = RecboleRetriever(name, ds, cfg, "cpu").fit(ds, cfg, seed=3, out_dir=tmp_path / "killed")
+    assert fresh["history"] == expected["history"]
