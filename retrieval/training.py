@@ -110,6 +110,17 @@ def fit(model: TrainableRetriever, ds: SplitDataset, cfg: RetrieverConfig, seed:
     # purge_step drops what a killed run logged after its last saved epoch (logged again now).
     writer = SummaryWriter(str(out_dir / "tb"), purge_step=first if first > 1 else None)
     t0 = time.time() - seconds_before
+
+    def save_state(epoch: int) -> None:
+        """The loop's state after `epoch`, atomically (a kill mid-save keeps the previous epoch's)."""
+        state = {
+            "epoch": epoch, "model": model.module.state_dict(), "optimizer": opt.state_dict(),
+            "best": best, "best_epoch": best_epoch, "best_state": best_state, "bad": bad, "step": step,
+            "history": history, "train_seconds": time.time() - t0, "stopped": stopped, "rng": rng_states(rng),
+        }
+        with atomic_open(state_path, "wb") as f:
+            torch.save(state, f)
+
     epoch = first - 1
     epochs = tqdm(range(first, cfg.max_epochs + 1), desc="retriever epochs", initial=first - 1, total=cfg.max_epochs)
     for epoch in epochs if not stopped else ():  # stopped: a finished fit killed before its outputs
@@ -126,7 +137,7 @@ def fit(model: TrainableRetriever, ds: SplitDataset, cfg: RetrieverConfig, seed:
             total, n, step = total + loss.item(), n + 1, step + 1
         writer.add_scalar("train/loss", total / max(n, 1), epoch)
         if epoch % cfg.eval_every:
-            save_state(state_path, model, opt, rng, epoch, best, best_epoch, best_state, bad, step, history, t0, stopped)
+            save_state(epoch)
             continue
         val = evaluate(val_score, ds, "val", ks=(10, 20))
         writer.add_scalar("val/NDCG@10", val["NDCG@10"], epoch)
@@ -141,7 +152,7 @@ def fit(model: TrainableRetriever, ds: SplitDataset, cfg: RetrieverConfig, seed:
         else:
             bad += 1
             stopped = bad >= cfg.patience
-        save_state(state_path, model, opt, rng, epoch, best, best_epoch, best_state, bad, step, history, t0, stopped)
+        save_state(epoch)
         if stopped:
             break
     writer.close()
@@ -156,14 +167,3 @@ def fit(model: TrainableRetriever, ds: SplitDataset, cfg: RetrieverConfig, seed:
         "train_seconds": round(time.time() - t0, 1),
         "history": history,
     }
-
-
-def save_state(path: Path, model, opt, rng, epoch, best, best_epoch, best_state, bad, step, history, t0, stopped) -> None:
-    """The loop's state after `epoch` (atomically: a kill mid-save keeps the previous epoch's)."""
-    state = {
-        "epoch": epoch, "model": model.module.state_dict(), "optimizer": opt.state_dict(),
-        "best": best, "best_epoch": best_epoch, "best_state": best_state, "bad": bad, "step": step,
-        "history": history, "train_seconds": time.time() - t0, "stopped": stopped, "rng": rng_states(rng),
-    }
-    with atomic_open(path, "wb") as f:
-        torch.save(state, f)
