@@ -272,7 +272,7 @@ def ranking_figures(model, tokenizer, style, rows, titles, batch_size, settings,
     jobs = encode_rows(tokenizer, style, rows, titles, progress=False)
     pad_id = tokenizer.pad_token_id
     tokens = label_tokens(tokenizer, style)
-    groups = {k: [ids for _, _, ids in group] for k, group in jobs.items()}  # K -> prompts, file order
+    groups = {k: [ids for _, _, ids, _ in group] for k, group in jobs.items()}  # K -> prompts, file order
     floor_batches = [
         left_pad([prompts[i] for i in b], pad_id, device)
         for prompts in groups.values()

@@ -16,6 +16,7 @@ train/loss and val/<metric> per epoch). Without event files they fall back to th
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
@@ -363,3 +364,40 @@ def plot_train_summary(summary_path: str | Path, path: str | Path, title: str = 
     except (OSError, json.JSONDecodeError):
         raise PipelineError(f"{summary_path} is missing or not valid JSON: train the reranker again") from None
     return save_png(train_summary_figure(summary, title), path)
+
+
+# ----------------------------------------------------------------------------------------
+# The learnability check (rerank/overfit.py)
+
+OVERFIT_STYLE = {"redrawn": "tab:blue", "fixed": "tab:orange"}  # candidate orders re-drawn / fixed
+
+
+def overfit_figure(result: Mapping[str, Any], title: str = "") -> Figure:
+    """overfit.json as two panels per epoch: training loss (ln K dotted: a uniform answer) and
+    top-1 accuracy on the training prompts in fresh orders (chance dotted), one line per mode."""
+    fig = new_figure(11, 3.6)
+    loss_ax, top1_ax = fig.subplots(1, 2)
+    chance = result["chance"]
+    for mode, colour in OVERFIT_STYLE.items():
+        if mode in result:
+            curve = result[mode]
+            loss_ax.plot(curve["epoch"], curve["train_loss"], marker="o", ms=3, color=colour, label=mode)
+            top1_ax.plot(curve["epoch"], curve["train_top1"], marker="o", ms=3, color=colour, label=mode)
+    loss_ax.axhline(math.log(1 / chance), color="0.5", lw=1, ls=":", label="ln K (uniform)")
+    top1_ax.axhline(chance, color="0.5", lw=1, ls=":", label="chance 1/K")
+    top1_ax.set_ylim(0, 1.02)
+    loss_ax.set_title(f"training loss ({result['n_prompts']} prompts)")
+    top1_ax.set_title("top-1 on the training prompts, fresh orders")
+    for ax in (loss_ax, top1_ax):
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def plot_overfit(result: Mapping[str, Any], path: str | Path, title: str = "") -> Path:
+    """overfit.png from the check's result (overfit.json's content)."""
+    return save_png(overfit_figure(result, title), path)

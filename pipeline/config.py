@@ -118,6 +118,9 @@ class RerankerConfig:
     # scheme's own ("Answer with only one letter (A-T).").
     answer_instruction: Optional[str] = None
     # Prompt (rerank/prompts.py).
+    # Where each candidate's label sits on its line: "before" the title ("(A) Title", paper),
+    # "after" it ("Title (A)": under causal attention the label token can then carry the title), or "both".
+    label_position: Literal["before", "after", "both"] = "before"
     prompt_template: Literal["auto", "chat", "alpaca"] = "auto"  # auto: the tokenizer's chat template if any, else Alpaca-style
     max_history: int = 20  # most recent history items shown (paper: 20)
     title_max_tokens: int = 32  # each title cut to this many tokens (paper: 32)
@@ -148,6 +151,11 @@ class RerankerConfig:
     # scores the ranker reads (rerank/ranker.py), so every gradient step is about which candidate,
     # never about the answer's format.
     loss: Literal["vocab", "labels"] = "vocab"
+    # How a candidate is scored (one forward pass either way). "label_tokens": the probability of its
+    # label at the answer position (paper). "readout": a trained linear unit on the hidden state at
+    # the end of the candidate's own prompt line (rerank/readout.py), label-free, so it needs no
+    # binding of content to a symbol; trained with loss "labels" (the same K-way cross-entropy).
+    head: Literal["label_tokens", "readout"] = "label_tokens"
     vocab_loss_weight: float = 0.0  # loss "labels" only: + this x the "vocab" loss (a second forward pass when > 0)
     # Re-draw each training prompt's candidate order every epoch (seeded by sample and epoch): the
     # target's slot stays uniform over the labels, so no position prior can be learned from repeats.
@@ -260,6 +268,10 @@ class RerankerConfig:
             raise PipelineError(f"reranker.retriever_negative_ratio must be in [0, 1] (got {self.retriever_negative_ratio})")
         if self.vocab_loss_weight < 0:
             raise PipelineError(f"reranker.vocab_loss_weight must be >= 0 (got {self.vocab_loss_weight})")
+        if self.head == "readout" and (self.loss != "labels" or self.vocab_loss_weight > 0):
+            raise PipelineError("reranker.head readout is trained with the K-way loss alone: set reranker.loss=labels and vocab_loss_weight=0")
+        if self.head == "readout" and self.pretrain_steps > 0:
+            raise PipelineError("reranker.head readout does not continue a pre-training stage's adapter: set reranker.pretrain_steps=0")
         if self.vocab_loss_weight > 0 and self.loss != "labels":
             raise PipelineError("reranker.vocab_loss_weight adds a vocab term to loss 'labels': set reranker.loss=labels or the weight to 0")
         if self.calibration_users is not None and self.calibration_users < 1:
@@ -349,6 +361,25 @@ class ServeConfig:
 
 
 @dataclass
+class OverfitConfig:
+    """scripts/overfit_check.py (rerank/overfit.py): the learnability check, the reranker section's
+    recipe trained on a handful of its own training prompts."""
+
+    n_prompts: int = 32  # training prompts fitted (the reranker's max_train_samples during the check)
+    epochs: int = 12  # passes over them; the loss and top-1 are measured after each
+    # "redrawn": candidate orders re-drawn every epoch (only content-to-label binding fits);
+    # "fixed": one order per prompt (memorising "which label for this prompt" fits).
+    modes: list[Literal["redrawn", "fixed"]] = field(default_factory=lambda: ["redrawn", "fixed"])
+
+    def validate(self) -> None:
+        for name in ("n_prompts", "epochs"):
+            if getattr(self, name) < 1:
+                raise PipelineError(f"overfit.{name} must be >= 1 (got {getattr(self, name)})")
+        if not self.modes or len(set(self.modes)) != len(self.modes):
+            raise PipelineError(f"overfit.modes must list redrawn and/or fixed once each (got {self.modes})")
+
+
+@dataclass
 class Config:
     seed: int = 0  # every RNG (python, numpy, torch) is seeded from this
     data: DataConfig = field(default_factory=DataConfig)
@@ -356,6 +387,7 @@ class Config:
     reranker: RerankerConfig = field(default_factory=RerankerConfig)
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    overfit: OverfitConfig = field(default_factory=OverfitConfig)
     # train_reranker.py: the retriever run directory whose candidates_<split>.jsonl are reranked.
     # run_experiment.py writes both stages into --out and ignores this.
     retriever_run: Optional[str] = None

@@ -16,10 +16,11 @@ from pipeline.atomic import write_json, write_yaml
 from pipeline.config import to_dict
 from pipeline.errors import PipelineError
 
-# Config keys a resumed run may change: how to continue, not what is computed. The analysis
-# section is read by the analysis scripts only (a comparison re-run with one more variant resumes
-# its directory; each variant's own run directory is checked in full).
-_RESUME_KEYS = {("reranker", "resume"), ("analysis",)}
+# Config keys a resumed run may change: how to continue, not what is computed. The analysis and
+# overfit sections are read by the analysis scripts and the learnability check only (a comparison
+# re-run with one more variant resumes its directory; each variant's own run directory is checked
+# in full).
+_RESUME_KEYS = {("reranker", "resume"), ("analysis",), ("overfit",)}
 
 # Versions recorded in run.json: what decides the numbers a run produces.
 _PACKAGES = ("torch", "transformers", "peft", "trl", "accelerate", "recbole", "numpy", "pandas")

@@ -22,7 +22,8 @@ from transformers import PreTrainedTokenizerBase
 
 from pipeline.errors import PipelineError
 from rerank.labels import LabelTokens, encode
-from rerank.prompts import PromptStyle, build_training_text, encode_prompt, label_tokens
+from rerank.readout import padded_ends
+from rerank.prompts import PromptStyle, build_training_text, encode_prompt, encode_prompt_ends, label_tokens
 from rerank.samples import TrainSample
 
 IGNORE_INDEX = -100  # label value that torch's cross_entropy and the HF losses skip
@@ -36,10 +37,11 @@ def encode_example(
     style: PromptStyle,
     tokens: LabelTokens,
     supervise_end_of_turn: bool = True,  # paper: the label and EOS carry the loss
+    readout: bool = False,  # also each candidate line's last token (the readout head's positions)
 ) -> dict[str, list[int]]:
     """{"input_ids", "labels"} of one training text: `labels` is IGNORE_INDEX everywhere except the
     answer's supervised tokens, which hold their own ids. `history` / `candidates` are titles."""
-    prompt_ids = encode_prompt(history, candidates, tokenizer, style)
+    prompt_ids, ends = encode_prompt_ends(history, candidates, tokenizer, style) if readout else (encode_prompt(history, candidates, tokenizer, style), None)
     input_ids = encode(tokenizer, build_training_text(history, candidates, target_index, tokenizer, style))
     n = len(prompt_ids)
     if input_ids[:n] != prompt_ids:
@@ -56,7 +58,8 @@ def encode_example(
     labels = [IGNORE_INDEX] * len(input_ids)
     labels[n : n + len(answer)] = answer
     # prompt_length / target_index: what the "labels" loss reads (the prompt is input_ids[:n]).
-    return {"input_ids": input_ids, "labels": labels, "prompt_length": n, "target_index": target_index}
+    example = {"input_ids": input_ids, "labels": labels, "prompt_length": n, "target_index": target_index}
+    return example if ends is None else {**example, "candidate_ends": ends}
 
 
 class TrainingTexts(torch.utils.data.Dataset):
@@ -72,7 +75,9 @@ class TrainingTexts(torch.utils.data.Dataset):
         supervise_end_of_turn: bool = True,  # paper: label + EOS
         tokens: Optional[LabelTokens] = None,  # derived from (tokenizer, style) when None
         reshuffle_seed: Optional[int] = None,  # re-draw candidate orders every epoch from this seed; None = never
+        readout: bool = False,  # examples carry candidate_ends (reranker.head readout)
     ) -> None:
+        self.readout = readout
         self.samples = list(samples)
         self.titles = titles
         self.tokenizer = tokenizer
@@ -95,6 +100,7 @@ class TrainingTexts(torch.utils.data.Dataset):
             self.style,
             self.tokens,
             self.supervise_end_of_turn,
+            self.readout,
         )
 
 
@@ -135,6 +141,9 @@ class LeftPadCollator:
             batch["prompt_input_ids"] = pad(prompts, self.pad_token_id)
             batch["prompt_attention_mask"] = pad([[1] * len(r) for r in prompts], 0)
             batch["target_index"] = torch.tensor([f["target_index"] for f in features], dtype=torch.long)
+            if all("candidate_ends" in f for f in features):  # the readout head: line ends in the padded prompts
+                width = batch["prompt_input_ids"].shape[1]
+                batch["candidate_ends"] = padded_ends([f["candidate_ends"] for f in features], [len(r) for r in prompts], width, torch.device("cpu"))
         return batch
 
 

@@ -27,6 +27,7 @@ from pipeline.significance import CONFIDENCE, paired_tests
 from rerank.distributed import from_main, gather, is_main, rank_and_world
 from rerank.progress import PartialRankings
 from rerank.prompts import PromptStyle, label_tokens
+from rerank.readout import has_readout
 from rerank.ranker import average_orders, encode_rows, length_ordered_batches, rank_rows, score_prompts
 
 # Cut-offs reported for the reranker: at most the 20 candidates it orders (k = 50 would equal 20).
@@ -118,18 +119,18 @@ def _rank_in_batches(
 ) -> list[list[float]]:
     """`rank_rows`, batch by batch: resumable from `partial`, shared among processes."""
     main = is_main()
-    jobs = encode_rows(tokenizer, style, covered, titles, cfg.rank_permutations, seed, progress and main)
+    jobs = encode_rows(tokenizer, style, covered, titles, cfg.rank_permutations, seed, progress and main, with_ends=has_readout(model))
     tokens = label_tokens(tokenizer, style)
     # The batches of one uninterrupted pass (score_prompts' batching per candidate count K), in its
     # order, so the scores are the same bits as rank_rows'.
     batches: list[tuple[int, list[int]]] = [  # (K, positions in jobs[K])
         (k, idx) for k, group in jobs.items()
-        for idx in length_ordered_batches([len(ids) for _, _, ids in group], cfg.rank_batch_size)
+        for idx in length_ordered_batches([len(ids) for _, _, ids, _ in group], cfg.rank_batch_size)
     ]
     digest = hashlib.sha256(f"{cfg.rank_batch_size}|{cfg.rank_permutations}|{seed}".encode())
     for k, idx in batches:  # the plan's identity: a partial file of other batches is refused
         for i in idx:
-            r, slots, ids = jobs[k][i]
+            r, slots, ids, _ = jobs[k][i]
             digest.update(f"|{k}|{covered[r]['user']}|{slots}|".encode())
             digest.update(ids.tobytes())
     plan = digest.hexdigest()
@@ -149,7 +150,8 @@ def _rank_in_batches(
         if mine is not None:
             k, idx = batches[mine]
             ids = [jobs[k][i][2] for i in idx]
-            scored = (mine, score_prompts(model, ids, tokens.for_k(k), len(ids), tokenizer.pad_token_id, progress=False))
+            ends = [jobs[k][i][3] for i in idx] if has_readout(model) else None
+            scored = (mine, score_prompts(model, ids, tokens.for_k(k), len(ids), tokenizer.pad_token_id, progress=False, ends=ends))
         results = [x for x in gather(scored) if x is not None]
         if partial is not None and main:
             partial.append(results)
@@ -159,7 +161,7 @@ def _rank_in_batches(
     by_job = {(k, i): s for b, (k, idx) in enumerate(batches) for i, s in zip(idx, done[b])}
     per_order: list[list[tuple[list[int], list[float]]]] = [[] for _ in covered]
     for k, group in jobs.items():
-        for i, (r, slots, _) in enumerate(group):
+        for i, (r, slots, _, _) in enumerate(group):
             per_order[r].append((slots, by_job[(k, i)]))
     return average_orders(covered, per_order, cfg.rank_permutations)
 

@@ -242,10 +242,10 @@ def generate_rankings(
                     max_new_tokens=max(budget, floor + 1), min_new_tokens=floor, do_sample=False, num_beams=1,
                     pad_token_id=pad_id, eos_token_id=stop_ids,
                 )
-                batches = length_ordered_batches([len(ids) for _, _, ids in group], batch_size)  # little padding
+                batches = length_ordered_batches([len(ids) for _, _, ids, _ in group], batch_size)  # little padding
                 for idx in tqdm(batches, desc=f"generate ({mode})", unit="batch", disable=not progress or len(batches) <= 1):
                     batch = [group[i] for i in idx]
-                    new = _generate_batch(model, [ids for _, _, ids in batch], config, pad_id, device)
+                    new = _generate_batch(model, [ids for _, _, ids, _ in batch], config, pad_id, device)
                     for (r, _, _), ids in zip(batch, new):
                         out[r] = _read(rows[r], mode, labels, ids, stop_ids, tokenizer)
     finally:

@@ -16,6 +16,7 @@ items are dropped oldest first, never candidates.
 """
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import functools
 import hashlib
@@ -33,6 +34,15 @@ from pipeline.errors import PipelineError
 from rerank.labels import LabelScheme, LabelTokens, derive_label_tokens, encode, scheme_from_config
 
 STYLE_FILE = "prompt_style.json"  # saved beside a model / adapter
+# reranker.label_position -> the candidate line. Under causal attention a label written BEFORE its
+# title (LlamaRec's "(A) Title") is read before the title exists, so its state carries nothing of
+# the title; written AFTER it, the label token's state can carry the title's content, and the answer
+# becomes "copy the label that follows the matching content". "both" writes it on each side.
+CANDIDATE_FORMATS = {
+    "before": "({label}) {title}",
+    "after": "{title} ({label})",
+    "both": "({label}) {title} ({label})",
+}
 FORMAT_VERSION = 1  # bump when the rendering code changes the text for the same PromptStyle
 
 # LlamaRec's task, worded for any catalogue (movies watched, products bought).
@@ -63,7 +73,8 @@ class PromptStyle:
     history_header: str = "User history:"
     candidate_header: str = "Candidate pool:"
     history_item_format: str = "{index}. {title}"  # index = 1..n, oldest first
-    # "(A) Title": set apart from the numbered history, so "(3)" never reads as history item 3
+    # "(A) Title": set apart from the numbered history, so "(3)" never reads as history item 3.
+    # Where the label sits is reranker.label_position (CANDIDATE_FORMATS).
     candidate_format: str = "({label}) {title}"
     # Extra chat-template variables: Qwen3 templates think unless told not to; others ignore it.
     chat_template_kwargs: dict[str, Any] = field(default_factory=lambda: {"enable_thinking": False})
@@ -161,6 +172,7 @@ def style_from_config(cfg: Any, tokenizer: PreTrainedTokenizerBase) -> PromptSty
         max_history=cfg.max_history,
         title_max_tokens=cfg.title_max_tokens,
         max_prompt_tokens=cfg.max_prompt_tokens,
+        candidate_format=CANDIDATE_FORMATS[cfg.label_position],
     )
 
 
@@ -265,6 +277,44 @@ def encode_prompt(
     """`labels.encode(tokenizer, build_prompt(...))`, without tokenizing the prompt a second time
     (fitting it into max_prompt_tokens already did)."""
     return _fit(history, candidates, tokenizer, style)[2]
+
+
+def encode_prompt_ends(
+    history: Sequence[str], candidates: Sequence[str], tokenizer: PreTrainedTokenizerBase, style: PromptStyle
+) -> tuple[list[int], list[int]]:
+    """(`encode_prompt(...)`, the index of the token that ends each candidate's line): what the
+    readout head (rerank/readout.py) reads. Measured from the tokenizer's character offsets on the
+    prompt text (the token holding the line's last character), and checked: that token must lie
+    inside the line (it may also hold the newlines after it, never the next line's text)."""
+    prompt, user_text, ids = _fit(history, candidates, tokenizer, style)
+    enc = tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)
+    if list(enc["input_ids"]) != ids:
+        raise PipelineError("the tokenizer gives other ids with offsets than without: use a fast (Rust) tokenizer")
+    base = prompt.rindex(user_text)  # the user text sits verbatim in the rendered prompt
+    lines = user_text.split("\n")
+    # The candidate lines come right before a blank line and the answer instruction (_input_text).
+    tail = 2 + style.scheme.answer_instruction(len(candidates)).count("\n")
+    first = len(lines) - tail - len(candidates)
+    labels = style.scheme.for_k(len(candidates))
+    for j, (lab, title) in enumerate(zip(labels, candidates)):
+        want = style.candidate_format.format(label=lab, title=cut_title(title, tokenizer, style.title_max_tokens))
+        if lines[first + j] != want:
+            raise PipelineError(f"candidate {j + 1}'s prompt line is not where the prompt builder puts it: a bug in _input_text")
+    starts = [base + sum(len(x) + 1 for x in lines[:i]) for i in range(len(lines))]
+    token_ends = [end for _, end in enc["offset_mapping"]]
+    out = []
+    for j in range(len(candidates)):
+        line_start, line = starts[first + j], lines[first + j]
+        last_char = line_start + len(line) - 1
+        t = bisect.bisect_right(token_ends, last_char)  # the first token ending after the last character
+        start, end = enc["offset_mapping"][t]
+        if not start <= last_char < end or start < line_start or prompt[last_char + 1 : end].strip("\n"):
+            raise PipelineError(
+                f"candidate {j + 1}'s line does not end on a token boundary with this tokenizer: "
+                "the readout head cannot read it; use reranker.head=label_tokens"
+            )
+        out.append(t)
+    return ids, out
 
 
 def _fit(

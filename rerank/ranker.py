@@ -18,7 +18,7 @@ from __future__ import annotations
 import random
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -28,7 +28,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from pipeline.errors import PipelineError
 from rerank.labels import LabelTokens
-from rerank.prompts import PromptStyle, encode_prompt, label_tokens
+from rerank.prompts import PromptStyle, encode_prompt, encode_prompt_ends, label_tokens
+from rerank.readout import has_readout, padded_ends, readout_scores
 
 # Prompts per forward pass. 16 prompts of ~600 tokens (20 history + 20 candidates) take a few GB
 # of activations and KV cache even for a 7B model in bf16; on 2 CPU cores larger batches gain
@@ -76,8 +77,11 @@ def score_prompts(
     batch_size: int = DEFAULT_BATCH_SIZE,
     pad_id: int | None = None,
     progress: bool = True,
+    ends: Optional[Sequence[Sequence[int]]] = None,
 ) -> list[list[float]]:
-    """log P(label_tokens.scored_ids[i] | prompt) for every prompt (row) and label i (column).
+    """log P(label_tokens.scored_ids[i] | prompt) for every prompt (row) and label i (column); for
+    a model with the readout head (rerank/readout.py), its score of candidate i, read at `ends`
+    (per prompt, each candidate line's last token: `prompts.encode_prompt_ends`).
 
     `prompts_ids`: token ids of prompts that end where the answer starts (`labels.encode` of
     `build_prompt`); `label_tokens`: already `for_k(K)` for K-candidate prompts; `pad_id`: the
@@ -91,6 +95,11 @@ def score_prompts(
         raise PipelineError("no pad token id for batched scoring: pass the tokenizer's pad_token_id")
     if any(len(p) == 0 for p in prompts_ids):
         raise PipelineError("an empty prompt cannot be scored: build prompts with rerank.prompts.build_prompt")
+    if has_readout(model) != (ends is not None):
+        raise PipelineError(
+            "the readout head scores candidates at their line ends: pass ends exactly when the model has a readout "
+            "(prompts.encode_prompt_ends)"
+        )
     scored = label_tokens.scored_ids
     plan = _plan(scored)
     batches = length_ordered_batches([len(p) for p in prompts_ids], batch_size)
@@ -101,7 +110,13 @@ def score_prompts(
     try:
         with torch.inference_mode():
             for idx in tqdm(batches, desc="ranking", unit="batch", disable=not progress or len(batches) <= 1):
-                scores = _score_batch(model, [prompts_ids[i] for i in idx], scored, plan, pad_id, device)
+                batch = [prompts_ids[i] for i in idx]
+                if ends is None:
+                    scores = _score_batch(model, batch, scored, plan, pad_id, device)
+                else:
+                    input_ids, mask = pad_left(batch, pad_id, device)
+                    cols = padded_ends([ends[i] for i in idx], [len(p) for p in batch], input_ids.shape[1], device)
+                    scores = readout_scores(model, input_ids, mask, cols)
                 for i, row in zip(idx, scores.tolist()):
                     out[i] = row
     finally:
@@ -248,7 +263,8 @@ def candidate_orders(k: int, permutations: int, seed: int, user: str) -> list[li
     return orders
 
 
-PromptJob = tuple[int, list[int], np.ndarray]  # (row index, candidate order slot by slot, prompt token ids)
+# (row index, candidate order slot by slot, prompt token ids, each candidate line's last token or None)
+PromptJob = tuple[int, list[int], np.ndarray, Optional[list[int]]]
 
 
 def encode_rows(
@@ -259,19 +275,22 @@ def encode_rows(
     permutations: int = 1,
     seed: int = 0,
     progress: bool = True,
+    with_ends: bool = False,
 ) -> dict[int, list[PromptJob]]:
     """The tokenized prompts of candidates-file rows, grouped by candidate count K (the labels in
     use, and so the scored sequences, depend on K): one prompt per row and candidate order
-    (`candidate_orders`). This is everything the ranker does before the model runs."""
+    (`candidate_orders`). This is everything the ranker does before the model runs. `with_ends`:
+    also each candidate line's last token (`prompts.encode_prompt_ends`), what the readout head reads."""
     jobs: dict[int, list[PromptJob]] = defaultdict(list)
     for r, row in enumerate(tqdm(rows, desc="prompts", unit="row", disable=not progress)):
         cands = list(row["candidates"])
         history = [_title(titles_by_item, item) for item in row["history"]]
         titles = [_title(titles_by_item, item) for item in cands]
         for order in candidate_orders(len(cands), permutations, seed, str(row["user"])):
-            ids = encode_prompt(history, [titles[j] for j in order], tokenizer, style)
+            shown = [titles[j] for j in order]
+            ids, ends = encode_prompt_ends(history, shown, tokenizer, style) if with_ends else (encode_prompt(history, shown, tokenizer, style), None)
             # int32 arrays: a split's prompts are held at once (for length sorting), ~4 bytes a token.
-            jobs[len(cands)].append((r, order, np.asarray(ids, dtype=np.int32)))
+            jobs[len(cands)].append((r, order, np.asarray(ids, dtype=np.int32), ends))
     return jobs
 
 
@@ -292,11 +311,13 @@ def score_orders(
     averages them."""
     tokens = label_tokens(tokenizer, style)  # one derivation holds for every prompt of the style
     out: list[list[tuple[list[int], list[float]]]] = [[] for _ in rows]
-    for k, group in encode_rows(tokenizer, style, rows, titles_by_item, permutations, seed, progress).items():
+    readout = has_readout(model)
+    for k, group in encode_rows(tokenizer, style, rows, titles_by_item, permutations, seed, progress, with_ends=readout).items():
         scores = score_prompts(
-            model, [ids for _, _, ids in group], tokens.for_k(k), batch_size, tokenizer.pad_token_id, progress
+            model, [ids for _, _, ids, _ in group], tokens.for_k(k), batch_size, tokenizer.pad_token_id, progress,
+            ends=[ends for _, _, _, ends in group] if readout else None,
         )
-        for (r, order, _), slot_scores in zip(group, scores):
+        for (r, order, _, _), slot_scores in zip(group, scores):
             out[r].append((order, slot_scores))
     return out
 

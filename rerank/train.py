@@ -50,6 +50,7 @@ from rerank.compat import checkpointing_args, masked_logits
 from rerank.evaluate import covered_sample
 from rerank.labels import LabelTokens
 from rerank.pretrain import pretrain_stage
+from rerank.readout import READOUT_MODULE, adapter_has_readout, attach_readout, has_readout, readout_scores
 from rerank.prompts import PromptStyle, label_tokens
 from rerank.samples import TrainSample
 
@@ -89,6 +90,8 @@ def lora_config(cfg: Any, n_layers: Optional[int] = None) -> LoraConfig:
         target_modules=cfg.lora_target_modules if isinstance(cfg.lora_target_modules, str) else list(cfg.lora_target_modules),
         bias="none",  # LlamaRec: only the low-rank matrices train
         task_type="CAUSAL_LM",
+        # the readout head's linear unit trains whole and is saved with the adapter
+        modules_to_save=[READOUT_MODULE] if cfg.head == "readout" else None,
     )
 
 
@@ -102,12 +105,15 @@ def add_lora(model: PreTrainedModel, cfg: Any, seed: int, init_adapter: Optional
         # QLoRA, as the paper: norms in fp32, input grads enabled for checkpointing through frozen weights.
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
     set_seed(seed)
+    if cfg.head == "readout" and not has_readout(model):
+        attach_readout(model)  # trained and saved by peft as a modules_to_save module
     if init_adapter is not None:
         return load_adapter(model, init_adapter, is_trainable=True)
     try:
         with _quiet_peft():
-            if cfg.lora_target_modules == "all-linear" and cfg.lora_layers is not None:
-                # peft takes layers_to_transform only with named modules: name every linear layer but the head
+            if cfg.lora_target_modules == "all-linear" and (cfg.lora_layers is not None or cfg.head == "readout"):
+                # peft takes layers_to_transform only with named modules: name every linear layer but the
+                # head (and the readout unit, which trains whole)
                 cfg = dataclasses.replace(cfg, lora_target_modules=linear_layer_names(model))
             return get_peft_model(model, lora_config(cfg, getattr(model.config, "num_hidden_layers", None)))
     except ValueError as e:  # e.g. "Target modules {...} not found in the base model"
@@ -120,6 +126,7 @@ def linear_layer_names(model: PreTrainedModel) -> list[str]:
     "all-linear" selects), e.g. [down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj]."""
     head = model.get_output_embeddings()
     names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head}
+    names.discard(READOUT_MODULE)  # the readout unit trains whole (modules_to_save), never through LoRA
     return sorted(names)
 
 
@@ -229,7 +236,11 @@ class RerankTrainer(Trainer):
         counts = num_items_in_batch if isinstance(num_items_in_batch, dict) else {"tokens": num_items_in_batch}
         loss = torch.zeros((), device=inputs["input_ids"].device)
         logits = None
-        if self.loss_kind == "labels":
+        if self.loss_kind == "labels" and "candidate_ends" in inputs:  # the readout head's K scores
+            scores = readout_scores(model, inputs["prompt_input_ids"], inputs["prompt_attention_mask"], inputs["candidate_ends"])
+            term = F.cross_entropy(scores, inputs["target_index"], reduction="sum")
+            loss = loss + self._mean(term, counts.get("prompts"), inputs["target_index"].numel())
+        elif self.loss_kind == "labels":
             term = labels_loss_sum(
                 model, inputs["prompt_input_ids"], inputs["prompt_attention_mask"], inputs["target_index"], self.train_tokens, self.pad_id
             )
@@ -333,13 +344,15 @@ def train_reranker(
     *,
     seed: int = 0,
     score_rows: Optional[ScoreRows] = None,
+    callbacks: Sequence[TrainerCallback] = (),
 ) -> dict[str, Any]:
     """Train a LoRA adapter; save the best one to <out_dir>/adapter and return a summary (also
     written to <out_dir>/train_summary.json).
 
     `cfg`: a RerankerConfig; `val_rows`: val candidates rows (original ids), reduced here to covered
     users (and `val_max_users`); with none, there is no validation and the last adapter is kept.
-    `score_rows`: the validation scorer, default the ranker. `model` gets the LoRA layers in place
+    `score_rows`: the validation scorer, default the ranker; `callbacks`: more Trainer callbacks
+    (e.g. the learnability check's per-epoch scoring, rerank/overfit.py). `model` gets the LoRA layers in place
     and holds the best adapter afterwards (call `model.eval()` before ranking with it)."""
     out = Path(out_dir)
     ckpt_dir = out / CHECKPOINT_DIR
@@ -399,9 +412,9 @@ def train_reranker(
     tokens = label_tokens(tokenizer, style)
     train_dataset = TrainingTexts(
         train_samples, ds.titles, tokenizer, style, cfg.supervise_end_of_turn, tokens,
-        reshuffle_seed=seed if cfg.reshuffle_each_epoch else None,
+        reshuffle_seed=seed if cfg.reshuffle_each_epoch else None, readout=cfg.head == "readout",
     )
-    callbacks = [tensorboard, EpochCallback(train_dataset)]
+    callbacks = [tensorboard, EpochCallback(train_dataset), *callbacks]
     callbacks += [EarlyStoppingCallback(early_stopping_patience=cfg.patience)] if val else []
     k = _train_candidate_count(train_samples)
     multi_token = any(len(seq) > 1 for seq in tokens.for_k(k).scored_ids)
@@ -511,6 +524,8 @@ def load_adapter(base_model: PreTrainedModel, directory: str | Path, is_trainabl
     adapter from `directory` (a run directory or its adapter/), in eval mode. Its prompt format:
     `PromptStyle.load(resolve_adapter_dir(directory))`."""
     path = resolve_adapter_dir(directory)
+    if adapter_has_readout(path) and not has_readout(base_model):
+        attach_readout(base_model)  # the module peft restores the trained readout into
     with _quiet_peft():
         model = PeftModel.from_pretrained(base_model, str(path), is_trainable=is_trainable)
     if not is_trainable:

@@ -198,3 +198,26 @@ def test_left_padded_batch_ends_every_prompt_at_the_answer_position():
         own = encode(tok, prompt)
         assert ids[len(ids) - len(own) :] == own and sum(mask) == len(own)
     assert batch["input_ids"][0][0] == tok.pad_token_id
+
+
+@pytest.mark.parametrize("tok_name", ["qwen", "smollm2"])
+def test_label_position_moves_only_the_label(tok_name):
+    """reranker.label_position changes where each candidate's label sits on its line and nothing
+    else; training texts stay the inference prompt + the answer, byte for byte."""
+    tok = TOKENIZERS[tok_name]()
+    history, cands = ["Toy Story (1995)", "Heat (1995)"], ["Se7en (1995)", "Fargo (1996)", "Babe (1995)"]
+    prompts = {}
+    for position in ("before", "after", "both"):
+        cfg = load_config(None, [f"reranker.label_position={position}"]).reranker
+        style = style_from_config(cfg, tok)
+        prompts[position] = build_prompt(history, cands, tok, style)
+        for i in range(3):
+            assert build_training_text(history, cands, i, tok, style) == prompts[position] + "ABC"[i] + "<|im_end|>\n"
+    assert _candidate_lines(prompts["before"]) == ["(A) Se7en (1995)", "(B) Fargo (1996)", "(C) Babe (1995)"]
+    assert _candidate_lines(prompts["after"]) == ["Se7en (1995) (A)", "Fargo (1996) (B)", "Babe (1995) (C)"]
+    assert _candidate_lines(prompts["both"]) == ["(A) Se7en (1995) (A)", "(B) Fargo (1996) (B)", "(C) Babe (1995) (C)"]
+    outside = {p: prompts[p].replace("\n".join(_candidate_lines(prompts[p])), "<POOL>") for p in prompts}
+    assert outside["before"] == outside["after"] == outside["both"]  # the rest of the prompt is the same text
+    assert load_config(None).reranker.label_position == "before"  # the paper's "(A) Title"
+    with pytest.raises(PipelineError, match="label_position"):
+        load_config(None, ["reranker.label_position=middle"])

@@ -1,0 +1,151 @@
+"""The learnability check: can the reranker fit a handful of its own training prompts?
+
+Before a long (GPU) run, train the run's exact recipe on N training prompts for E epochs and watch
+two curves per epoch: the training loss, and the top-1 accuracy on those same N prompts scored by
+the ranker (one forward pass, the run's head) with their candidates in a freshly drawn order. Run
+twice from the same base model:
+
+- "redrawn": every epoch re-draws each prompt's candidate order (reranker.reshuffle_each_epoch),
+  so the only way to fit is to bind each candidate's content to its label and read it back;
+- "fixed": each prompt keeps one order, so "which label for this prompt" can be memorised.
+
+A head that fits "fixed" but stays at chance on "redrawn" optimises but cannot bind content to its
+label: more data will not cure it. The check writes overfit.json
+({"redrawn": {"epoch", "train_loss", "train_top1"}, "fixed": {...}, "n_prompts", "chance"}) and
+overfit.png into the run directory; each mode's training lives in <run>/<mode>/.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence
+
+import numpy as np
+import torch
+from transformers import TrainerCallback
+
+from pipeline.atomic import write_json
+from pipeline.config import Config
+from pipeline.data import load_dataset
+from pipeline.data.dataset import SplitDataset
+from pipeline.metrics import candidate_rank
+from rerank.evaluate import titles_by_item
+from rerank.models import load_from_config
+from rerank.prompts import PromptStyle, style_from_config
+from rerank.ranker import rank_rows
+from rerank.run import training_samples
+from rerank.samples import TrainSample
+from rerank.train import train_reranker
+
+RESULT_FILE = "overfit.json"
+PLOT_FILE = "overfit.png"
+MODES = ("redrawn", "fixed")  # re-drawn candidate orders every epoch / one order per prompt
+_CHECK_STREAM = 11  # the scoring orders' RNG stream, apart from the sampler's and the epochs' draws
+
+
+def sample_rows(samples: Sequence[TrainSample], ds: SplitDataset, epoch: int, seed: int) -> list[dict[str, Any]]:
+    """`samples` as candidates-file rows (original item ids) with each prompt's candidates in an
+    order drawn for `epoch` (seeded by seed, user, position, epoch), unlike any training order."""
+    rows = []
+    for s in samples:
+        order = np.random.default_rng([seed, s.user, s.position, epoch, _CHECK_STREAM]).permutation(len(s.candidates))
+        rows.append(
+            {
+                "user": ds.user_ids[s.user],
+                "history": [ds.item_ids[i] for i in s.history],
+                "candidates": [ds.item_ids[s.candidates[i]] for i in order],
+                "target": ds.item_ids[s.target],
+            }
+        )
+    return rows
+
+
+def top1_accuracy(scores: Sequence[Sequence[float]], rows: Sequence[Mapping[str, Any]]) -> float:
+    """Share of rows whose target is ranked first (ties to the earlier candidate, as every metric)."""
+    return sum(candidate_rank(s, r["candidates"], r["target"]) == 1 for s, r in zip(scores, rows)) / len(rows)
+
+
+class CheckCallback(TrainerCallback):
+    """At every epoch's end: the mean training loss of the epoch's steps and the top-1 accuracy of
+    the training prompts in that epoch's check order. Needs logging every step (logging_steps=1)."""
+
+    def __init__(self, score: Any, samples: Sequence[TrainSample], ds: SplitDataset, seed: int) -> None:
+        self.score, self.samples, self.ds, self.seed = score, samples, ds, seed
+        self.curve: dict[str, list[float]] = {"epoch": [], "train_loss": [], "train_top1": []}
+        self._losses: list[float] = []
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: Optional[dict] = None, **kwargs: Any) -> None:
+        if logs and "loss" in logs:
+            self._losses.append(float(logs["loss"]))
+
+    def on_epoch_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        epoch = len(self.curve["epoch"]) + 1
+        rows = sample_rows(self.samples, self.ds, epoch, self.seed)
+        top1 = top1_accuracy(self.score(model, rows), rows)
+        loss = float(np.mean(self._losses)) if self._losses else float("nan")
+        self._losses = []
+        for key, value in (("epoch", epoch), ("train_loss", loss), ("train_top1", top1)):
+            self.curve[key].append(value)
+        print(f"overfit check: epoch {epoch}: train loss {loss:.4f}, top-1 {top1:.3f}", flush=True)
+
+
+def check_config(cfg: Config, mode: str) -> Config:
+    """The run's reranker recipe as the check trains it: N prompts, E epochs, orders re-drawn or
+    fixed, a loss logged every step, no validation, calibration or fusion (the check scores its
+    own training prompts)."""
+    o = cfg.overfit
+    reranker = dataclasses.replace(
+        cfg.reranker,
+        max_train_samples=o.n_prompts,
+        num_epochs=float(o.epochs),
+        reshuffle_each_epoch=mode == "redrawn",
+        logging_steps=1,
+        eval_steps=10**9,  # no checkpoint mid-run: the check keeps the last adapter
+        resume=False,
+    )
+    return dataclasses.replace(cfg, reranker=reranker)
+
+
+def run_check(cfg: Config, out: str | Path, candidates_dir: Optional[str | Path]) -> dict[str, Any]:
+    """Train each mode of `cfg.overfit.modes` from the same base model and write overfit.json and
+    overfit.png into `out`; `candidates_dir`: the retriever run whose candidates give retriever
+    negatives (None with random negatives)."""
+    out = Path(out)
+    ds = load_dataset(cfg.data)
+    samples = training_samples(check_config(cfg, MODES[0]), ds, candidates_dir or out)
+    result: dict[str, Any] = {"n_prompts": len(samples), "chance": 1.0 / cfg.reranker.train_candidates}
+    for mode in cfg.overfit.modes:
+        mcfg = check_config(cfg, mode)
+        model, tokenizer = load_from_config(mcfg.reranker)  # a fresh base model per mode
+        style = style_from_config(mcfg.reranker, tokenizer)
+        print(f"overfit check: {mode} orders, {len(samples)} prompts, {cfg.overfit.epochs} epochs", flush=True)
+        result[mode] = check_mode(model, tokenizer, style, ds, samples, mcfg, out / mode)
+        del model
+    write_result(out, result)
+    return result
+
+
+def check_mode(
+    model: Any, tokenizer: Any, style: PromptStyle, ds: SplitDataset, samples: Sequence[TrainSample], cfg: Config, out: Path
+) -> dict[str, list[float]]:
+    """Train `model` on `samples` with `cfg` (a `check_config`) into `out`; the per-epoch curve."""
+    callback = CheckCallback(_scorer(tokenizer, style, ds, cfg), samples, ds, cfg.seed)
+    train_reranker(model, tokenizer, style, ds, samples, [], cfg.reranker, out, seed=cfg.seed, callbacks=[callback])
+    return callback.curve
+
+
+def write_result(out: Path, result: Mapping[str, Any]) -> None:
+    """overfit.json and its plot, overfit.png, into `out`."""
+    write_json(out / RESULT_FILE, result)
+    from analysis.plots import plot_overfit  # matplotlib only when the check writes its plot
+
+    plot_overfit(result, out / PLOT_FILE, title=out.name)
+
+
+def _scorer(tokenizer: Any, style: PromptStyle, ds: SplitDataset, cfg: Config) -> Any:
+    titles = titles_by_item(ds)
+
+    def score(model: torch.nn.Module, rows: Sequence[Mapping[str, Any]]) -> list[list[float]]:
+        return rank_rows(model, tokenizer, style, rows, titles, batch_size=cfg.reranker.rank_batch_size, progress=False)
+
+    return score

@@ -1,0 +1,74 @@
+"""The label-free readout head (reranker.head: readout): each candidate scored from its own line.
+
+A small LM binds a candidate's content to its label symbol poorly (multiple-choice symbol binding),
+yet whether a candidate is the answer is linearly readable from the hidden state at the end of that
+candidate's line. The readout scores candidate k as w . h(end of line k) + b: the model's last
+hidden state (after its final norm) at the last token of the candidate's prompt line
+(`rerank.prompts.candidate_ends`, measured from the tokenizer's offsets, never assumed), through one
+trained linear unit. Still one forward pass over the same prompt as the label heads; the K scores
+go through the same K-way cross-entropy in training and the same calibration and fusion after.
+
+The unit is a submodule of the base model (`READOUT_MODULE`), trained and saved by peft as a
+`modules_to_save` module, so the adapter folder carries it (adapter_model.safetensors) and
+`PeftModel.from_pretrained` restores it; `adapter_has_readout` tells from adapter_config.json.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from pipeline.errors import PipelineError
+
+READOUT_MODULE = "rerank_readout"  # attribute of the base causal LM holding the linear unit
+
+
+def attach_readout(model: torch.nn.Module) -> None:
+    """Give `model` (a base causal LM, before peft wraps it) a zero-initialised readout unit: every
+    candidate scores 0 at the start (a uniform choice), and the first step's gradient moves it."""
+    hidden = model.config.hidden_size
+    weight = model.get_input_embeddings().weight
+    unit = torch.nn.Linear(hidden, 1, bias=True, device=weight.device, dtype=torch.float32)
+    torch.nn.init.zeros_(unit.weight)
+    torch.nn.init.zeros_(unit.bias)
+    setattr(model, READOUT_MODULE, unit)
+
+
+def has_readout(model: Any) -> bool:
+    """True when `model` (base, peft-wrapped or merged) carries a readout unit."""
+    try:
+        return isinstance(getattr(model, READOUT_MODULE), torch.nn.Module)
+    except AttributeError:
+        return False
+
+
+def adapter_has_readout(adapter_dir: str | Path) -> bool:
+    """True when the adapter saved in `adapter_dir` trained a readout unit (its modules_to_save)."""
+    path = Path(adapter_dir) / "adapter_config.json"
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8")).get("modules_to_save") or []
+    except (OSError, json.JSONDecodeError):
+        raise PipelineError(f"{path} is missing or not valid JSON: point to an adapter written by the reranker trainer") from None
+    return READOUT_MODULE in saved
+
+
+def readout_scores(model: Any, input_ids: torch.Tensor, mask: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """(B, K) readout scores of left-padded prompts; `ends` (B, K): the column of each candidate
+    line's last token in the padded batch (`padded_ends`). With grad in training, without at ranking."""
+    positions = (mask.cumsum(1) - 1).clamp(min=0)  # real tokens only, as the label heads count them
+    out = model.get_decoder()(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=False)
+    hidden = out.last_hidden_state  # (B, L, D), after the final norm
+    picked = hidden.gather(1, ends[:, :, None].expand(-1, -1, hidden.shape[-1]))  # (B, K, D)
+    unit = getattr(model, READOUT_MODULE)
+    return unit(picked.float()).squeeze(-1)
+
+
+def padded_ends(ends: Sequence[Sequence[int]], lengths: Sequence[int], width: int, device: torch.device) -> torch.Tensor:
+    """Each prompt's candidate-line ends (token indices in its own ids) as columns of a batch padded
+    on the LEFT to `width` (prompt r starts at column width - lengths[r])."""
+    rows = [[width - n + e for e in row] for row, n in zip(ends, lengths)]
+    if len({len(r) for r in rows}) != 1:
+        raise PipelineError("prompts of one batch have different candidate counts: batch the readout by K")
+    return torch.tensor(rows, dtype=torch.long, device=device)

@@ -1,0 +1,115 @@
+"""The label-free readout head (rerank/readout.py): positions, scores, loss, save/load."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pipeline.config import load_config
+from pipeline.errors import PipelineError
+from rerank.collate import TrainingTexts, collator_for
+from rerank.labels import LETTERS, NUMBERS
+from rerank.prompts import CANDIDATE_FORMATS, encode_prompt, encode_prompt_ends, label_tokens, make_style
+from rerank.ranker import rank_rows, score_prompts
+from rerank.readout import READOUT_MODULE, adapter_has_readout, has_readout, readout_scores
+from rerank.samples import build_samples
+from rerank.train import add_lora, load_adapter, save_adapter
+from tests.rerank_fixtures import TOKENIZERS, titles
+from tests.test_labels_loss import labels_trainer
+from tests.test_samples import make_ds
+from tests.test_train import cfg, fresh_model, tok, val_rows
+
+
+@pytest.mark.parametrize("tok_name", ["qwen", "smollm2"])
+@pytest.mark.parametrize("position", list(CANDIDATE_FORMATS))
+@pytest.mark.parametrize("scheme", [LETTERS, NUMBERS])
+def test_candidate_ends_are_the_last_token_of_each_line(tok_name, position, scheme):
+    t = TOKENIZERS[tok_name]()
+    style = make_style(t, scheme, candidate_format=CANDIDATE_FORMATS[position])
+    history = titles(5, "h ")
+    cands = [*titles(11, "c "), "Alien.", "Heat (1995)!", "Ends in a digit 7"]
+    ids, ends = encode_prompt_ends(history, cands, t, style)
+    assert ids == encode_prompt(history, cands, t, style)
+    assert ends == sorted(ends) and len(set(ends)) == len(cands)
+    for j, e in enumerate(ends):
+        label = scheme.labels[j]
+        line = CANDIDATE_FORMATS[position].format(label=label, title=cands[j])
+        upto = t.decode(ids[: e + 1])
+        # the text up to this token ends with the whole line (and at most its newlines), the token before does not
+        assert upto.rstrip("\n").endswith(line), (upto[-60:], line)
+        assert not t.decode(ids[:e]).rstrip("\n").endswith(line)
+
+
+def _readout_model(seed: int = 0):
+    model = add_lora(fresh_model(), cfg(head="readout", loss="labels", lora_target_modules="all-linear"), seed=seed)
+    with torch.no_grad():  # a non-trivial unit (it starts at zero)
+        unit = getattr(model, READOUT_MODULE)
+        for p in unit.parameters():
+            p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    return model.eval()
+
+
+def test_readout_scores_equal_a_slow_per_candidate_reference():
+    """The batched one-pass readout (left padding, prompts of different lengths) equals, for every
+    candidate, the unit applied to the last hidden state of a forward over the prompt cut right after
+    that candidate's line (causal: nothing later can change it)."""
+    model = _readout_model()
+    style = make_style(tok(), LETTERS, max_history=4)
+    prompts = [encode_prompt_ends(titles(n, "h "), titles(5, f"c{n} "), tok(), style) for n in (1, 4, 2)]
+    fast = score_prompts(model, [p for p, _ in prompts], label_tokens(tok(), style).for_k(5), batch_size=3, pad_id=tok().pad_token_id,
+                         progress=False, ends=[e for _, e in prompts])
+    unit = getattr(model, READOUT_MODULE)
+    with torch.no_grad():
+        for (ids, ends), got in zip(prompts, fast):
+            slow = []
+            for e in ends:
+                h = model.get_decoder()(input_ids=torch.tensor([ids[: e + 1]])).last_hidden_state[0, -1]
+                slow.append(unit(h.float()).item())
+            assert got == pytest.approx(slow, abs=1e-4)
+    assert len({round(x, 4) for x in fast[0]}) > 1  # candidates get different scores
+
+
+def test_readout_loss_is_the_cross_entropy_of_its_scores(tmp_path):
+    ds = make_ds()
+    samples = build_samples(ds, n_candidates=6, seed=0, max_samples=3)
+    style = make_style(tok(), LETTERS, max_history=3)
+    texts = TrainingTexts(samples, ds.titles, tok(), style, readout=True)
+    batch = collator_for(tok())([texts[i] for i in range(3)])
+    model = _readout_model()
+    rows = [
+        {"user": ds.user_ids[s.user], "history": [ds.item_ids[i] for i in s.history],
+         "candidates": [ds.item_ids[i] for i in s.candidates], "target": ds.item_ids[s.target]}
+        for s in samples
+    ]
+    titles_by = dict(zip(ds.item_ids[1:], ds.titles[1:]))
+    with torch.no_grad():
+        ranked = torch.tensor(rank_rows(model, tok(), style, rows, titles_by, batch_size=2, progress=False))
+        trained = readout_scores(model, batch["prompt_input_ids"], batch["prompt_attention_mask"], batch["candidate_ends"])
+    assert torch.allclose(trained, ranked, atol=1e-4)  # training reads the same scores the ranker ranks by
+    want = F.cross_entropy(ranked, batch["target_index"]).item()
+    got = labels_trainer(tmp_path, model, label_tokens(tok(), style).for_k(6)).compute_loss(model, batch).item()
+    assert got == pytest.approx(want, rel=1e-4)
+
+
+def test_a_readout_adapter_saves_and_loads_with_its_unit(tmp_path):
+    model = _readout_model()
+    style = make_style(tok(), LETTERS, max_history=3)
+    save_adapter(model, style, tmp_path / "adapter")
+    assert adapter_has_readout(tmp_path / "adapter")
+    ds = make_ds()
+    rows = val_rows(ds)
+    titles_by = dict(zip(ds.item_ids[1:], ds.titles[1:]))
+    loaded = load_adapter(fresh_model(), tmp_path / "adapter")
+    assert has_readout(loaded) and not has_readout(fresh_model())
+    with torch.no_grad():
+        a = rank_rows(model, tok(), style, rows, titles_by, progress=False)
+        b = rank_rows(loaded, tok(), style, rows, titles_by, progress=False)
+    assert a == b and len({round(x, 5) for x in a[0]}) > 1
+
+
+def test_the_readout_head_is_trained_with_the_k_way_loss():
+    with pytest.raises(PipelineError, match="readout"):
+        load_config(None, ["reranker.head=readout", "reranker.loss=vocab"])
+    with pytest.raises(PipelineError, match="readout"):
+        load_config(None, ["reranker.head=readout", "reranker.loss=labels", "reranker.pretrain_steps=5"])
+    assert load_config(None).reranker.head == "label_tokens"
