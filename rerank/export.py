@@ -6,6 +6,7 @@ one matmul per layer instead of base + low-rank. `export_merged(RUN, DIR)` write
 
 - the merged weights + config.json + generation_config.json (save_pretrained), and the tokenizer;
 - prompt_style.json: the adapter's prompt format, unchanged;
+- readout.safetensors (reranker.head readout): the trained readout unit (rerank/readout.py);
 - config.yaml: RUN/config.yaml with reranker.model = DIR's absolute path, so every script that takes
   reranker.model (or --set reranker.model=DIR) ranks with it and a server finds the run's dataset;
 - export.json: where it came from (run, adapter, base model, git commits) and, for a calibrated run,
@@ -30,6 +31,7 @@ from pipeline.config import load_config, to_dict
 from pipeline.errors import PipelineError
 from pipeline.rundir import _git_commit
 from rerank.load_run import RerankerRun, open_run
+from rerank.readout import READOUT_MODULE, has_readout, save_readout_unit
 from rerank.train import resolve_adapter_dir
 
 EXPORT_FILE = "export.json"
@@ -85,12 +87,27 @@ def export_merged(run_dir: str | Path, out: str | Path, overrides: list[str] | t
     config = load_config(run.path / "config.yaml")  # the run's own, without the load-time overrides
     config = dataclasses.replace(config, reranker=dataclasses.replace(config.reranker, model=str(out)))
     with atomic_dir(out) as tmp:
-        merged.save_pretrained(tmp)
+        save_merged(merged, tmp)
         tokenizer.save_pretrained(tmp)
         style.save(tmp)
         write_yaml(tmp / "config.yaml", to_dict(config))
         write_json(tmp / EXPORT_FILE, info)
     return out
+
+
+def save_merged(merged: PreTrainedModel, directory: Path) -> None:
+    """save_pretrained of the merged model; a readout unit (reranker.head readout) goes to its own
+    file (readout.safetensors), which from_pretrained does not know and rerank.models attaches."""
+    if not has_readout(merged):
+        merged.save_pretrained(directory)
+        return
+    unit = getattr(merged, READOUT_MODULE)
+    delattr(merged, READOUT_MODULE)
+    try:
+        merged.save_pretrained(directory)
+    finally:
+        setattr(merged, READOUT_MODULE, unit)
+    save_readout_unit(merged, directory)
 
 
 def export_info(run: RerankerRun, merged: PreTrainedModel) -> dict[str, Any]:

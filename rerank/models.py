@@ -154,6 +154,10 @@ def load_model_and_tokenizer(
     tokenizer = _finish_tokenizer(_from_pretrained(AutoTokenizer, name, source))
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
+    if Path(source).is_dir():
+        from rerank.readout import load_readout_unit
+
+        load_readout_unit(model, source)  # a merged export of a readout run carries its unit
     return model, tokenizer
 
 

@@ -10,7 +10,9 @@ go through the same K-way cross-entropy in training and the same calibration and
 
 The unit is a submodule of the base model (`READOUT_MODULE`), trained and saved by peft as a
 `modules_to_save` module, so the adapter folder carries it (adapter_model.safetensors) and
-`PeftModel.from_pretrained` restores it; `adapter_has_readout` tells from adapter_config.json.
+`PeftModel.from_pretrained` restores it; `adapter_has_readout` tells from adapter_config.json. A
+merged export (rerank/export.py) holds it as `READOUT_FILE` beside the weights, and
+`rerank.models.load_model_and_tokenizer` attaches it again when it loads such a folder.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ import torch
 from pipeline.errors import PipelineError
 
 READOUT_MODULE = "rerank_readout"  # attribute of the base causal LM holding the linear unit
+READOUT_FILE = "readout.safetensors"  # the unit's weights in a merged model folder
 
 
 def attach_readout(model: torch.nn.Module) -> None:
@@ -72,3 +75,27 @@ def padded_ends(ends: Sequence[Sequence[int]], lengths: Sequence[int], width: in
     if len({len(r) for r in rows}) != 1:
         raise PipelineError("prompts of one batch have different candidate counts: batch the readout by K")
     return torch.tensor(rows, dtype=torch.long, device=device)
+
+
+def save_readout_unit(model: torch.nn.Module, directory: str | Path) -> None:
+    """Write the (merged) model's readout unit to `directory`/READOUT_FILE."""
+    from safetensors.torch import save_file
+
+    unit = getattr(model, READOUT_MODULE)
+    save_file({k: v.detach().cpu().contiguous() for k, v in unit.state_dict().items()}, str(Path(directory) / READOUT_FILE))
+
+
+def load_readout_unit(model: torch.nn.Module, directory: str | Path) -> bool:
+    """Attach the readout unit saved in `directory` (a merged export) to `model`; False when the
+    folder has none."""
+    path = Path(directory) / READOUT_FILE
+    if not path.is_file():
+        return False
+    from safetensors.torch import load_file
+
+    attach_readout(model)
+    try:
+        getattr(model, READOUT_MODULE).load_state_dict(load_file(str(path)))
+    except RuntimeError as e:  # another hidden size: the file belongs to another model
+        raise PipelineError(f"{path} does not fit this model ({str(e).splitlines()[0]}): export the run again") from None
+    return True

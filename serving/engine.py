@@ -25,7 +25,7 @@ from pipeline.config import Config, load_config
 from pipeline.errors import PipelineError
 from rerank.calibration import Prior  # candidate count K -> the prior of each slot
 from rerank.labels import LabelTokens
-from rerank.prompts import PromptStyle, check_tokenizer, encode_prompt, label_tokens
+from rerank.prompts import PromptStyle, check_tokenizer, encode_prompt, encode_prompt_ends, label_tokens
 from serving.schema import RerankRequest, TextItem
 from serving.scorer import Scorer
 
@@ -46,6 +46,7 @@ class Prepared:
     prompt_ids: list[int]
     titles: list[str]  # the documents' titles, request order
     ids: list[Optional[str]]  # the documents' item ids (None for {text} documents)
+    ends: Optional[list[int]] = None  # each candidate line's last token (the readout head), else None
 
 
 class RerankEngine:
@@ -104,6 +105,9 @@ class RerankEngine:
         history = [self._title(item, f"query[{i}]")[0] for i, item in enumerate(req.query)]
         docs = [self._title(item, f"documents[{i}]") for i, item in enumerate(req.documents)]
         titles = [t for t, _ in docs]
+        if self.scorer.readout:
+            ids, ends = encode_prompt_ends(history, titles, self.tokenizer, self.style)
+            return Prepared(ids, titles, [i for _, i in docs], ends)
         return Prepared(encode_prompt(history, titles, self.tokenizer, self.style), titles, [i for _, i in docs])
 
     def _title(self, item: Any, field: str) -> tuple[str, Optional[str]]:
@@ -132,7 +136,8 @@ class RerankEngine:
         for i, p in enumerate(batch):
             by_k.setdefault(len(p.titles), []).append(i)
         for k, idx in by_k.items():
-            scores = self.scorer.score([batch[i].prompt_ids for i in idx], self.tokens.for_k(k))
+            ends = [batch[i].ends for i in idx] if self.scorer.readout else None
+            scores = self.scorer.score([batch[i].prompt_ids for i in idx], self.tokens.for_k(k), ends)
             offsets = self.prior.get(k, [0.0] * k)  # the slot's prior; slot j shows documents[j]
             for i, row in zip(idx, scores):
                 out[i] = [s - o for s, o in zip(row, offsets)]
@@ -232,6 +237,13 @@ def _scorer(cfg: Config, run_dir: Optional[str], model_dir: Optional[str]) -> tu
     scfg, rcfg = cfg.serve, cfg.reranker
     if scfg.backend == "vllm":
         from rerank.models import load_tokenizer
+        from rerank.readout import READOUT_FILE, adapter_has_readout
+        from rerank.train import resolve_adapter_dir
+
+        if (run_dir is not None and adapter_has_readout(resolve_adapter_dir(run_dir))) or (
+            model_dir is not None and (Path(model_dir) / READOUT_FILE).is_file()
+        ):
+            raise PipelineError("this reranker scores with the readout head, which vLLM cannot compute: use serve.backend=local")
         from serving.vllm_backend import VLLMScorer
 
         scorer = VLLMScorer(scfg.vllm_url, scfg.vllm_model, timeout_s=scfg.vllm_timeout_s, max_prompts=rcfg.rank_batch_size)

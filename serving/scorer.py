@@ -10,22 +10,27 @@ log P(label k | prompt) for each of the K labels: the numbers `rerank.ranker.sco
 """
 from __future__ import annotations
 
-from typing import Protocol, Sequence
+from typing import Optional, Protocol, Sequence
 
 from transformers import PreTrainedModel
 
 from rerank.labels import LabelTokens
 from rerank.ranker import score_prompts
+from rerank.readout import has_readout
 
 
 class Scorer(Protocol):
     name: str  # "local" or "vllm", shown by GET /info
+    readout: bool  # the model scores candidates with the readout head: score() needs each line's end
 
     def check(self, label_tokens: LabelTokens) -> None:
         """Raise PipelineError (one line, with the fix) if these labels cannot be scored here."""
 
-    def score(self, prompts: Sequence[Sequence[int]], label_tokens: LabelTokens) -> list[list[float]]:
-        """Per prompt (input order), the K label scores (log-probabilities)."""
+    def score(
+        self, prompts: Sequence[Sequence[int]], label_tokens: LabelTokens, ends: Optional[Sequence[Sequence[int]]] = None
+    ) -> list[list[float]]:
+        """Per prompt (input order), the K label scores (log-probabilities), or with the readout
+        head the K readout scores read at `ends` (each candidate line's last token)."""
 
 
 class LocalScorer:
@@ -35,10 +40,13 @@ class LocalScorer:
 
     def __init__(self, model: PreTrainedModel, pad_id: int, max_prompts: int) -> None:
         self.model, self.pad_id, self.max_prompts = model, pad_id, max_prompts
+        self.readout = has_readout(model)
         self.model.eval()
 
     def check(self, label_tokens: LabelTokens) -> None:
         return None  # score_prompts scores any label scheme (multi-token labels on the KV cache)
 
-    def score(self, prompts: Sequence[Sequence[int]], label_tokens: LabelTokens) -> list[list[float]]:
-        return score_prompts(self.model, prompts, label_tokens, self.max_prompts, self.pad_id, progress=False)
+    def score(
+        self, prompts: Sequence[Sequence[int]], label_tokens: LabelTokens, ends: Optional[Sequence[Sequence[int]]] = None
+    ) -> list[list[float]]:
+        return score_prompts(self.model, prompts, label_tokens, self.max_prompts, self.pad_id, progress=False, ends=ends)

@@ -15,7 +15,7 @@ import socket
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 from pipeline.errors import PipelineError
 from rerank.labels import LabelTokens
@@ -37,6 +37,7 @@ class VLLMScorer:
     of --lora-modules NAME=DIR); `max_prompts` caps the prompts per HTTP request."""
 
     name = "vllm"
+    readout = False  # vLLM returns token log-probabilities, never hidden states: label heads only
 
     def __init__(self, base_url: str, model: str, timeout_s: float = 60.0, max_prompts: int = 64) -> None:
         if max_prompts < 1:
@@ -68,7 +69,11 @@ class VLLMScorer:
             "use reranker.label_scheme=letters (or at most 9 numbers), or serve.backend=local"
         )
 
-    def score(self, prompts: Sequence[Sequence[int]], label_tokens: LabelTokens) -> list[list[float]]:
+    def score(
+        self, prompts: Sequence[Sequence[int]], label_tokens: LabelTokens, ends: Optional[Sequence[Sequence[int]]] = None
+    ) -> list[list[float]]:
+        if ends is not None:
+            raise PipelineError("the vLLM backend scores label tokens only, not the readout head: use serve.backend=local")
         self.check(label_tokens)  # a multi-token label would silently get its first token's score
         if any(len(p) == 0 for p in prompts):
             raise PipelineError("an empty prompt cannot be scored: build prompts with rerank.prompts.encode_prompt")

@@ -40,6 +40,10 @@ def test_candidate_ends_are_the_last_token_of_each_line(tok_name, position, sche
         assert not t.decode(ids[:e]).rstrip("\n").endswith(line)
 
 
+def _flat(rows):
+    return [x for row in rows for x in row]
+
+
 def _readout_model(seed: int = 0):
     model = add_lora(fresh_model(), cfg(head="readout", loss="labels", lora_target_modules="all-linear"), seed=seed)
     with torch.no_grad():  # a non-trivial unit (it starts at zero)
@@ -113,3 +117,40 @@ def test_the_readout_head_is_trained_with_the_k_way_loss():
     with pytest.raises(PipelineError, match="readout"):
         load_config(None, ["reranker.head=readout", "reranker.loss=labels", "reranker.pretrain_steps=5"])
     assert load_config(None).reranker.head == "label_tokens"
+
+
+def test_a_readout_run_exports_and_serves_its_unit(tmp_path):
+    """The merged export keeps the unit (readout.safetensors, attached again on load) and the HTTP
+    engine scores a readout model from each candidate line's end: both equal the adapter's ranking."""
+    from rerank.export import merge_lora, save_merged
+    from rerank.models import load_model_and_tokenizer
+    from rerank.readout import READOUT_FILE
+    from serving.engine import RerankEngine
+    from serving.schema import RerankRequest, TextItem
+    from serving.scorer import LocalScorer
+
+    model = _readout_model()
+    style = make_style(tok(), LETTERS, max_history=3)
+    ds = make_ds()
+    rows = val_rows(ds)[:3]
+    titles_by = dict(zip(ds.item_ids[1:], ds.titles[1:]))
+    with torch.no_grad():
+        want = rank_rows(model, tok(), style, rows, titles_by, progress=False)
+
+    engine = RerankEngine(LocalScorer(model, tok().pad_token_id, 4), tok(), style, titles_by, {}, "x", {})
+    prepared = [engine.prepare(RerankRequest(query=r["history"], documents=[TextItem(text=titles_by[c]) for c in r["candidates"]]))
+                for r in rows]
+    assert all(p.ends is not None for p in prepared)
+    assert _flat(engine.score(prepared)) == pytest.approx(_flat(want), abs=1e-5)
+
+    merged = merge_lora(model)
+    assert has_readout(merged)
+    out = tmp_path / "merged"
+    out.mkdir()
+    save_merged(merged, out)  # what export_merged writes the weights with
+    tok().save_pretrained(out)
+    loaded, loaded_tok = load_model_and_tokenizer(str(out))
+    assert has_readout(loaded) and (out / READOUT_FILE).is_file()
+    with torch.no_grad():
+        got = rank_rows(loaded, loaded_tok, style, rows, titles_by, progress=False)
+    assert _flat(got) == pytest.approx(_flat(want), abs=1e-4)
