@@ -216,6 +216,9 @@ class RerankerConfig:
     pretrain_steps: int = 0
     pretrain_learning_rate: float = 1e-4  # stage-1 peak learning rate (linear decay, no warm-up)
     pretrain_batch_size: int = 8  # history windows per stage-1 optimizer step
+    # Binding warm-up (rerank/warmup.py): optimizer steps on copy prompts (the answer is the candidate
+    # whose title closes the history) before the real training, which continues that adapter. 0 = off.
+    binding_warmup_steps: int = 0
 
     def validate(self) -> None:
         if self.dtype not in ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"):
@@ -240,7 +243,7 @@ class RerankerConfig:
         # Training (rerank/train.py).
         if self.train_candidates < 2:
             raise PipelineError(f"reranker.train_candidates must be >= 2: the target and at least one negative (got {self.train_candidates})")
-        for name in ("train_min_history", "warmup_steps", "dataloader_workers", "pretrain_steps"):
+        for name in ("train_min_history", "warmup_steps", "dataloader_workers", "pretrain_steps", "binding_warmup_steps"):
             if getattr(self, name) < 0:
                 raise PipelineError(f"reranker.{name} must be >= 0 (got {getattr(self, name)})")
         for name in ("train_max_prefixes_per_user", "max_train_samples", "val_max_users"):
@@ -270,7 +273,7 @@ class RerankerConfig:
             raise PipelineError(f"reranker.vocab_loss_weight must be >= 0 (got {self.vocab_loss_weight})")
         if self.head == "readout" and (self.loss != "labels" or self.vocab_loss_weight > 0):
             raise PipelineError("reranker.head readout is trained with the K-way loss alone: set reranker.loss=labels and vocab_loss_weight=0")
-        if self.head == "readout" and self.pretrain_steps > 0:
+        if self.head == "readout" and self.pretrain_steps > 0:  # its adapter has no readout unit to continue
             raise PipelineError("reranker.head readout does not continue a pre-training stage's adapter: set reranker.pretrain_steps=0")
         if self.vocab_loss_weight > 0 and self.loss != "labels":
             raise PipelineError("reranker.vocab_loss_weight adds a vocab term to loss 'labels': set reranker.loss=labels or the weight to 0")

@@ -50,6 +50,7 @@ from rerank.compat import checkpointing_args, masked_logits
 from rerank.evaluate import covered_sample
 from rerank.labels import LabelTokens
 from rerank.pretrain import pretrain_stage
+from rerank.warmup import binding_warmup_stage
 from rerank.readout import READOUT_MODULE, adapter_has_readout, attach_readout, has_readout, readout_scores
 from rerank.prompts import PromptStyle, label_tokens
 from rerank.samples import TrainSample
@@ -345,6 +346,8 @@ def train_reranker(
     seed: int = 0,
     score_rows: Optional[ScoreRows] = None,
     callbacks: Sequence[TrainerCallback] = (),
+    init_adapter: Optional[Path] = None,
+    keep_lora: bool = True,
 ) -> dict[str, Any]:
     """Train a LoRA adapter; save the best one to <out_dir>/adapter and return a summary (also
     written to <out_dir>/train_summary.json).
@@ -352,7 +355,9 @@ def train_reranker(
     `cfg`: a RerankerConfig; `val_rows`: val candidates rows (original ids), reduced here to covered
     users (and `val_max_users`); with none, there is no validation and the last adapter is kept.
     `score_rows`: the validation scorer, default the ranker; `callbacks`: more Trainer callbacks
-    (e.g. the learnability check's per-epoch scoring, rerank/overfit.py). `model` gets the LoRA layers in place
+    (e.g. the learnability check's per-epoch scoring, rerank/overfit.py); `init_adapter`: an adapter
+    to continue (an earlier stage's); `keep_lora=False` takes the LoRA layers out of `model` at the
+    end (a stage whose adapter the next one loads). `model` gets the LoRA layers in place
     and holds the best adapter afterwards (call `model.eval()` before ranking with it)."""
     out = Path(out_dir)
     ckpt_dir = out / CHECKPOINT_DIR
@@ -367,7 +372,11 @@ def train_reranker(
         score_rows = ranking_scorer(tokenizer, style, titles, cfg.rank_batch_size)
 
     # Stage 1 (optional): domain-adaptive pre-training; stage 2 continues its adapter.
-    init_adapter = pretrain_stage(model, tokenizer, style, ds, cfg, out, seed) if cfg.pretrain_steps > 0 else None
+    pretrained = pretrain_stage(model, tokenizer, style, ds, cfg, out, seed) if cfg.pretrain_steps > 0 else None
+    init_adapter = pretrained or init_adapter
+    # Optional binding warm-up on copy prompts (rerank/warmup.py); the real training continues it.
+    warmed = binding_warmup_stage(model, tokenizer, style, ds, train_samples, cfg, out, seed, init_adapter) if cfg.binding_warmup_steps > 0 else None
+    init_adapter = warmed or init_adapter
     peft_model = add_lora(model, cfg, seed, init_adapter)
     best_metric = VAL_METRIC if cfg.best_by == "retriever_order" else f"shuffled_{VAL_METRIC}"
     on_cuda = next(peft_model.parameters()).device.type == "cuda"
@@ -453,6 +462,7 @@ def train_reranker(
     losses = [{"step": e["step"], "loss": e["loss"]} for e in state.log_history if "loss" in e and "step" in e]
     summary = {
         "loss": cfg.loss,
+        "head": cfg.head,
         "n_train_samples": len(train_samples),
         "n_val_users": len(val),
         "global_step": state.global_step,
@@ -466,10 +476,13 @@ def train_reranker(
         "adapter_dir": str(adapter_dir),
         "validations": history,
         "train_losses": losses,
-        "pretrain_adapter": str(init_adapter) if init_adapter is not None else None,
+        "pretrain_adapter": str(pretrained) if pretrained is not None else None,
+        "binding_warmup_adapter": str(warmed) if warmed is not None else None,
     }
     if trainer.is_world_process_zero():
         write_json(out / SUMMARY_FILE, summary)
+    if not keep_lora:
+        trainer.accelerator.unwrap_model(trainer.model).unload()  # the LoRA layers come out (not merged)
     return summary
 
 

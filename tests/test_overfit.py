@@ -78,3 +78,38 @@ def test_the_check_sees_a_learnable_task_learned_in_redrawn_orders(tmp_path):
     write_result(tmp_path, {"redrawn": curve, "n_prompts": len(samples), "chance": 0.25})
     saved = json.loads((tmp_path / "overfit.json").read_text())
     assert saved["redrawn"]["train_top1"] == curve["train_top1"] and (tmp_path / "overfit.png").stat().st_size > 1000
+
+
+def test_the_label_comparison_trains_the_default_recipe():
+    """compare_labels.yaml compares label schemes, placements and the readout on the recipe of the
+    README's main job: only retriever_run and the analysis section differ from default.yaml."""
+    compare = yaml.safe_load((CONFIGS / "compare_labels.yaml").read_text())
+    default = yaml.safe_load((CONFIGS / "default.yaml").read_text())
+    assert {k: v for k, v in compare.items() if k not in ("analysis", "retriever_run")} == default
+    variants = load_config(CONFIGS / "compare_labels.yaml").analysis.variants
+    assert list(variants) == ["letters", "numbers", "letters_after", "letters_both", "readout"]
+
+
+def test_binding_warmup_prompts_answer_with_the_item_that_closes_the_history(tmp_path):
+    from rerank.collate import TrainingTexts
+    from rerank.warmup import WARMUP_DIR, copy_samples, warmup_config
+    from rerank.train import train_reranker
+    from tests.test_samples import make_ds
+    from rerank.samples import build_samples
+
+    ds = make_ds()
+    samples = build_samples(ds, n_candidates=5, seed=0, history_len=3, max_samples=8)
+    copies = copy_samples(samples)
+    for s, c in zip(samples, copies):
+        assert c.target == s.history[-1] and c.target_index == s.target_index  # the same slot, the last history item
+        assert [x for i, x in enumerate(c.candidates) if i != c.target_index] == [x for i, x in enumerate(s.candidates) if i != s.target_index]
+        assert c.target not in [x for i, x in enumerate(c.candidates) if i != c.target_index]
+    rcfg = cfg(binding_warmup_steps=3, train_batch_size=4, loss="labels", num_epochs=1, eval_steps=10**9)
+    assert warmup_config(rcfg, len(copies)).num_epochs * len(copies) / 4 == 3  # the asked steps
+    style = make_style(tok(), LETTERS, max_history=3)
+    summary = train_reranker(fresh_model(), tok(), style, ds, samples, [], rcfg, tmp_path, seed=0)
+    warm = json.loads((tmp_path / WARMUP_DIR / "train_summary.json").read_text())
+    assert warm["global_step"] == 3 and summary["global_step"] == 2  # 3 warm-up steps, then 8 prompts / 4
+    assert summary["binding_warmup_adapter"] == str(tmp_path / WARMUP_DIR / "adapter")
+    text = TrainingTexts(copies, ds.titles, tok(), style)[0]
+    assert ds.titles[copies[0].target] in tok().decode(text["input_ids"]).split("Candidate pool:")[0]  # shown in the history
