@@ -24,9 +24,12 @@ import string
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
+import numpy as np
+
 from pipeline.atomic import write_json, write_text
 from pipeline.errors import PipelineError
-from pipeline.metrics import candidate_rank, metrics_from_ranks
+from pipeline.metrics import candidate_rank, metrics_from_ranks, per_user_metrics
+from pipeline.significance import paired_tests
 from rerank.evaluate import RERANK_KS
 
 # Condition name -> how it is described in tables and plots.
@@ -134,7 +137,12 @@ def position_bias(
             }
             for s in range(n_slots)
         ]
-        conditions[c] = {"description": CONDITIONS[c], "overall": metrics_from_ranks(ranks[c], ks), "slots": slots}
+        conditions[c] = {
+            "description": CONDITIONS[c],
+            "overall": metrics_from_ranks(ranks[c], ks),
+            "vs_chance": vs_chance(ranks[c], [len(row["candidates"]) for row in rows]),
+            "slots": slots,
+        }
     return {
         "users": [str(row.get("user")) for row in rows],
         "n_users": n,
@@ -143,6 +151,27 @@ def position_bias(
         "labels": labels[:n_slots],
         "conditions": conditions,
     }
+
+
+CHANCE_METRICS = ("NDCG@10", "Recall@1")  # compared with a uniformly random ranking
+
+
+def chance_metrics(k: int, metrics: Sequence[str] = CHANCE_METRICS) -> dict[str, float]:
+    """Expected metrics of a uniformly random ranking of k candidates (the target's rank uniform on 1..k)."""
+    per_rank = per_user_metrics(list(range(1, k + 1)), sorted({int(m.split("@")[1]) for m in metrics}))
+    return {m: sum(per_rank[m]) / k for m in metrics}
+
+
+def vs_chance(ranks: Sequence[Optional[int]], counts: Sequence[int]) -> dict[str, Any]:
+    """Per metric of CHANCE_METRICS: the users' mean, chance (each user's own candidate count), and the
+    paired bootstrap 95% interval of the difference (pipeline/significance.py); `excludes_zero` true
+    means the interval lies wholly above or below chance."""
+    ks = sorted({int(m.split("@")[1]) for m in CHANCE_METRICS})
+    model = per_user_metrics(ranks, ks)
+    chance = {m: np.array([chance_metrics(k)[m] for k in counts]) for m in CHANCE_METRICS}
+    tests = paired_tests(chance, {m: np.asarray(model[m]) for m in CHANCE_METRICS}, list(CHANCE_METRICS))
+    return {m: {"chance": r.retriever, "mean": r.reranker, "ci_low": r.ci_low, "ci_high": r.ci_high, "excludes_zero": r.excludes_zero}
+            for m, r in tests.items()}
 
 
 # ----------------------------------------------------------------------------------------
@@ -177,6 +206,11 @@ def to_markdown(result: Mapping[str, Any], title: str = "Position bias") -> str:
     ]
     for c, sec in conds.items():
         lines.append(f"| {sec['description']} | " + " | ".join(f"{sec['overall'][m]:.4f}" for m in SUMMARY_METRICS) + " |")
+    lines += ["", "Against a uniformly random ranking (paired bootstrap 95% interval of the difference):", "",
+              "| condition | metric | model | chance | interval |", "|---|---|---|---|---|"]
+    for c, sec in conds.items():
+        for m, v in sec.get("vs_chance", {}).items():
+            lines.append(f"| {sec['description']} | {m} | {v['mean']:.4f} | {v['chance']:.4f} | {v['ci_low']:+.4f}..{v['ci_high']:+.4f} |")
     r, sh, av = conds["retriever_order"]["slots"], conds["shuffled"]["slots"], conds["averaged"]["slots"]
     lines += [
         "",

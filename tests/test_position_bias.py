@@ -175,3 +175,17 @@ def test_script_refuses_bad_arguments(smoke_run, tmp_path):
     with pytest.raises(PipelineError, match="position_permutations must be >= 2"):
         main(["--run", str(run_dir), "--out", str(tmp_path / "x"), "--set", "analysis.position_permutations=1"])
     assert not (tmp_path / "x").exists()
+
+
+def test_chance_metrics_and_the_interval_against_chance():
+    from analysis.position_bias import chance_metrics, vs_chance
+
+    c = chance_metrics(4)
+    assert c["Recall@1"] == pytest.approx(0.25)
+    assert c["NDCG@10"] == pytest.approx((1 + 1 / math.log2(3) + 0.5 + 1 / math.log2(5)) / 4)
+    always_first = vs_chance([1] * 30, [4] * 30)
+    assert always_first["Recall@1"]["mean"] == 1.0 and always_first["Recall@1"]["excludes_zero"]
+    assert always_first["Recall@1"]["ci_low"] == pytest.approx(0.75)  # no spread: 1 - 0.25 in every resample
+    uniform = vs_chance([1, 2, 3, 4] * 10, [4] * 40)  # exactly chance on average
+    assert uniform["NDCG@10"]["mean"] == pytest.approx(uniform["NDCG@10"]["chance"])
+    assert not uniform["NDCG@10"]["excludes_zero"]
