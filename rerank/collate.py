@@ -22,8 +22,8 @@ from transformers import PreTrainedTokenizerBase
 
 from pipeline.errors import PipelineError
 from rerank.labels import LabelTokens, encode
-from rerank.readout import padded_ends
 from rerank.prompts import PromptStyle, build_training_text, encode_prompt, encode_prompt_ends, label_tokens
+from rerank.readout import padded_ends
 from rerank.samples import TrainSample
 
 IGNORE_INDEX = -100  # label value that torch's cross_entropy and the HF losses skip
@@ -41,7 +41,10 @@ def encode_example(
 ) -> dict[str, list[int]]:
     """{"input_ids", "labels"} of one training text: `labels` is IGNORE_INDEX everywhere except the
     answer's supervised tokens, which hold their own ids. `history` / `candidates` are titles."""
-    prompt_ids, ends = encode_prompt_ends(history, candidates, tokenizer, style) if readout else (encode_prompt(history, candidates, tokenizer, style), None)
+    if readout:
+        prompt_ids, ends = encode_prompt_ends(history, candidates, tokenizer, style)
+    else:
+        prompt_ids, ends = encode_prompt(history, candidates, tokenizer, style), None
     input_ids = encode(tokenizer, build_training_text(history, candidates, target_index, tokenizer, style))
     n = len(prompt_ids)
     if input_ids[:n] != prompt_ids:

@@ -288,7 +288,10 @@ def encode_rows(
         titles = [_title(titles_by_item, item) for item in cands]
         for order in candidate_orders(len(cands), permutations, seed, str(row["user"])):
             shown = [titles[j] for j in order]
-            ids, ends = encode_prompt_ends(history, shown, tokenizer, style) if with_ends else (encode_prompt(history, shown, tokenizer, style), None)
+            if with_ends:
+                ids, ends = encode_prompt_ends(history, shown, tokenizer, style)
+            else:
+                ids, ends = encode_prompt(history, shown, tokenizer, style), None
             # int32 arrays: a split's prompts are held at once (for length sorting), ~4 bytes a token.
             jobs[len(cands)].append((r, order, np.asarray(ids, dtype=np.int32), ends))
     return jobs

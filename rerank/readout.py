@@ -60,6 +60,11 @@ def adapter_has_readout(adapter_dir: str | Path) -> bool:
 def readout_scores(model: Any, input_ids: torch.Tensor, mask: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
     """(B, K) readout scores of left-padded prompts; `ends` (B, K): the column of each candidate
     line's last token in the padded batch (`padded_ends`). With grad in training, without at ranking."""
+    if not hasattr(model, "get_decoder"):  # e.g. DistributedDataParallel: its gradients sync only through its own forward
+        raise PipelineError(
+            f"the readout head reads the decoder's hidden states, which {type(model).__name__} does not expose: "
+            "train it in one process (no accelerate launch), or use reranker.head=label_tokens"
+        )
     positions = (mask.cumsum(1) - 1).clamp(min=0)  # real tokens only, as the label heads count them
     out = model.get_decoder()(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=False)
     hidden = out.last_hidden_state  # (B, L, D), after the final norm

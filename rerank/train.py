@@ -50,10 +50,10 @@ from rerank.compat import checkpointing_args, masked_logits
 from rerank.evaluate import covered_sample
 from rerank.labels import LabelTokens
 from rerank.pretrain import pretrain_stage
-from rerank.warmup import binding_warmup_stage
-from rerank.readout import READOUT_MODULE, adapter_has_readout, attach_readout, has_readout, readout_scores
 from rerank.prompts import PromptStyle, label_tokens
+from rerank.readout import READOUT_MODULE, adapter_has_readout, attach_readout, has_readout, readout_scores
 from rerank.samples import TrainSample
+from rerank.warmup import binding_warmup_stage
 
 log = logging.getLogger(__name__)
 
@@ -237,14 +237,14 @@ class RerankTrainer(Trainer):
         counts = num_items_in_batch if isinstance(num_items_in_batch, dict) else {"tokens": num_items_in_batch}
         loss = torch.zeros((), device=inputs["input_ids"].device)
         logits = None
-        if self.loss_kind == "labels" and "candidate_ends" in inputs:  # the readout head's K scores
-            scores = readout_scores(model, inputs["prompt_input_ids"], inputs["prompt_attention_mask"], inputs["candidate_ends"])
-            term = F.cross_entropy(scores, inputs["target_index"], reduction="sum")
-            loss = loss + self._mean(term, counts.get("prompts"), inputs["target_index"].numel())
-        elif self.loss_kind == "labels":
-            term = labels_loss_sum(
-                model, inputs["prompt_input_ids"], inputs["prompt_attention_mask"], inputs["target_index"], self.train_tokens, self.pad_id
-            )
+        if self.loss_kind == "labels":
+            if "candidate_ends" in inputs:  # the readout head's K scores (rerank/readout.py)
+                scores = readout_scores(model, inputs["prompt_input_ids"], inputs["prompt_attention_mask"], inputs["candidate_ends"])
+                term = F.cross_entropy(scores, inputs["target_index"], reduction="sum")
+            else:
+                term = labels_loss_sum(
+                    model, inputs["prompt_input_ids"], inputs["prompt_attention_mask"], inputs["target_index"], self.train_tokens, self.pad_id
+                )
             loss = loss + self._mean(term, counts.get("prompts"), inputs["target_index"].numel())
         if self.loss_kind == "vocab" or self.vocab_loss_weight > 0:
             logits, targets = supervised_logits(model, inputs["input_ids"], inputs["attention_mask"], inputs["labels"])

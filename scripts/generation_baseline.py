@@ -32,6 +32,11 @@ def main(argv: list[str] | None = None) -> None:
         raise PipelineError(f"--out {args.out} is the run directory itself: write the analysis to another directory")
     cfg = analysis_config(run, args.config, args.overrides)
     ana = cfg.analysis
+    if run.cfg.reranker.head != "label_tokens":
+        raise PipelineError(
+            f"{args.run} scores with the {run.cfg.reranker.head} head, which generation cannot produce: "
+            "compare generation with a run trained with reranker.head=label_tokens"
+        )
     rows = run.covered_rows(ana.split, ana.max_users)
     if not rows:
         raise PipelineError(f"no covered {ana.split} users in {args.run}: nothing to rank")

@@ -154,3 +154,31 @@ def test_a_readout_run_exports_and_serves_its_unit(tmp_path):
     with torch.no_grad():
         got = rank_rows(loaded, loaded_tok, style, rows, titles_by, progress=False)
     assert _flat(got) == pytest.approx(_flat(want), abs=1e-4)
+
+
+def test_a_readout_run_end_to_end_and_ranked_again_from_its_adapter(smoke_run, tmp_path):
+    """train_reranker.py with reranker.head=readout on the smoke candidates: trains, ranks, calibrates
+    and fuses like a label run (metrics.json sections, rankings rows), saves the unit in its adapter;
+    rank_reranker.py ranks from that adapter to the same LLM scores."""
+    import json
+
+    from conftest import ONE_THREAD, run_script
+    from pipeline.candidates import read_rows
+
+    out = tmp_path / "readout"
+    proc = run_script(
+        "scripts/train_reranker.py", "--config", "configs/experiments/smoke.yaml", "--out", str(out),
+        "--set", f"retriever_run={smoke_run[0]}", "--set", "reranker.head=readout", "--set", "reranker.loss=labels",
+        env=ONE_THREAD,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert adapter_has_readout(out / "adapter")
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert {"subset", "overall", "retriever_subset", "fusion", "calibration"} <= set(metrics["test"])
+    rows = read_rows(out / "rankings_test.jsonl")
+    assert rows and all(len(r["llm_scores"]) == len(r["candidates"]) for r in rows)
+    assert json.loads((out / "train_summary.json").read_text())["head"] == "readout"
+    again = tmp_path / "again"
+    proc = run_script("scripts/rank_reranker.py", "--run", str(out), "--out", str(again), env=ONE_THREAD)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [r["llm_scores"] for r in read_rows(again / "rankings_test.jsonl")] == [r["llm_scores"] for r in rows]
