@@ -246,7 +246,7 @@ def generate_rankings(
                 for idx in tqdm(batches, desc=f"generate ({mode})", unit="batch", disable=not progress or len(batches) <= 1):
                     batch = [group[i] for i in idx]
                     new = _generate_batch(model, [ids for _, _, ids, _ in batch], config, pad_id, device)
-                    for (r, _, _), ids in zip(batch, new):
+                    for (r, _, _, _), ids in zip(batch, new):
                         out[r] = _read(rows[r], mode, labels, ids, stop_ids, tokenizer)
     finally:
         model.train(was_training)
