@@ -199,7 +199,8 @@ def _fake_scorer(tok, favourite: str, calls: list):
     """A stand-in for score_prompts: a "model" that loves the item titled `favourite` wherever it
     stands, with a position bias (earlier slots score a little higher)."""
 
-    def fake(model, prompts_ids, lt, batch_size, pad_id, progress=True):
+    def fake(model, prompts_ids, lt, batch_size, pad_id, progress=True, ends=None):
+        assert ends is None  # a label-head "model": no readout line ends
         out = []
         for ids in prompts_ids:
             text = tok.decode(ids)
