@@ -156,6 +156,10 @@ class RerankerConfig:
     # the end of the candidate's own prompt line (rerank/readout.py), label-free, so it needs no
     # binding of content to a symbol; trained with loss "labels" (the same K-way cross-entropy).
     head: Literal["label_tokens", "readout"] = "label_tokens"
+    # Label head only: + this x the readout loss of a training-only unit at each candidate's line end
+    # (a second forward pass), so the model learns to put each candidate's content score at the end of
+    # its line, where the label head can copy it from; the unit is dropped after training. 0 = off.
+    readout_aux_weight: float = 0.0
     vocab_loss_weight: float = 0.0  # loss "labels" only: + this x the "vocab" loss (a second forward pass when > 0)
     # Re-draw each training prompt's candidate order every epoch (seeded by sample and epoch): the
     # target's slot stays uniform over the labels, so no position prior can be learned from repeats.
@@ -273,6 +277,10 @@ class RerankerConfig:
             raise PipelineError(f"reranker.vocab_loss_weight must be >= 0 (got {self.vocab_loss_weight})")
         if self.head == "readout" and (self.loss != "labels" or self.vocab_loss_weight > 0):
             raise PipelineError("reranker.head readout is trained with the K-way loss alone: set reranker.loss=labels and vocab_loss_weight=0")
+        if self.readout_aux_weight < 0:
+            raise PipelineError(f"reranker.readout_aux_weight must be >= 0 (got {self.readout_aux_weight})")
+        if self.readout_aux_weight > 0 and (self.head != "label_tokens" or self.loss != "labels"):
+            raise PipelineError("reranker.readout_aux_weight helps a label head trained with the K-way loss: set reranker.head=label_tokens and reranker.loss=labels")
         if self.head == "readout" and self.pretrain_steps > 0:  # its adapter has no readout unit to continue
             raise PipelineError("reranker.head readout does not continue a pre-training stage's adapter: set reranker.pretrain_steps=0")
         if self.vocab_loss_weight > 0 and self.loss != "labels":

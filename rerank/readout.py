@@ -26,17 +26,21 @@ from pipeline.errors import PipelineError
 
 READOUT_MODULE = "rerank_readout"  # attribute of the base causal LM holding the linear unit
 READOUT_FILE = "readout.safetensors"  # the unit's weights in a merged model folder
+# reranker.readout_aux_weight: a second unit trained beside a LABEL head and dropped afterwards
+# (never saved, never read by the ranker: `has_readout` looks for READOUT_MODULE only).
+AUX_MODULE = "rerank_readout_aux"
 
 
-def attach_readout(model: torch.nn.Module) -> None:
+def attach_readout(model: torch.nn.Module, name: str = READOUT_MODULE) -> None:
     """Give `model` (a base causal LM, before peft wraps it) a zero-initialised readout unit: every
-    candidate scores 0 at the start (a uniform choice), and the first step's gradient moves it."""
+    candidate scores 0 at the start (a uniform choice), and the first step's gradient moves it.
+    `name`: AUX_MODULE for the auxiliary unit of a label head."""
     hidden = model.config.hidden_size
     weight = model.get_input_embeddings().weight
     unit = torch.nn.Linear(hidden, 1, bias=True, device=weight.device, dtype=torch.float32)
     torch.nn.init.zeros_(unit.weight)
     torch.nn.init.zeros_(unit.bias)
-    setattr(model, READOUT_MODULE, unit)
+    setattr(model, name, unit)
 
 
 def has_readout(model: Any) -> bool:
@@ -57,7 +61,9 @@ def adapter_has_readout(adapter_dir: str | Path) -> bool:
     return READOUT_MODULE in saved
 
 
-def readout_scores(model: Any, input_ids: torch.Tensor, mask: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+def readout_scores(
+    model: Any, input_ids: torch.Tensor, mask: torch.Tensor, ends: torch.Tensor, name: str = READOUT_MODULE
+) -> torch.Tensor:
     """(B, K) readout scores of left-padded prompts; `ends` (B, K): the column of each candidate
     line's last token in the padded batch (`padded_ends`). With grad in training, without at ranking."""
     if not hasattr(model, "get_decoder"):  # e.g. DistributedDataParallel: its gradients sync only through its own forward
@@ -69,7 +75,7 @@ def readout_scores(model: Any, input_ids: torch.Tensor, mask: torch.Tensor, ends
     out = model.get_decoder()(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=False)
     hidden = out.last_hidden_state  # (B, L, D), after the final norm
     picked = hidden.gather(1, ends[:, :, None].expand(-1, -1, hidden.shape[-1]))  # (B, K, D)
-    unit = getattr(model, READOUT_MODULE)
+    unit = getattr(model, name)
     return unit(picked.float()).squeeze(-1)
 
 

@@ -51,7 +51,7 @@ from rerank.evaluate import covered_sample
 from rerank.labels import LabelTokens
 from rerank.pretrain import pretrain_stage
 from rerank.prompts import PromptStyle, label_tokens
-from rerank.readout import READOUT_MODULE, adapter_has_readout, attach_readout, has_readout, readout_scores
+from rerank.readout import AUX_MODULE, READOUT_MODULE, adapter_has_readout, attach_readout, has_readout, readout_scores
 from rerank.samples import TrainSample
 from rerank.warmup import binding_warmup_stage
 
@@ -194,9 +194,12 @@ class RerankTrainer(Trainer):
         train_tokens: Optional[LabelTokens] = None,
         pad_id: Optional[int] = None,
         val_shuffled_seed: Optional[int] = None,
+        head: str = "label_tokens",
+        readout_aux_weight: float = 0.0,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
+        self.head, self.readout_aux_weight = head, readout_aux_weight
         self.score_rows = score_rows
         self.val_rows = list(val_rows)
         # The same users, candidates in a seeded shuffled order: the content signal with the
@@ -238,14 +241,16 @@ class RerankTrainer(Trainer):
         loss = torch.zeros((), device=inputs["input_ids"].device)
         logits = None
         if self.loss_kind == "labels":
-            if "candidate_ends" in inputs:  # the readout head's K scores (rerank/readout.py)
-                scores = readout_scores(model, inputs["prompt_input_ids"], inputs["prompt_attention_mask"], inputs["candidate_ends"])
-                term = F.cross_entropy(scores, inputs["target_index"], reduction="sum")
+            prompts, mask, target = inputs["prompt_input_ids"], inputs["prompt_attention_mask"], inputs["target_index"]
+            if self.head == "readout":  # the readout head's K scores (rerank/readout.py)
+                term = F.cross_entropy(readout_scores(model, prompts, mask, inputs["candidate_ends"]), target, reduction="sum")
             else:
-                term = labels_loss_sum(
-                    model, inputs["prompt_input_ids"], inputs["prompt_attention_mask"], inputs["target_index"], self.train_tokens, self.pad_id
-                )
-            loss = loss + self._mean(term, counts.get("prompts"), inputs["target_index"].numel())
+                term = labels_loss_sum(model, prompts, mask, target, self.train_tokens, self.pad_id)
+            loss = loss + self._mean(term, counts.get("prompts"), target.numel())
+            if self.readout_aux_weight > 0:  # the training-only unit beside a label head
+                aux = readout_scores(model, prompts, mask, inputs["candidate_ends"], name=AUX_MODULE)
+                aux_term = F.cross_entropy(aux, target, reduction="sum")
+                loss = loss + self.readout_aux_weight * self._mean(aux_term, counts.get("prompts"), target.numel())
         if self.loss_kind == "vocab" or self.vocab_loss_weight > 0:
             logits, targets = supervised_logits(model, inputs["input_ids"], inputs["attention_mask"], inputs["labels"])
             term = self._mean(F.cross_entropy(logits.float(), targets, reduction="sum"), counts.get("tokens"), targets.numel())
@@ -421,8 +426,11 @@ def train_reranker(
     tokens = label_tokens(tokenizer, style)
     train_dataset = TrainingTexts(
         train_samples, ds.titles, tokenizer, style, cfg.supervise_end_of_turn, tokens,
-        reshuffle_seed=seed if cfg.reshuffle_each_epoch else None, readout=cfg.head == "readout",
+        reshuffle_seed=seed if cfg.reshuffle_each_epoch else None, readout=cfg.head == "readout" or cfg.readout_aux_weight > 0,
     )
+    if cfg.readout_aux_weight > 0:
+        # Trained by the Trainer (a new, trainable submodule), never saved with the adapter, removed below.
+        attach_readout(peft_model.get_base_model(), name=AUX_MODULE)
     callbacks = [tensorboard, EpochCallback(train_dataset), *callbacks]
     callbacks += [EarlyStoppingCallback(early_stopping_patience=cfg.patience)] if val else []
     k = _train_candidate_count(train_samples)
@@ -446,8 +454,12 @@ def train_reranker(
         train_tokens=tokens.for_k(k),
         pad_id=tokenizer.pad_token_id,
         val_shuffled_seed=seed if cfg.val_shuffled else None,
+        head=cfg.head,
+        readout_aux_weight=cfg.readout_aux_weight,
     )
     result = trainer.train(resume_from_checkpoint=resume_from)
+    if cfg.readout_aux_weight > 0:
+        delattr(peft_model.get_base_model(), AUX_MODULE)  # a training aid only: the label head ranks
 
     adapter_dir = out / ADAPTER_DIR
     if trainer.is_world_process_zero():

@@ -91,8 +91,11 @@ def test_readout_loss_is_the_cross_entropy_of_its_scores(tmp_path):
         trained = readout_scores(model, batch["prompt_input_ids"], batch["prompt_attention_mask"], batch["candidate_ends"])
     assert torch.allclose(trained, ranked, atol=1e-4)  # training reads the same scores the ranker ranks by
     want = F.cross_entropy(ranked, batch["target_index"]).item()
-    got = labels_trainer(tmp_path, model, label_tokens(tok(), style).for_k(6)).compute_loss(model, batch).item()
-    assert got == pytest.approx(want, rel=1e-4)
+    trainer = labels_trainer(tmp_path, model, label_tokens(tok(), style).for_k(6))
+    trainer.head = "readout"  # what train_reranker passes for reranker.head readout
+    assert trainer.compute_loss(model, batch).item() == pytest.approx(want, rel=1e-4)
+    trainer.head = "label_tokens"  # the same batch through the label head: another loss
+    assert trainer.compute_loss(model, batch).item() != pytest.approx(want, rel=1e-4)
 
 
 def test_a_readout_adapter_saves_and_loads_with_its_unit(tmp_path):
@@ -182,3 +185,36 @@ def test_a_readout_run_end_to_end_and_ranked_again_from_its_adapter(smoke_run, t
     proc = run_script("scripts/rank_reranker.py", "--run", str(out), "--out", str(again), env=ONE_THREAD)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert [r["llm_scores"] for r in read_rows(again / "rankings_test.jsonl")] == [r["llm_scores"] for r in rows]
+
+
+def test_the_auxiliary_readout_trains_beside_a_label_head_and_leaves_no_trace(tmp_path):
+    """reranker.readout_aux_weight: the loss is the label loss + w x the auxiliary unit's readout loss;
+    after training the unit is gone, the adapter holds no readout, and the run ranks by its labels."""
+    from rerank.readout import AUX_MODULE, attach_readout
+    from rerank.train import train_reranker
+
+    ds = make_ds()
+    samples = build_samples(ds, n_candidates=6, seed=0, max_samples=4)
+    style = make_style(tok(), LETTERS, max_history=3)
+    texts = TrainingTexts(samples, ds.titles, tok(), style, readout=True)
+    batch = collator_for(tok())([texts[i] for i in range(4)])
+    model = add_lora(fresh_model(), cfg(loss="labels", lora_target_modules="all-linear"), seed=0).eval()
+    attach_readout(model.get_base_model(), name=AUX_MODULE)
+    with torch.no_grad():
+        for p in getattr(model, AUX_MODULE).parameters():
+            p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(2)))
+        trainer = labels_trainer(tmp_path, model, label_tokens(tok(), style).for_k(6))
+        labels_only = trainer.compute_loss(model, batch).item()
+        aux = F.cross_entropy(readout_scores(model, batch["prompt_input_ids"], batch["prompt_attention_mask"],
+                                             batch["candidate_ends"], name=AUX_MODULE), batch["target_index"]).item()
+        trainer.readout_aux_weight = 0.5
+        assert trainer.compute_loss(model, batch).item() == pytest.approx(labels_only + 0.5 * aux, rel=1e-5)
+
+    trained = fresh_model()
+    summary = train_reranker(trained, tok(), style, ds, samples, [], cfg(loss="labels", readout_aux_weight=1.0, num_epochs=2),
+                             tmp_path / "run", seed=0)
+    assert summary["global_step"] == 2
+    assert not hasattr(trained, AUX_MODULE) and not has_readout(trained)
+    assert not adapter_has_readout(tmp_path / "run" / "adapter")
+    with pytest.raises(PipelineError, match="readout_aux_weight"):
+        load_config(None, ["reranker.readout_aux_weight=1", "reranker.head=readout", "reranker.loss=labels"])
