@@ -46,9 +46,11 @@ def main(argv=None):
         "run": str(args.run),
         "split": a.split,
         "label_scheme": style.scheme.name,
+        "head": run.cfg.reranker.head,
         **position_bias(rows, per_order, labels=style.scheme.for_k(n_slots)),
     }
-    title = f"Position bias: {run.path.name} ({a.split}, {style.scheme.name})"
+    head = style.scheme.name if run.cfg.reranker.head == "label_tokens" else f"{run.cfg.reranker.head} head"
+    title = f"Position bias: {run.path.name} ({a.split}, {head})"
     write_outputs(result, out.path, title=title)
     out.finish(source_run=str(args.run), n_users=len(rows))
     print(to_markdown(result, title))
