@@ -69,6 +69,7 @@ class RerankEngine:
             "model": name,
             "backend": scorer.name,
             "label_scheme": style.scheme.name,
+            "head": "readout" if scorer.readout else "label_tokens",  # how a document is scored
             "labels": list(style.scheme.labels),
             "max_documents": self.max_k,
             "prompt_style": style.to_dict(),

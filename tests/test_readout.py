@@ -143,7 +143,7 @@ def test_a_readout_run_exports_and_serves_its_unit(tmp_path):
     engine = RerankEngine(LocalScorer(model, tok().pad_token_id, 4), tok(), style, titles_by, {}, "x", {})
     prepared = [engine.prepare(RerankRequest(query=r["history"], documents=[TextItem(text=titles_by[c]) for c in r["candidates"]]))
                 for r in rows]
-    assert all(p.ends is not None for p in prepared)
+    assert all(p.ends is not None for p in prepared) and engine.info["head"] == "readout"
     assert _flat(engine.score(prepared)) == pytest.approx(_flat(want), abs=1e-5)
 
     merged = merge_lora(model)
