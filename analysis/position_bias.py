@@ -154,21 +154,22 @@ def position_bias(
 
 
 CHANCE_METRICS = ("NDCG@10", "Recall@1")  # compared with a uniformly random ranking
+_CHANCE_KS = sorted({int(m.split("@")[1]) for m in CHANCE_METRICS})  # the cut-offs they need
 
 
-def chance_metrics(k: int, metrics: Sequence[str] = CHANCE_METRICS) -> dict[str, float]:
-    """Expected metrics of a uniformly random ranking of k candidates (the target's rank uniform on 1..k)."""
-    per_rank = per_user_metrics(list(range(1, k + 1)), sorted({int(m.split("@")[1]) for m in metrics}))
-    return {m: sum(per_rank[m]) / k for m in metrics}
+def chance_metrics(k: int) -> dict[str, float]:
+    """Expected CHANCE_METRICS of a uniformly random ranking of k candidates (the target's rank uniform on 1..k)."""
+    per_rank = per_user_metrics(list(range(1, k + 1)), _CHANCE_KS)
+    return {m: sum(per_rank[m]) / k for m in CHANCE_METRICS}
 
 
 def vs_chance(ranks: Sequence[Optional[int]], counts: Sequence[int]) -> dict[str, Any]:
     """Per metric of CHANCE_METRICS: the users' mean, chance (each user's own candidate count), and the
     paired bootstrap 95% interval of the difference (pipeline/significance.py); `excludes_zero` true
     means the interval lies wholly above or below chance."""
-    ks = sorted({int(m.split("@")[1]) for m in CHANCE_METRICS})
-    model = per_user_metrics(ranks, ks)
-    chance = {m: np.array([chance_metrics(k)[m] for k in counts]) for m in CHANCE_METRICS}
+    model = per_user_metrics(ranks, _CHANCE_KS)
+    by_k = {k: chance_metrics(k) for k in set(counts)}  # once per candidate count, not per user
+    chance = {m: np.array([by_k[k][m] for k in counts]) for m in CHANCE_METRICS}
     tests = paired_tests(chance, {m: np.asarray(model[m]) for m in CHANCE_METRICS}, list(CHANCE_METRICS))
     return {m: {"chance": r.retriever, "mean": r.reranker, "ci_low": r.ci_low, "ci_high": r.ci_high, "excludes_zero": r.excludes_zero}
             for m, r in tests.items()}

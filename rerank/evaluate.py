@@ -119,7 +119,8 @@ def _rank_in_batches(
 ) -> list[list[float]]:
     """`rank_rows`, batch by batch: resumable from `partial`, shared among processes."""
     main = is_main()
-    jobs = encode_rows(tokenizer, style, covered, titles, cfg.rank_permutations, seed, progress and main, with_ends=has_readout(model))
+    readout = has_readout(model)  # the readout head reads each candidate line's end
+    jobs = encode_rows(tokenizer, style, covered, titles, cfg.rank_permutations, seed, progress and main, with_ends=readout)
     tokens = label_tokens(tokenizer, style)
     # The batches of one uninterrupted pass (score_prompts' batching per candidate count K), in its
     # order, so the scores are the same bits as rank_rows'.
@@ -150,7 +151,7 @@ def _rank_in_batches(
         if mine is not None:
             k, idx = batches[mine]
             ids = [jobs[k][i][2] for i in idx]
-            ends = [jobs[k][i][3] for i in idx] if has_readout(model) else None
+            ends = [jobs[k][i][3] for i in idx] if readout else None
             scored = (mine, score_prompts(model, ids, tokens.for_k(k), len(ids), tokenizer.pad_token_id, progress=False, ends=ends))
         results = [x for x in gather(scored) if x is not None]
         if partial is not None and main:

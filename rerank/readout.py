@@ -4,7 +4,7 @@ A small LM binds a candidate's content to its label symbol poorly (multiple-choi
 yet whether a candidate is the answer is linearly readable from the hidden state at the end of that
 candidate's line. The readout scores candidate k as w . h(end of line k) + b: the model's last
 hidden state (after its final norm) at the last token of the candidate's prompt line
-(`rerank.prompts.candidate_ends`, measured from the tokenizer's offsets, never assumed), through one
+(`rerank.prompts.encode_prompt_ends`, measured from the tokenizer's offsets, never assumed), through one
 trained linear unit. Still one forward pass over the same prompt as the label heads; the K scores
 go through the same K-way cross-entropy in training and the same calibration and fusion after.
 
