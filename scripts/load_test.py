@@ -4,7 +4,8 @@
         [--requests 64] [--concurrency 1,8,32] [--malformed 32] [--users 16] [--set serve.max_batch_size=8 ...]
 
 Starts scripts/serve.py on 127.0.0.1 (the run, or --model, e.g. its merged export), builds valid
-requests from the run's covered test users (history = query, candidates = documents), and writes
+requests from the run's covered test users (history = query, candidates = documents; every other user
+in text mode: titles, the query one string), mixes malformed ones into the last burst, and writes
 load_test.json (per level: p50/p95/p99 latency, throughput, errors, wrong scores; the server's batch
 counts) and load_test.md to --out. The server is stopped at the end.
 """
@@ -43,7 +44,14 @@ def main(argv=None):
     rows = run.covered_rows("test", max_users=args.users)
     if not rows:
         raise PipelineError(f"{args.run} has no covered test users to build requests from: use a run whose retriever covered some")
-    payloads = [{"query": list(r["history"]), "documents": list(r["candidates"])} for r in rows]
+    # Every other user in text mode (what rerank clients such as the Cohere SDK send: the history as
+    # one string of titles, one per line, and titles as documents), the rest as item ids.
+    titles = run.titles
+    payloads = [
+        {"query": "\n".join(titles[h] for h in r["history"]), "documents": [titles[c] for c in r["candidates"]]} if i % 2
+        else {"query": list(r["history"]), "documents": list(r["candidates"])}
+        for i, r in enumerate(rows)
+    ]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     source = ["--model", args.model] if args.model else ["--run", args.run]

@@ -1,4 +1,4 @@
-"""The FastAPI application: POST /v1/rerank (alias /rerank), GET /health, GET /info.
+"""The FastAPI application: POST /v1/rerank (aliases /v2/rerank, /rerank), GET /health, GET /info.
 
 FastAPI (on uvicorn) because it is the stack the rerank servers we mirror are written in (vLLM's
 and Infinity's OpenAPI front ends): pydantic validates the body and FastAPI publishes the schema at
@@ -21,12 +21,13 @@ from fastapi.responses import JSONResponse
 from pipeline.config import ServeConfig
 from serving.batcher import MicroBatcher, QueueFull
 from serving.engine import Prepared, RequestError, RerankEngine, softmax
-from serving.schema import ErrorResponse, RerankRequest, RerankResponse, RerankResult, ResultDocument, Usage
+from serving.schema import ErrorResponse, Meta, MetaTokens, RerankRequest, RerankResponse, RerankResult, ResultDocument, Usage
 
 ERRORS = {code: {"model": ErrorResponse} for code in (404, 413, 422, 500, 503)}
+FIELDS = "model, query, documents, top_n, return_documents, max_tokens_per_doc, max_chunks_per_doc, priority"
 FIX = {  # what to send instead, by pydantic error type
     "missing": "add it",
-    "extra_forbidden": "remove it (fields: model, query, documents, top_n, return_documents)",
+    "extra_forbidden": f"remove it (fields: {FIELDS})",
     "list_type": "send a JSON list",
     "greater_than_equal": "send a positive integer",
     "bool_type": "send true or false",
@@ -36,7 +37,13 @@ FIX = {  # what to send instead, by pydantic error type
     "model_attributes_type": "send a JSON object",
     "dict_type": "send a JSON object",
 }
-ITEM_FIX = 'send an item id (string or integer) or {"text": title}'
+ITEM_FIX = 'send an item id (string or integer), a title (a string, when query is a string) or {"text": title}'
+QUERY_FIX = 'send a string (titles, one per line, oldest first) or a JSON list (item ids or {"text": title})'
+
+
+def _branch(part: Any) -> bool:
+    """pydantic's union branch names in an error's loc ("str", "list[union[str,int,TextItem]]"): not fields."""
+    return isinstance(part, str) and (part in ("str", "int", "TextItem") or part.startswith("list["))
 
 
 def _field(loc: Sequence[Any]) -> str:
@@ -45,8 +52,6 @@ def _field(loc: Sequence[Any]) -> str:
     for part in loc[1:] if loc and loc[0] == "body" else loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part in ("str", "int", "TextItem"):  # pydantic's union branch names: not fields
-            continue
         else:
             out += f".{part}" if out else str(part)
     return out or "body"
@@ -54,11 +59,17 @@ def _field(loc: Sequence[Any]) -> str:
 
 def validation_message(errors: Sequence[dict]) -> str:
     """The first validation error as one line: the field, what is wrong, the fix."""
+    errors = [{**e, "loc": [p for p in e.get("loc", ()) if not _branch(p)]} for e in errors]
+    # A list query with a bad item fails both union branches: report the item, not "should be a string".
+    if any(e["loc"][:2] == ["body", "query"] and len(e["loc"]) > 2 for e in errors):
+        errors = [e for e in errors if e["loc"] != ["body", "query"]] or errors
     err = errors[0]
-    loc = list(err.get("loc", ()))
+    loc = err["loc"]
     field = _field(loc)
     if err.get("type") == "json_invalid":
         return f"body: not valid JSON ({err.get('msg', '')}): send a JSON object"
+    if loc == ["body", "query"] and err.get("type") in ("string_type", "list_type"):  # neither a string nor a list
+        return f"query: Input should be a string or a list: {QUERY_FIX}"
     in_item = len(loc) >= 3 and loc[0] == "body" and loc[1] in ("query", "documents") and isinstance(loc[2], int)
     fix = ITEM_FIX if in_item and err.get("type") != "missing" else FIX.get(err.get("type", ""), "see GET /openapi.json")
     return f"{field}: {err.get('msg', 'invalid')}: {fix}"
@@ -114,9 +125,15 @@ def create_app(engine: RerankEngine, scfg: ServeConfig) -> FastAPI:
             for j in order
         ]
         n = len(prepared.prompt_ids)
-        return RerankResponse(id=f"rerank-{uuid.uuid4().hex}", model=engine.name, results=results, usage=Usage(prompt_tokens=n, total_tokens=n))
+        return RerankResponse(
+            id=f"rerank-{uuid.uuid4().hex}", model=engine.name, results=results,
+            usage=Usage(prompt_tokens=n, total_tokens=n), meta=Meta(tokens=MetaTokens(input_tokens=n)),
+        )
 
-    for path in ("/v1/rerank", "/rerank"):
+    # One handler for all three: the Cohere SDK posts to /v1/rerank (cohere.Client) and /v2/rerank
+    # (cohere.ClientV2) with bodies this schema covers, and parses the same response shape from both
+    # (id, results[index, relevance_score, document {text}], meta; our extra fields it keeps).
+    for path in ("/v1/rerank", "/v2/rerank", "/rerank"):
         app.post(path, response_model=RerankResponse, response_model_exclude_none=True, responses=ERRORS, summary="Rerank candidate items for a user's history")(rerank)
 
     @app.get("/health")

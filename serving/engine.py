@@ -1,12 +1,14 @@
 """The reranker behind the HTTP API: a request becomes the run's prompt, its label scores, a ranking.
 
-`RerankEngine.prepare` checks a request against the run (item ids of its catalogue, no more documents
-than labels) and tokenizes its prompt with the run's prompt builder (`rerank.prompts.encode_prompt`,
-the function training and batch ranking use, with the adapter's saved `PromptStyle`); `score` runs a
-batch of prepared requests through the `Scorer` (one forward pass for the local model) and removes
-the run's position prior when the run was calibrated. The candidates keep the request's order (one
-pass, no permutation averaging), so a candidate shown in slot j is scored by label j, exactly as
-`scripts/rank_reranker.py` scores a candidates row with reranker.rank_permutations=1.
+`RerankEngine.prepare` checks a request against the run (item ids of its catalogue, or titles in text
+mode as serving/schema.py defines it; no more documents than labels) and tokenizes its prompt with the
+run's prompt builder (`rerank.prompts.encode_prompt`, the function training and batch ranking use,
+with the adapter's saved `PromptStyle`): a title reaches it the same way whether the client sent the
+item's id or its title. `score` runs a batch of prepared requests through the `Scorer` (one forward
+pass for the local model) and removes the run's position prior when the run was calibrated. The
+candidates keep the request's order (one pass, no permutation averaging), so a candidate shown in slot
+j is scored by label j, exactly as `scripts/rank_reranker.py` scores a candidates row with
+reranker.rank_permutations=1.
 
 `load_engine` builds one from a reranker run directory (base model + adapter) or from a model folder
 (scripts/export_model.py's merged export, or any model with a prompt_style.json).
@@ -62,6 +64,7 @@ class RerankEngine:
     ) -> None:
         self.scorer, self.tokenizer, self.style = scorer, tokenizer, style
         self.titles, self.prior, self.name = titles, prior, name
+        self._title_set = frozenset(titles.values()) if titles is not None else frozenset()  # text mode's id check
         self.tokens: LabelTokens = label_tokens(tokenizer, style)  # derived once from the tokenizer, never hard-coded
         self.max_k = largest_scorable_k(scorer, self.tokens)  # e.g. 9 for numbers on vLLM (10.. are two tokens)
         self.info = {
@@ -82,10 +85,15 @@ class RerankEngine:
     def prepare(self, req: RerankRequest) -> Prepared:
         if req.model is not None and req.model != self.name:
             raise RequestError(404, f"model: {req.model!r} is not served here: omit model or use {self.name!r}")
+        text_mode = isinstance(req.query, str)  # the query's type decides what a string document is
         if not req.documents:
-            raise RequestError(422, "documents: the list is empty: send at least one candidate (item id or {\"text\": title})")
-        if not req.query:
-            raise RequestError(422, "query: the history is empty: send the user's items, oldest first (item ids or {\"text\": title})")
+            raise RequestError(422, "documents: the list is empty: send at least one candidate (item id, title or {\"text\": title})")
+        history = self._history(req.query)
+        if not history:
+            raise RequestError(
+                422, "query: the history is empty: send the user's items, oldest first (a string of titles, one per "
+                "line, or a list of item ids or {\"text\": title})",
+            )
         n_labels = len(self.style.scheme.labels)
         if len(req.documents) > n_labels:
             raise RequestError(
@@ -103,17 +111,60 @@ class RerankEngine:
                 413, f"documents: {len(req.documents)} candidates, but the {self.scorer.name} backend scores at most "
                 f"{self.max_k} with label scheme {self.style.scheme.name!r}{why}: send at most {self.max_k} documents",
             )
-        history = [self._title(item, f"query[{i}]")[0] for i, item in enumerate(req.query)]
-        docs = [self._title(item, f"documents[{i}]") for i, item in enumerate(req.documents)]
+        cut = self.style.title_max_tokens
+        if req.max_tokens_per_doc is not None and req.max_tokens_per_doc < cut:  # honouring it would change the prompt the run was trained on
+            raise RequestError(
+                422, f"max_tokens_per_doc: {req.max_tokens_per_doc} is below the {cut} tokens the run's prompt gives each "
+                f"title: omit it or send at least {cut}",
+            )
+        if text_mode:
+            self._refuse_ids([d for d in req.documents if isinstance(d, str)], "documents: with a string query documents are titles", "send query as a JSON list of item ids")
+            docs = [self._text_document(item, f"documents[{i}]") for i, item in enumerate(req.documents)]
+        else:
+            docs = [self._title(item, f"documents[{i}]") for i, item in enumerate(req.documents)]
         titles = [t for t, _ in docs]
         if self.scorer.readout:
             ids, ends = encode_prompt_ends(history, titles, self.tokenizer, self.style)
             return Prepared(ids, titles, [i for _, i in docs], ends)
         return Prepared(encode_prompt(history, titles, self.tokenizer, self.style), titles, [i for _, i in docs])
 
+    def _history(self, query: Any) -> list[str]:
+        """The history's titles, oldest first: a list query's items, or a string query's lines."""
+        if not isinstance(query, str):
+            return [self._title(item, f"query[{i}]")[0] for i, item in enumerate(query)]
+        # Each line verbatim (the same prompt as the item ids with those titles); a trailing newline or a
+        # blank line is no item.
+        lines = [line for line in query.splitlines() if line.strip()]
+        self._refuse_ids(lines, "query: a string query is titles, one per line", "send the ids as a JSON list")
+        return lines
+
+    def _refuse_ids(self, texts: Sequence[str], rule: str, fix: str) -> None:
+        """Text mode reads strings as titles. When every one of them is an item id of the catalogue and
+        none a title, the client meant ids (e.g. an old client sending `"query": "1"`): say so rather
+        than rank a prompt of numbers."""
+        if not texts or self.titles is None or not all(t in self.titles and t not in self._title_set for t in texts):
+            return
+        raise RequestError(422, f"{rule}, but {texts[0]!r} is an item id of the run's dataset and no title: send the titles, or {fix}")
+
+    def _text_document(self, item: Any, field: str) -> tuple[str, Optional[str]]:
+        if isinstance(item, int):
+            raise RequestError(
+                422, f"{field}: an integer is an item id, but with a string query documents are titles: send the "
+                "title, or send query as a JSON list of item ids",
+            )
+        return self._given_title(item.text if isinstance(item, TextItem) else item, field), None
+
+    def _given_title(self, text: str, field: str) -> str:
+        """A title the client wrote: one non-blank line, as the prompt shows one item per line."""
+        if not text.strip():
+            raise RequestError(422, f"{field}: the title is blank: send the item's title")
+        if "\n" in text or "\r" in text:
+            raise RequestError(422, f"{field}: the title holds a line break: send it on one line (the prompt shows one item per line)")
+        return text
+
     def _title(self, item: Any, field: str) -> tuple[str, Optional[str]]:
         if isinstance(item, TextItem):
-            return item.text, None
+            return self._given_title(item.text, field), None
         key = str(item)
         if self.titles is None:
             raise RequestError(

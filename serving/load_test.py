@@ -23,7 +23,9 @@ MALFORMED: tuple[Any, ...] = (
     {"query": ["1"], "documents": []},
     {"query": [], "documents": ["1"]},
     {"query": ["1"], "documents": [None]},
-    {"query": "not a list", "documents": ["1"]},
+    {"query": 5, "documents": ["1"]},
+    {"query": "Toy Story (1995)", "documents": [1]},  # text mode: an integer (an item id) is no title
+    {"query": "\n\n", "documents": ["Fargo (1996)"]},  # text mode: no history line
     {"documents": ["1"]},
     {"query": ["1"], "documents": ["1"], "top_n": -1},
     {"query": ["1"], "documents": [{"title": "x"}]},
@@ -112,7 +114,7 @@ def run_load_test(
     env: Optional[Mapping[str, str]] = None,
 ) -> dict[str, Any]:
     """The load test's results (load_test.json's content): `source` is serve.py's ["--run", DIR] or
-    ["--model", DIR]; `payloads` valid /v1/rerank bodies, cycled through."""
+    ["--model", DIR]; `payloads` valid /v1/rerank bodies (catalogue or text mode), cycled through."""
     if not payloads:
         raise ValueError("the load test needs at least one valid payload")
     with ServerProcess(source, overrides, log_path, env=env) as srv:
@@ -142,6 +144,7 @@ def run_load_test(
         "batch_stats": info["stats"],
         "server_url": srv.url,  # stopped by now
         "payloads": len(payloads),
+        "text_payloads": sum(1 for p in payloads if isinstance(p.get("query"), str)),
         "tolerance": tolerance,
         "levels": levels,
     }

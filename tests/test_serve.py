@@ -232,6 +232,7 @@ def test_load_test_bounded_on_loopback(smoke_run, tmp_path):
     mixed = levels["mixed x4"]
     assert mixed["malformed"] == 6 and mixed["malformed_4xx"] == 6 and mixed["ok"] == 6
     assert result["batch_stats"]["requests"] == 3 + 8 + 8 + 6  # reference + two levels + the burst's valid ones
+    assert result["payloads"] == 3 and result["text_payloads"] == 1  # the second user in text mode (titles)
     assert "| valid x4 | 4 | 8 | 8 | 0 | 0 |" in (out / "load_test.md").read_text()
     # The server it started is gone.
     from serving.launch import _OPENER
