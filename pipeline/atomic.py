@@ -30,16 +30,20 @@ def atomic_open(path: str | os.PathLike, mode: str = "w") -> Iterator[TextIO]:
         raise
 
 
+# allow_nan=False: NaN/Infinity are not JSON (other readers refuse them) and a non-finite number in a
+# results file is a wrong result; stages refuse them first with a message naming the user
+# (pipeline.metrics.check_finite), this is the last line of defence and keeps every file strict JSON.
+
+
 def write_json(path: str | os.PathLike, obj, indent: int | None = 2) -> None:
     with atomic_open(path) as f:
-        json.dump(obj, f, indent=indent, sort_keys=False)
-        f.write("\n")
+        f.write(json.dumps(obj, indent=indent, sort_keys=False, allow_nan=False) + "\n")
 
 
 def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> None:
     with atomic_open(path) as f:
         for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            f.write(json.dumps(row, ensure_ascii=False, allow_nan=False) + "\n")
 
 
 def write_yaml(path: str | os.PathLike, obj) -> None:

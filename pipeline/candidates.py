@@ -127,6 +127,15 @@ def read_prefix_rows(path: str | Path, known_items: set[str] | None = None) -> l
     return rows
 
 
+class _NonFinite(ValueError):
+    pass
+
+
+def _refuse_constant(name: str):
+    """json.loads accepts NaN / Infinity / -Infinity by default: a score that is none is refused."""
+    raise _NonFinite(name)
+
+
 def _json_lines(path: Path):
     """(line number, JSON object) of each non-blank line of `path`; one-line errors otherwise."""
     for lineno, raw in enumerate(path.read_bytes().splitlines(), 1):
@@ -139,9 +148,11 @@ def _json_lines(path: Path):
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
+            row = json.loads(line, parse_constant=_refuse_constant)
         except json.JSONDecodeError:
             raise PipelineError(f"{path} line {lineno} is not valid JSON (truncated?): regenerate the file") from None
+        except _NonFinite as e:
+            raise PipelineError(f"{path} line {lineno} holds {e}, which is not a finite number (nor strict JSON): regenerate the file") from None
         if not isinstance(row, dict):
             raise PipelineError(f"{path} line {lineno} is not a JSON object: regenerate the file")
         yield lineno, row

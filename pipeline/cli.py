@@ -30,18 +30,20 @@ def parser(description: str, config_required: bool = True) -> argparse.ArgumentP
 def run_main(main: Callable[[list[str] | None], None], argv: list[str] | None = None) -> None:
     """Run a script's main; bad input becomes `error: <one line>` on stderr and exit code 2, and
     leaves no partial output: run directories the script started are failed (pipeline.rundir:
-    a fresh run's output is removed, a resumed run records the error in run.json). Other
+    a fresh run's output is removed; a resumed run, or one with a finished stage, records the error
+    in run.json and keeps its stages, which the one line then names). Other
     exceptions (bugs) and interrupts keep the directory as it is, to debug or --resume."""
     since = started_count()
     try:
         main(argv)
     except PipelineError as e:
         message = " ".join(line.strip() for line in str(e).splitlines() if line.strip())  # one line, always
+        notes: list[str] = []
         try:
-            fail_started(message, since)
+            notes = fail_started(message, since)
         except OSError:
             pass  # cleanup is best effort; the message still names the problem
-        print(f"error: {message}", file=sys.stderr)
+        print(f"error: {' ; '.join([message, *notes])}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)

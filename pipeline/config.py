@@ -8,6 +8,7 @@ pipeline re-reads raw YAML or overrides a setting silently.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -245,6 +246,8 @@ class RerankerConfig:
             if getattr(self, name) < 1:
                 raise PipelineError(f"reranker.{name} must be >= 1 (got {getattr(self, name)})")
         # Training (rerank/train.py).
+        if not self.fusion_weights:
+            raise PipelineError("reranker.fusion_weights is empty: give at least one weight (0 = the LLM alone)")
         if self.train_candidates < 2:
             raise PipelineError(f"reranker.train_candidates must be >= 2: the target and at least one negative (got {self.train_candidates})")
         for name in ("train_min_history", "warmup_steps", "dataloader_workers", "pretrain_steps", "binding_warmup_steps"):
@@ -513,6 +516,8 @@ def _coerce(tp, value, key: str):
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise PipelineError(f"config key {key} must be a number, got {value!r}")
+        if not math.isfinite(value):  # YAML's .nan/.inf (or 1e999): every later number would be meaningless
+            raise PipelineError(f"config key {key} must be a finite number, got {value!r}")
         return float(value)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):

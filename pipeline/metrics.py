@@ -13,6 +13,20 @@ from typing import Iterable, Optional, Sequence
 import torch
 
 from pipeline.config import METRIC_KS
+from pipeline.errors import PipelineError
+
+
+def check_finite(scores: Sequence[float], where: str) -> None:
+    """Refuse a NaN or infinite score with a one-line error naming `where` (the stage, split and
+    user). Every comparison with NaN is False, so a NaN target would otherwise rank FIRST and score
+    a perfect metric; an infinity ties with its like and hides the model's order. Both mean a
+    diverged model or a broken input, never a ranking to report."""
+    bad = next((i for i, x in enumerate(scores) if not math.isfinite(x)), None)
+    if bad is not None:
+        raise PipelineError(
+            f"{where}: score {scores[bad]!r} of candidate {bad + 1} is not finite (a diverged model, e.g. too high a "
+            "learning rate, or a NaN in the input): no metric is computed over it; fix the cause and rerun"
+        )
 
 
 def metric_keys(ks: Iterable[int]) -> list[str]:
@@ -43,13 +57,25 @@ def metrics_from_ranks(ranks: Sequence[Optional[int]], ks: Iterable[int] = METRI
     return {key: sum(values) / n for key, values in per_user_metrics(ranks, ks).items()}
 
 
-def full_catalogue_ranks(scores: torch.Tensor, targets: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
+def full_catalogue_ranks(
+    scores: torch.Tensor, targets: torch.Tensor, masked: torch.Tensor,
+    users: Optional[Sequence[str]] = None, where: str = "retriever",
+) -> torch.Tensor:
     """1-based rank of each target among all items not masked.
 
     scores: (B, V) item scores; targets: (B,) item indices; masked: (B, V) bool, True for items
     that cannot be recommended (padding index, the user's input history). The target itself is
-    never masked. Ties go to the lower item index.
+    never masked. Ties go to the lower item index. A non-finite score of an item not masked is
+    refused with a one-line error naming `where` and the user (`users`: the rows' user ids).
     """
+    bad = ~torch.isfinite(scores) & ~masked  # masked items may be -inf; the rest must be finite
+    if bad.any():
+        row = int(bad.any(1).nonzero()[0])
+        who = f"user {users[row]!r}" if users is not None else f"batch row {row}"
+        raise PipelineError(
+            f"{where}: {int(bad[row].sum())} scores of {who} are not finite (a diverged model, e.g. too high a "
+            "learning rate): no metric is computed over them; fix the cause and retrain"
+        )
     scores = scores.float().masked_fill(masked, float("-inf"))
     target_scores = scores.gather(1, targets[:, None])
     idx = torch.arange(scores.shape[1], device=scores.device)[None, :]
@@ -60,7 +86,9 @@ def full_catalogue_ranks(scores: torch.Tensor, targets: torch.Tensor, masked: to
 
 def candidate_rank(scores: Sequence[float], candidates: Sequence[str], target: str) -> Optional[int]:
     """1-based rank of `target` among `candidates` ordered by `scores` (ties: earlier candidate
-    first, i.e. the retriever's order decides); None if the target is not a candidate."""
+    first, i.e. the retriever's order decides); None if the target is not a candidate. A
+    non-finite score is refused (`check_finite`), never ranked."""
+    check_finite(scores, "ranking")
     if target not in candidates:
         return None
     t = candidates.index(target)

@@ -14,6 +14,7 @@ import yaml
 
 from pipeline.atomic import write_json, write_yaml
 from pipeline.config import to_dict
+from pipeline.data.fingerprint import changed_file, data_fingerprint
 from pipeline.errors import PipelineError
 
 # Config keys a resumed run may change: how to continue, not what is computed. The analysis and
@@ -103,6 +104,16 @@ class RunDir:
         # existing --out.
         if self.path.exists() and not self.path.is_dir():
             raise PipelineError(f"--out {self.path} is a file, not a directory: choose another --out")
+        foreign = self._foreign_entry()
+        if foreign is not None:  # refused before anything is written: never touch what is not ours
+            raise PipelineError(
+                f"--out {self.path} exists and is not a run directory of this project (it holds {foreign!r} and no run.json "
+                "of ours): choose a fresh --out, or an empty directory"
+            )
+        data_files = data_fingerprint(cfg.data)
+        recorded = (self._previous_run() or {}).get("data_files") if resume else None
+        if recorded:  # a resumed run: its finished stages were computed from the recorded files
+            _check_same_data(recorded, data_files, f"{self.path} was run on other data")
         self._created = [d for d in (self.path, *self.path.parents) if not d.exists()]
         self._existing = set() if self._created else {p.name for p in self.path.iterdir()}
         self.path.mkdir(parents=True, exist_ok=True)
@@ -122,11 +133,20 @@ class RunDir:
             "packages": _versions(),
             "python": sys.version.split()[0],
             "machine": _machine(),
+            "data_files": data_files,  # content fingerprint of the raw data (--resume refuses changed files)
             "start": _now(),
             "end": None,
         }
         write_json(self.path / "run.json", self._run)
         return self
+
+    def _foreign_entry(self) -> str | None:
+        """The first entry of an existing, non-empty --out that holds no run.json written by this
+        project (`is_run_dir`), else None: such a folder is someone else's, and a run would
+        overwrite or, failing, delete files in it."""
+        if not self.path.is_dir() or is_run_dir(self.path):
+            return None
+        return next((p.name for p in sorted(self.path.iterdir())), None)
 
     def _previous_run(self) -> dict | None:
         """run.json of the run being resumed (None when there is none, or it is unreadable)."""
@@ -145,17 +165,33 @@ class RunDir:
         if self in _STARTED:
             _STARTED.remove(self)
 
-    def fail(self, message: str) -> None:
-        """The run stopped on bad input (`message`). A fresh run leaves no partial output, so the
-        same --out can be used again: a directory it created is removed with everything in it, and
-        in a directory that existed it removes only what it added. A resumed run keeps everything
-        (its earlier progress included) and records the failure in run.json."""
+    def stage_finished(self, name: str) -> None:
+        """Record in run.json that stage `name` (e.g. "retriever") finished: a later failure keeps it."""
+        stages = self._run.setdefault("finished_stages", [])
+        if name not in stages:
+            stages.append(name)
+        write_json(self.path / "run.json", self._run)
+
+    def fail(self, message: str) -> str | None:
+        """The run stopped on bad input (`message`). A fresh run with no finished stage leaves no
+        partial output, so the same command can be run again: a directory it created is removed with
+        everything in it, and in an (empty) directory that existed it removes only what it added. A
+        resumed run, or one with a finished stage (`stage_finished`: minutes of training), keeps
+        everything and records the failure in run.json; then the returned note says what was kept
+        and how to go on (None otherwise)."""
         if self in _STARTED:
             _STARTED.remove(self)
-        if self._resumed:
+        finished = self._run.get("finished_stages") or []
+        if self._resumed or finished:
             self._run.update(end=_now(), error=message)
             write_json(self.path / "run.json", self._run)
-        elif self._created:
+            if finished and not self._resumed:
+                return (
+                    f"the finished stage(s) {', '.join(finished)} stay in {self.path}: after fixing the cause, rerun with --resume "
+                    f"(same config), or start a fresh --out (train_reranker.py --set retriever_run={self.path} reuses its retriever)"
+                )
+            return None
+        if self._created:
             shutil.rmtree(self.path, ignore_errors=True)
             for parent in self._created[1:]:  # parents it made, only while empty (another run may use them)
                 try:
@@ -166,6 +202,7 @@ class RunDir:
             for entry in self.path.iterdir():
                 if entry.name not in self._existing:
                     shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+        return None
 
     def update_metrics(self, split: str, section: dict) -> dict:
         """Merge `section` into metrics.json[split] (retriever and reranker runs both write it)."""
@@ -174,6 +211,40 @@ class RunDir:
         metrics.setdefault(split, {}).update(section)
         write_json(path, metrics)
         return metrics
+
+
+def is_run_dir(path: str | Path) -> bool:
+    """True when `path` holds a run.json that this project wrote (its provenance keys)."""
+    try:
+        run = json.loads((Path(path) / "run.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(run, dict) and {"command", "packages", "start"} <= run.keys()
+
+
+def check_same_data(run_dir: str | Path, cfg, what: str) -> None:
+    """Stop when run `run_dir` (e.g. the retriever run whose candidates a reranker reads) recorded
+    another content of the raw data files than `cfg.data` has now. Runs without a record (older
+    ones) are accepted: their candidates are still checked item by item against the dataset."""
+    path = Path(run_dir) / "run.json"
+    try:
+        recorded = json.loads(path.read_text(encoding="utf-8")).get("data_files") if path.is_file() else None
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        recorded = None
+    if recorded:
+        _check_same_data(recorded, data_fingerprint(cfg.data), what)
+
+
+def _check_same_data(recorded: dict, now: dict, what: str) -> None:
+    name = changed_file(recorded, now)
+    if name is not None:
+        def short(d):
+            return d[:12] if d else "missing"
+
+        raise PipelineError(
+            f"{what}: data file {name} changed since (sha256 {short(recorded.get(name))} then, {short(now.get(name))} now): "
+            "restore that file, or start a fresh --out on the new data"
+        )
 
 
 # Runs started in this process and not finished yet, oldest first (`fail_started`).
@@ -186,11 +257,11 @@ def started_count() -> int:
     return len(_STARTED)
 
 
-def fail_started(message: str, since: int = 0) -> None:
-    """`RunDir.fail(message)` for every unfinished run started after `since` (newest first).
-    pipeline.cli.run_main calls it when a script stops on a PipelineError."""
-    for run in reversed(_STARTED[since:]):
-        run.fail(message)
+def fail_started(message: str, since: int = 0) -> list[str]:
+    """`RunDir.fail(message)` for every unfinished run started after `since` (newest first); their
+    notes (what was kept). pipeline.cli.run_main calls it when a script stops on a PipelineError."""
+    notes = [run.fail(message) for run in reversed(_STARTED[since:])]
+    return [n for n in notes if n]
 
 
 def _first_difference(stored, want, key: str = "") -> tuple[str, object, object] | None:

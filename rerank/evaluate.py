@@ -22,7 +22,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from pipeline.candidates import ROW_FIELDS
 from pipeline.data.dataset import SplitDataset
 from pipeline.errors import PipelineError
-from pipeline.metrics import candidate_rank, coverage_weighted, metrics_from_ranks, per_user_metrics
+from pipeline.metrics import candidate_rank, check_finite, coverage_weighted, metrics_from_ranks, per_user_metrics
 from pipeline.significance import CONFIDENCE, paired_tests
 from rerank.distributed import from_main, gather, is_main, rank_and_world
 from rerank.progress import PartialRankings
@@ -76,6 +76,7 @@ def rank_split(
     seed: int = 0,
     progress: bool = True,
     partial: Optional[PartialRankings] = None,
+    split: str = "",
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """(rankings rows, metrics section) for one split's candidates rows.
 
@@ -90,7 +91,8 @@ def rank_split(
     Under `accelerate launch` the batches are shared out among the processes, one per process at a
     time, and every process returns all rows. Either way the batches are exactly those of one
     uninterrupted pass (`rank_rows`), so the scores are bit-identical to it. The caller writes the
-    final file (`partial.finish`, main process)."""
+    final file (`partial.finish`, main process). A non-finite score stops the split with a one-line
+    error naming `split` and the user (`check_scores`), before any file or metric holds it."""
     covered = [row for row in rows if is_covered(row)]
     if partial is None and rank_and_world()[1] == 1:
         scores = rank_rows(
@@ -98,7 +100,8 @@ def rank_split(
             batch_size=cfg.rank_batch_size, permutations=cfg.rank_permutations, seed=seed, progress=progress,
         )
     else:
-        scores = _rank_in_batches(model, tokenizer, style, covered, titles, cfg, seed, progress, partial)
+        scores = _rank_in_batches(model, tokenizer, style, covered, titles, cfg, seed, progress, partial, split)
+    check_scores(covered, scores, f"LLM scores ({split or 'ranking'})")
     rankings = [
         {**{key: row[key] for key in ROW_FIELDS}, "scores": s, "label_scheme": style.scheme.name}
         for row, s in zip(covered, scores)
@@ -116,8 +119,10 @@ def _rank_in_batches(
     seed: int,
     progress: bool,
     partial: Optional[PartialRankings],
+    split: str = "",
 ) -> list[list[float]]:
-    """`rank_rows`, batch by batch: resumable from `partial`, shared among processes."""
+    """`rank_rows`, batch by batch: resumable from `partial`, shared among processes. Each scored
+    batch is checked finite before the progress file keeps it."""
     main = is_main()
     readout = has_readout(model)  # the readout head reads each candidate line's end
     jobs = encode_rows(tokenizer, style, covered, titles, cfg.rank_permutations, seed, progress and main, with_ends=readout)
@@ -153,6 +158,7 @@ def _rank_in_batches(
             ids = [jobs[k][i][2] for i in idx]
             ends = [jobs[k][i][3] for i in idx] if readout else None
             scored = (mine, score_prompts(model, ids, tokens.for_k(k), len(ids), tokenizer.pad_token_id, progress=False, ends=ends))
+            check_scores([covered[jobs[k][i][0]] for i in idx], scored[1], f"LLM scores ({split or 'ranking'})")
         results = [x for x in gather(scored) if x is not None]
         if partial is not None and main:
             partial.append(results)
@@ -165,6 +171,13 @@ def _rank_in_batches(
         for i, (r, slots, _, _) in enumerate(group):
             per_order[r].append((slots, by_job[(k, i)]))
     return average_orders(covered, per_order, cfg.rank_permutations)
+
+
+def check_scores(rows: Sequence[Mapping[str, Any]], scores: Sequence[Sequence[float]], stage: str) -> None:
+    """Every user's scores finite, else a one-line error naming `stage` (what produced them, and
+    the split) and the user (`pipeline.metrics.check_finite`)."""
+    for row, s in zip(rows, scores):
+        check_finite(s, f"{stage}, user {row['user']!r}")
 
 
 def split_metrics(

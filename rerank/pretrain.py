@@ -23,6 +23,7 @@ from pipeline.atomic import write_json
 from pipeline.data.dataset import SplitDataset
 from pipeline.errors import PipelineError
 from rerank.collate import IGNORE_INDEX
+from rerank.finite_loss import TRAINING_LOG_ARGS, FiniteLossCallback
 from rerank.labels import encode
 from rerank.prompts import PromptStyle, history_text
 
@@ -128,6 +129,7 @@ def pretrain_stage(
         use_cpu=not on_cuda,
         logging_steps=cfg.logging_steps,
         logging_first_step=True,
+        **TRAINING_LOG_ARGS,  # a NaN loss is logged as NaN (rerank/finite_loss.py)
         report_to="none",
         save_strategy="no",  # a short stage: an interrupted stage 1 is simply run again
         seed=seed,
@@ -138,7 +140,8 @@ def pretrain_stage(
     tensorboard.logging_dir = str(out / PRETRAIN_TENSORBOARD)
     trainer = Trainer(
         model=peft_model, args=args, train_dataset=texts,
-        data_collator=RightPadCollator(tokenizer.pad_token_id), callbacks=[tensorboard],
+        data_collator=RightPadCollator(tokenizer.pad_token_id),
+        callbacks=[tensorboard, FiniteLossCallback("reranker pre-training", f"lower reranker.pretrain_learning_rate (now {cfg.pretrain_learning_rate:g})")],
     )
     result = trainer.train()
     if trainer.is_world_process_zero():

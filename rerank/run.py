@@ -30,16 +30,17 @@ from pipeline.config import Config
 from pipeline.data import SPLITS, load_dataset
 from pipeline.data.dataset import SplitDataset
 from pipeline.errors import PipelineError
-from pipeline.rundir import RunDir
+from pipeline.rundir import RunDir, check_same_data
 from rerank.calibration import Prior, calibrate, estimate_prior, prior_json
 from rerank.distributed import barrier, from_main, is_main, main_first, on_main, processes
-from rerank.evaluate import llm_evidence, markdown_table, rank_split, raw_scores, split_metrics, titles_by_item
+from rerank.evaluate import check_scores, llm_evidence, markdown_table, rank_split, raw_scores, split_metrics, titles_by_item
 from rerank.fusion import fit_weight, fused_scores, retriever_scores
 from rerank.labels import check_candidates_fit, scheme_from_config
 from rerank.load_run import RerankerRun
 from rerank.models import load_from_config
 from rerank.progress import PartialRankings
-from rerank.prompts import PromptStyle, check_tokenizer, style_from_config
+from rerank.preflight import check_before_training, check_calibration_counts
+from rerank.prompts import PromptStyle, check_tokenizer, count_special_text, style_from_config
 from rerank.samples import USES_RETRIEVER, TrainSample, samples_from_config
 from rerank.train import ADAPTER_DIR, CHECKPOINT_DIR, SUMMARY_FILE, load_adapter, resolve_adapter_dir, train_reranker
 
@@ -70,6 +71,8 @@ def rerank_run(cfg: Config, run: RunDir, candidates_dir: str | Path, resume: boo
     write rankings_<split>.jsonl and the reranker sections of metrics.json; returns metrics.
     `resume`: keep what `run` already holds finished (see the module docstring)."""
     candidates_dir = Path(candidates_dir)
+    if candidates_dir.resolve() != run.path.resolve():
+        check_same_data(candidates_dir, cfg, f"the candidates in {candidates_dir} were made from other data")
     with main_first():  # the main process builds the caches (data, converted model) first
         ds = load_dataset(cfg.data)
         known = set(ds.item_ids[1:])
@@ -78,13 +81,18 @@ def rerank_run(cfg: Config, run: RunDir, candidates_dir: str | Path, resume: boo
         check_labels_fit(cfg, rows, candidates_dir)
         model, tokenizer = load_from_config(cfg.reranker)
 
+    special = count_special_text(ds.titles[1:], tokenizer)
+    if special:
+        _say(f"prompts: {special} item titles hold the tokenizer's special-token text, removed from their prompts (rerank/prompts.plain_text)")
     if resume and from_main(lambda: training_finished(run.path)):
         style = PromptStyle.load(resolve_adapter_dir(run.path))  # the prompts the adapter was trained on
         check_tokenizer(style, tokenizer)
         model = load_adapter(model, run.path)
+        check_before_training(cfg, rows, ds.titles[1:], tokenizer, style)  # the ranking's checks
         _say(f"reranker: kept the trained adapter in {run / ADAPTER_DIR} (--resume)")
     else:
         style = style_from_config(cfg.reranker, tokenizer)
+        check_before_training(cfg, rows, ds.titles[1:], tokenizer, style)  # before the first training step
         train_cfg = cfg.reranker
         if resume:
             last = from_main(lambda: last_complete_checkpoint(run / CHECKPOINT_DIR))
@@ -93,6 +101,7 @@ def rerank_run(cfg: Config, run: RunDir, candidates_dir: str | Path, resume: boo
         samples = training_samples(cfg, ds, candidates_dir)
         _say(f"reranker: {len(samples)} training prompts, model {cfg.reranker.model}, labels {style.scheme.name}")
         train_reranker(model, tokenizer, style, ds, samples, rows["val"], train_cfg, run.path, seed=cfg.seed)
+        on_main(lambda: run.stage_finished("reranker training"))  # a later failure of the run keeps the adapter
         # Ranking progress of an earlier adapter (its run was trained again) is not this one's.
         on_main(lambda: [PartialRankings(rankings_path(run.path, split)).discard() for split in SPLITS])
 
@@ -136,6 +145,8 @@ def rank_run(cfg: Config, run: RunDir, source: RerankerRun, resume: bool = False
     with main_first():
         model, tokenizer, style = source.load_model()
         rows = {split: source.rows(split) for split in SPLITS}
+    if cfg.reranker.calibration == "permuted":
+        check_calibration_counts(rows, cfg.reranker, cfg.seed)  # before any split is ranked
     return rank_splits(cfg, run, model, tokenizer, style, rows, source.titles, source.candidates_dir, resume)
 
 
@@ -173,7 +184,7 @@ def rank_splits(
             _say(f"rankings {split}: kept {store.final.name} (--resume)")
         else:
             raw[split], _ = rank_split(
-                model, tokenizer, style, rows[split], titles, rcfg, seed=cfg.seed, progress=is_main(), partial=store
+                model, tokenizer, style, rows[split], titles, rcfg, seed=cfg.seed, progress=is_main(), partial=store, split=split
             )
     ks = sorted({len(rk["candidates"]) for split in SPLITS for rk in raw[split]})  # counts only, for content_free
     prior = from_main(  # never from test rows: validation prompts, or content-free ones
@@ -244,7 +255,9 @@ def finalise(
     rankings: dict[str, list[dict[str, Any]]] = {}
     sections: dict[str, dict[str, Any]] = {}
     for split in SPLITS:
+        check_scores(raw[split], llm[split], f"calibrated LLM scores ({split})")
         final = fused_scores(llm[split], retriever[split], w) if rcfg.fusion else llm[split]
+        check_scores(raw[split], final, f"fused scores ({split})")
         rankings[split] = [
             {
                 **{key: rk[key] for key in ROW_FIELDS},

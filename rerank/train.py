@@ -48,6 +48,7 @@ from pipeline.metrics import candidate_rank, metrics_from_ranks
 from rerank.collate import IGNORE_INDEX, TrainingTexts, collator_for
 from rerank.compat import checkpointing_args, masked_logits
 from rerank.evaluate import covered_sample
+from rerank.finite_loss import TRAINING_LOG_ARGS, FiniteLossCallback
 from rerank.labels import LabelTokens
 from rerank.pretrain import pretrain_stage
 from rerank.prompts import PromptStyle, label_tokens
@@ -405,6 +406,7 @@ def train_reranker(
         **checkpointing_args(cfg.gradient_checkpointing, {"use_reentrant": False}),
         logging_steps=cfg.logging_steps,
         logging_first_step=True,
+        **TRAINING_LOG_ARGS,  # a NaN loss is logged as NaN (rerank/finite_loss.py)
         report_to="none",  # TensorBoard is added below with its folder in the run directory
         eval_strategy="steps" if val else "no",
         eval_steps=cfg.eval_steps,
@@ -431,7 +433,8 @@ def train_reranker(
     if cfg.readout_aux_weight > 0:
         # Trained by the Trainer (a new, trainable submodule), never saved with the adapter, removed below.
         attach_readout(peft_model.get_base_model(), name=AUX_MODULE)
-    callbacks = [tensorboard, EpochCallback(train_dataset), *callbacks]
+    diverged = FiniteLossCallback("reranker training", f"lower reranker.learning_rate (now {cfg.learning_rate:g}) or reranker.max_grad_norm")
+    callbacks = [tensorboard, EpochCallback(train_dataset), diverged, *callbacks]
     callbacks += [EarlyStoppingCallback(early_stopping_patience=cfg.patience)] if val else []
     k = _train_candidate_count(train_samples)
     multi_token = any(len(seq) > 1 for seq in tokens.for_k(k).scored_ids)

@@ -56,6 +56,7 @@ def train_retriever(cfg: Config, run: RunDir, resume: bool = False) -> dict:
             metrics = run.update_metrics(split, section)
     write_text(run / "metrics.md", retriever_table(metrics, cfg.retriever.model))
     (run / STATE_FILE).unlink(missing_ok=True)  # the stage is finished: nothing left to resume
+    run.stage_finished("retriever")  # a later failure of the run keeps it
     return metrics
 
 

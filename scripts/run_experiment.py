@@ -19,6 +19,7 @@ from pipeline.config import load_config
 from pipeline.data import SPLITS
 from rerank import dry_run
 from rerank.distributed import on_main
+from rerank.preflight import check_before_retriever
 from rerank.run import finish_run, rerank_run, start_run
 from retrieval.run import train_retriever
 
@@ -33,6 +34,7 @@ def main(argv=None):
         ran = all(candidates_path(args.out, split).is_file() for split in SPLITS)
         dry_run.dry_run(cfg, args.out, Path(args.out) if ran else None, args.dry_run_sample, argv)
         return
+    check_before_retriever(cfg)  # a reranker setting that cannot rank the retriever's candidates stops it here
     resume = args.resume or cfg.reranker.resume
     run = start_run(args.out, cfg, argv, resume)
     on_main(lambda: train_retriever(cfg, run, resume=resume))

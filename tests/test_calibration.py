@@ -163,7 +163,7 @@ class FakeStyle:
 
 
 def stub_rank_split(scorer, calls):
-    def rank_split(model, tokenizer, style, rows, titles, cfg, seed=0, progress=True, partial=None):
+    def rank_split(model, tokenizer, style, rows, titles, cfg, seed=0, progress=True, partial=None, split=""):
         covered = [r for r in rows if r["target"] in r["candidates"]]
         calls.append([r["user"] for r in covered])
         return raw_rankings(covered, scorer, cfg.rank_permutations, seed), None

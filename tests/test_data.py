@@ -183,7 +183,7 @@ def test_bundled_ml100k_statistics_and_ties():
     # 416 users rated their last two items in the same second: the tie rule decides those targets
     from pipeline.data.loaders import load_ml100k
 
-    raw, _ = load_ml100k()
+    raw, _, _ = load_ml100k()
     ts = {(u, i): t for u, i, t in zip(raw.user, raw.item, raw.timestamp)}
     tied = [u for u, s in enumerate(ds.sequences)
             if ts[ds.user_ids[u], ds.item_ids[s[-1]]] == ts[ds.user_ids[u], ds.item_ids[s[-2]]]]

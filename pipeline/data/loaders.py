@@ -3,7 +3,10 @@
 Every loader returns
   interactions: DataFrame with columns user, item (str), timestamp (float), rating (float, NaN
                 when the format has none), one row per interaction as in the file;
-  titles: dict original item id (str) -> cleaned title (items without a usable title absent).
+  titles: dict original item id (str) -> cleaned title (items without a usable title absent);
+  repairs: counts of what was repaired on the way (`REPAIRS`), for dataset_stats.json.
+An item id listed twice with two different titles is an error naming both lines (which title is
+right cannot be known); listed twice with the same title, the copy is dropped and counted.
 Missing files or columns, malformed rows and non-UTF-8 bytes raise a one-line PipelineError naming
 the file (and line) and the fix (see "helpers" below).
 """
@@ -178,8 +181,46 @@ def _check_columns(df: pd.DataFrame, needed: list[str], path: Path) -> None:
         )
 
 
-def _interactions(df: pd.DataFrame, path: Path, user: str, item: str, ts: str, rating: str | None) -> pd.DataFrame:
+# What loading repairs rather than refuses, counted in dataset_stats.json "repairs".
+REPAIRS = {
+    "duplicate_item_rows": "item rows repeating an id with the same title (dropped)",
+    "titles_whitespace_cleaned": "titles whose spaces were trimmed or collapsed",
+    "ids_whitespace_trimmed": "user/item ids with spaces around them (trimmed)",
+}
+
+
+def _no_repairs() -> dict[str, int]:
+    return {key: 0 for key in REPAIRS}
+
+
+def _catalogue(rows, path: Path, line_of, repairs: dict[str, int]) -> dict[str, str]:
+    """{item id: cleaned title} from (row key, raw id, raw title, cleaned title) rows; `line_of(row
+    key)` gives the file line (computed only for an error). Rows with an empty title are left out
+    (preprocessing drops and counts those items)."""
+    titles: dict[str, str] = {}
+    first: dict[str, object] = {}
+    for key, raw_id, raw_title, cleaned in rows:
+        item, title = str(raw_id).strip(), str(raw_title)
+        if not title.strip():
+            continue
+        repairs["ids_whitespace_trimmed"] += item != raw_id
+        repairs["titles_whitespace_cleaned"] += " ".join(title.split()) != title
+        if item in titles:
+            if titles[item] != cleaned:
+                raise PipelineError(
+                    f"{path}: item {item!r} has two different titles, {titles[item]!r} on line {line_of(first[item])} "
+                    f"and {cleaned!r} on line {line_of(key)}: keep one line per item id"
+                )
+            repairs["duplicate_item_rows"] += 1
+            continue
+        titles[item], first[item] = cleaned, key
+    return titles
+
+
+def _interactions(df: pd.DataFrame, path: Path, user: str, item: str, ts: str, rating: str | None,
+                  repairs: dict[str, int]) -> pd.DataFrame:
     out = pd.DataFrame({"user": df[user].str.strip(), "item": df[item].str.strip()})
+    repairs["ids_whitespace_trimmed"] += int(((out["user"] != df[user]) | (out["item"] != df[item])).sum())
     ts_text = df[ts].str.strip()
     out["timestamp"] = pd.to_numeric(ts_text, errors="coerce")
     checks = [
@@ -226,12 +267,13 @@ def load_ml100k(path: str | None = None):
     items.columns = [c.split(":")[0] for c in items.columns]
     _check_columns(items, ["item_id", "movie_title"], item_p)
     years = items["release_year"] if "release_year" in items.columns else [""] * len(items)
-    titles = {
-        i.strip(): clean_movielens_title(t, y.strip() or None)
-        for i, t, y in zip(items["item_id"], items["movie_title"], years)
-        if t.strip()
-    }
-    return _interactions(inter, inter_p, "user_id", "item_id", "timestamp", "rating"), titles
+    repairs = _no_repairs()
+    titles = _catalogue(
+        ((n, i, t, clean_movielens_title(t, y.strip() or None))
+         for n, (i, t, y) in enumerate(zip(items["item_id"], items["movie_title"], years))),
+        item_p, lambda n: _line_of(items, n), repairs,
+    )
+    return _interactions(inter, inter_p, "user_id", "item_id", "timestamp", "rating", repairs), titles, repairs
 
 
 def load_ml_latest_small(path: str):
@@ -243,8 +285,12 @@ def load_ml_latest_small(path: str):
     _check_columns(ratings, ["userId", "movieId", "rating", "timestamp"], ratings_p)
     movies = _read_csv(movies_p)
     _check_columns(movies, ["movieId", "title"], movies_p)
-    titles = {i.strip(): clean_movielens_title(t) for i, t in zip(movies["movieId"], movies["title"]) if t.strip()}
-    return _interactions(ratings, ratings_p, "userId", "movieId", "timestamp", "rating"), titles
+    repairs = _no_repairs()
+    titles = _catalogue(
+        ((n, i, t, clean_movielens_title(t)) for n, (i, t) in enumerate(zip(movies["movieId"], movies["title"]))),
+        movies_p, lambda n: _line_of(movies, n), repairs,
+    )
+    return _interactions(ratings, ratings_p, "userId", "movieId", "timestamp", "rating", repairs), titles, repairs
 
 
 def load_amazon(path: str, category: str):
@@ -258,8 +304,9 @@ def load_amazon(path: str, category: str):
     if ratings.shape[1] != 4:
         raise PipelineError(f"{ratings_p} has {ratings.shape[1]} columns, expected 4 (user,item,rating,timestamp) without a header")
     ratings.columns = ["user", "item", "rating", "timestamp"]
-    titles = _amazon_titles(meta_p)
-    return _interactions(ratings, ratings_p, "user", "item", "timestamp", "rating"), titles
+    repairs = _no_repairs()
+    titles = _amazon_titles(meta_p, repairs)
+    return _interactions(ratings, ratings_p, "user", "item", "timestamp", "rating", repairs), titles, repairs
 
 
 def _meta_record(line: str, meta_p: Path, lineno: int) -> dict:
@@ -279,10 +326,14 @@ def _meta_record(line: str, meta_p: Path, lineno: int) -> dict:
     return rec
 
 
-def _amazon_titles(meta_p: Path) -> dict[str, str]:
+def _amazon_titles(meta_p: Path, repairs: dict[str, int]) -> dict[str, str]:
     """asin -> cleaned title from meta_<Cat>.json.gz; records without a title are skipped (those
-    items are dropped in preprocessing, and counted there)."""
-    titles: dict[str, str] = {}
+    items are dropped in preprocessing, and counted there); an asin twice: `_catalogue`."""
+    return _catalogue(_amazon_records(meta_p), meta_p, lambda lineno: lineno, repairs)
+
+
+def _amazon_records(meta_p: Path):
+    """(line number, asin, raw title, cleaned title) of each meta record with an asin."""
     lineno = 0
     try:
         with gzip.open(meta_p, "rb") as f:
@@ -297,14 +348,14 @@ def _amazon_titles(meta_p: Path) -> dict[str, str]:
                 if not line.strip():
                     continue
                 rec = _meta_record(line, meta_p, lineno)
-                if rec.get("asin") and str(rec.get("title") or "").strip():
-                    titles[str(rec["asin"]).strip()] = clean_title(rec["title"])
+                if rec.get("asin"):
+                    title = str(rec.get("title") or "")
+                    yield lineno, str(rec["asin"]), title, clean_title(title)
     except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError
         raise PipelineError(
             f"{meta_p} cannot be read as gzip after line {lineno} ({type(e).__name__}: truncated or not gzip'd): "
             "re-download or re-compress it"
         ) from None
-    return titles
 
 
 def load_generic(path: str):
@@ -316,9 +367,13 @@ def load_generic(path: str):
     _check_columns(inter, ["user", "item", "timestamp"], inter_p)
     items = _read_csv(items_p)
     _check_columns(items, ["item", "title"], items_p)
-    titles = {i.strip(): clean_title(t) for i, t in zip(items["item"], items["title"]) if t.strip()}
+    repairs = _no_repairs()
+    titles = _catalogue(
+        ((n, i, t, clean_title(t)) for n, (i, t) in enumerate(zip(items["item"], items["title"]))),
+        items_p, lambda n: _line_of(items, n), repairs,
+    )
     rating = "rating" if "rating" in inter.columns else None
-    return _interactions(inter, inter_p, "user", "item", "timestamp", rating), titles
+    return _interactions(inter, inter_p, "user", "item", "timestamp", rating, repairs), titles, repairs
 
 
 def load_raw(cfg: DataConfig):
@@ -333,7 +388,7 @@ def load_raw(cfg: DataConfig):
 
 
 def raw_files(cfg: DataConfig) -> list[Path]:
-    """The files a dataset is read from (their size and mtime key the preprocessing cache)."""
+    """The files a dataset is read from (their content keys the preprocessing cache: pipeline/data/fingerprint.py)."""
     root = Path(cfg.path) if cfg.path else bundled_ml100k_dir()
     names = {
         "ml-100k": ["ml-100k.inter", "ml-100k.item"],

@@ -17,10 +17,11 @@ import pandas as pd
 
 from pipeline.config import DataConfig
 from pipeline.data.dataset import SplitDataset
-from pipeline.data.loaders import load_raw, raw_files
+from pipeline.data.fingerprint import data_fingerprint
+from pipeline.data.loaders import REPAIRS, load_raw
 from pipeline.errors import PipelineError
 
-CACHE_VERSION = 2  # bump when preprocessing changes, so stale caches are not reused
+CACHE_VERSION = 3  # bump when preprocessing changes, so stale caches are not reused
 
 
 def _id_sort_key(ids: pd.Series) -> pd.Series:
@@ -67,7 +68,11 @@ def drop_repeats(df: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, int]]:
     return df[keep].sort_index(kind="stable"), {"duplicate_interactions": exact, "repeat_interactions": repeats}
 
 
-def preprocess(interactions: pd.DataFrame, titles: dict[str, str], cfg: DataConfig, name: str) -> SplitDataset:
+def preprocess(
+    interactions: pd.DataFrame, titles: dict[str, str], repairs: dict[str, int], cfg: DataConfig, name: str
+) -> SplitDataset:
+    """`load_raw`'s (interactions, titles, repairs) -> the split dataset; its stats (dataset_stats.json)
+    count what was dropped and what loading repaired."""
     df = interactions
     if cfg.min_rating is not None:
         df = df[df["rating"] >= cfg.min_rating]
@@ -87,6 +92,9 @@ def preprocess(interactions: pd.DataFrame, titles: dict[str, str], cfg: DataConf
     for key, what in _DROPPED.items():
         if dropped[key]:
             print(f"preprocess: dropped {dropped[key]:,} {what}")
+    for key, what in REPAIRS.items():
+        if repairs.get(key):
+            print(f"preprocess: {repairs[key]:,} {what}")
     if cfg.max_users is not None:
         users = df["user"].drop_duplicates()
         keep = users.iloc[_id_sort_key(users).argsort(kind="stable")].iloc[: cfg.max_users]
@@ -112,7 +120,7 @@ def preprocess(interactions: pd.DataFrame, titles: dict[str, str], cfg: DataConf
         user_ids=users,
         sequences=sequences,
     )
-    ds.stats = {**dataset_stats(ds), "dropped": dropped}
+    ds.stats = {**dataset_stats(ds), "dropped": dropped, "repairs": dict(repairs)}
     return ds
 
 
@@ -144,9 +152,10 @@ def dataset_name(cfg: DataConfig) -> str:
 
 
 def _cache_key(cfg: DataConfig) -> str:
+    """The data settings and the raw files' CONTENT (pipeline/data/fingerprint.py): a file rewritten
+    with the same size and mtime is a new key, a file touched but unchanged is the same one."""
     settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "cache_dir"}
-    files = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in raw_files(cfg) if p.exists()]
-    blob = json.dumps({"v": CACHE_VERSION, "cfg": settings, "files": files}, sort_keys=True)
+    blob = json.dumps({"v": CACHE_VERSION, "cfg": settings, "files": data_fingerprint(cfg)}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
