@@ -155,11 +155,10 @@ class RerankEngine:
         return self._given_title(item.text if isinstance(item, TextItem) else item, field), None
 
     def _given_title(self, text: str, field: str) -> str:
-        """A title the client wrote: one non-blank line, as the prompt shows one item per line."""
+        """A title the client wrote. Blank is refused (the prompt would show an empty line); line breaks
+        and runs of spaces are the prompt builder's to collapse (rerank.prompts.cut_title)."""
         if not text.strip():
             raise RequestError(422, f"{field}: the title is blank: send the item's title")
-        if "\n" in text or "\r" in text:
-            raise RequestError(422, f"{field}: the title holds a line break: send it on one line (the prompt shows one item per line)")
         return text
 
     def _title(self, item: Any, field: str) -> tuple[str, Optional[str]]:
