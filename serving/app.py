@@ -24,7 +24,7 @@ from serving.engine import Prepared, RequestError, RerankEngine, softmax
 from serving.schema import ErrorResponse, Meta, MetaTokens, RerankRequest, RerankResponse, RerankResult, ResultDocument, Usage
 
 ERRORS = {code: {"model": ErrorResponse} for code in (404, 413, 422, 500, 503)}
-FIELDS = "model, query, documents, top_n, return_documents, max_tokens_per_doc, max_chunks_per_doc, priority"
+FIELDS = ", ".join(RerankRequest.model_fields)  # the schema is the one list of accepted fields
 FIX = {  # what to send instead, by pydantic error type
     "missing": "add it",
     "extra_forbidden": f"remove it (fields: {FIELDS})",
