@@ -3,7 +3,7 @@
 A setting that cannot work must stop the run before the retriever trains (run_experiment.py) or
 before the reranker's first training step, not after minutes of training and ranking:
 - `check_before_retriever`: the candidate count the retriever will write (retriever.top_k) against
-  the label scheme, when this run's reranker ranks this run's candidates;
+  the label scheme and the prompt budget, when this run's reranker ranks this run's candidates;
 - `check_before_training`: with the candidates and the tokenizer at hand, the prompt token budget
   (the longest titles of the catalogue, no history, must fit max_prompt_tokens: otherwise some
   prompt fails when built, during training or ranking) and the position-prior calibration (a
@@ -15,15 +15,19 @@ from __future__ import annotations
 from typing import Any, Mapping, Sequence
 
 from pipeline.config import Config
+from pipeline.data import load_dataset
 from pipeline.errors import PipelineError
 from rerank.calibration import sample_users
 from rerank.evaluate import is_covered
 from rerank.labels import encode, scheme_from_config
-from rerank.prompts import PromptStyle, cut_title, encode_prompt
+from rerank.models import load_tokenizer
+from rerank.prompts import PromptStyle, cut_title, encode_prompt, style_from_config
 
 
 def check_before_retriever(cfg: Config) -> None:
-    """run_experiment.py: its reranker ranks the retriever's top_k candidates of this very run."""
+    """run_experiment.py: its reranker ranks the retriever's top_k candidates of this very run, so
+    the label count and the prompt budget for top_k candidates are checked before the retriever
+    trains (the dataset and the tokenizer load in seconds; the retriever trains for minutes)."""
     n = len(scheme_from_config(cfg.reranker).labels)
     k = cfg.retriever.top_k
     if k > n:
@@ -31,6 +35,9 @@ def check_before_retriever(cfg: Config) -> None:
             f"retriever.top_k {k} is more than label scheme {cfg.reranker.label_scheme!r} has labels ({n}): "
             f"set retriever.top_k={n} (or lower), or reranker.label_scheme=custom with {k} reranker.custom_labels"
         )
+    tokenizer = load_tokenizer(cfg.reranker.model, cache_dir=cfg.reranker.model_cache_dir)
+    titles = load_dataset(cfg.data).titles[1:]
+    check_prompt_budget(style_from_config(cfg.reranker, tokenizer), tokenizer, titles, max(k, cfg.reranker.train_candidates))
 
 
 def check_before_training(

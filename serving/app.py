@@ -8,6 +8,7 @@ concurrent requests share a forward pass.
 """
 from __future__ import annotations
 
+import math
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -19,6 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from pipeline.config import ServeConfig
+from pipeline.errors import PipelineError
 from serving.batcher import MicroBatcher, QueueFull
 from serving.engine import Prepared, RequestError, RerankEngine, softmax
 from serving.schema import ErrorResponse, Meta, MetaTokens, RerankRequest, RerankResponse, RerankResult, ResultDocument, Usage
@@ -103,13 +105,19 @@ def create_app(engine: RerankEngine, scfg: ServeConfig) -> FastAPI:
         return JSONResponse({"detail": exc.message}, status_code=exc.status)
 
     async def rerank(req: RerankRequest) -> RerankResponse:
-        prepared: Prepared = await run_in_threadpool(engine.prepare, req)  # tokenizing off the event loop
+        try:
+            prepared: Prepared = await run_in_threadpool(engine.prepare, req)  # tokenizing off the event loop
+        except PipelineError as e:  # the prompt builder refuses these documents (e.g. too long for the run's prompt budget)
+            raise RequestError(422, f"documents: these cannot be put in the run's prompt ({e})") from None
         try:
             scores = await batcher.submit(prepared)
         except QueueFull:
             raise RequestError(503, f"server busy: {scfg.max_queue} requests are waiting (serve.max_queue): retry shortly") from None
         except Exception as e:  # a failed forward pass (or vLLM call): this request fails, the server goes on
             raise RequestError(500, f"scoring failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}): see the server log") from e
+        if not all(math.isfinite(s) for s in scores):  # NaN would rank first and is not JSON: never a ranking
+            bad = next(s for s in scores if not math.isfinite(s))
+            raise RequestError(500, f"the model gave a non-finite score ({bad}) for this request: the served model or backend is broken; no ranking is returned")
         probs = softmax(scores)
         order = sorted(range(len(probs)), key=lambda j: -probs[j])  # stable: ties keep the request's order
         if req.top_n is not None:

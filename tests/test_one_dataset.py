@@ -119,3 +119,12 @@ def test_a_failure_after_a_finished_stage_keeps_it_and_says_how_to_go_on(tmp_pat
     run = json.loads((out / "run.json").read_text())
     assert run["error"] == "late failure: fix it" and run["finished_stages"] == ["retriever"]
     RunDir(out).start(load_config(None), argv=[], resume=True)  # the note's --resume is accepted
+
+
+def test_a_column_named_twice_is_a_one_line_error(tmp_path):
+    # Before: a Python traceback (pandas returned a frame for the column name) and a half-written run.
+    root = write_generic(tmp_path / "g")
+    text = (root / "items.csv").read_text().splitlines()
+    (root / "items.csv").write_text("\n".join(["item,title,title"] + [f"{line},x" for line in text[1:]]) + "\n")
+    with pytest.raises(PipelineError, match=r"items.csv line 1 names column 'title' twice: keep one column of each name"):
+        load_dataset(_cfg(tmp_path, root))

@@ -35,6 +35,13 @@ def test_top_k_beyond_the_labels_stops_run_experiment_before_the_retriever(tmp_p
     check_before_retriever(load_config(None, ["retriever.top_k=25", "reranker.label_scheme=custom", f"reranker.custom_labels={labels}"]))
 
 
+def test_a_prompt_budget_too_small_stops_run_experiment_before_the_retriever(tmp_path, capfd):
+    _tiny_data(tmp_path / "data")
+    code, err = _in_process("run_experiment", _args(tmp_path, ["reranker.max_prompt_tokens=50"]), capfd)
+    assert code == 2 and err.count("\n") == 1 and "> max_prompt_tokens 50: raise reranker.max_prompt_tokens" in err
+    assert not (tmp_path / "out").exists()  # before: found after the retriever had trained
+
+
 def test_a_prompt_budget_the_longest_titles_cannot_fit_is_refused_and_the_fix_fits():
     tok = qwen_tokenizer()
     catalogue = titles(40, "A rather long film title number ")

@@ -257,3 +257,26 @@ def test_merged_export_serves_the_runs_scores(smoke_run, ranked, tmp_path):
             got = {r["index"]: r["relevance_score"] for r in body["results"]}
             for j, p in enumerate(softmax(row["llm_scores"])):
                 assert got[j] == pytest.approx(p, rel=1e-3, abs=1e-6)
+
+
+def test_a_nan_score_is_a_one_line_500_never_a_ranking(smoke_run, ranked, tmp_path):
+    """A backend that answers NaN (here a stub vLLM serving a model whose weights hold a NaN) gets a
+    one-line 500: before, NaN ranked first with relevance_score NaN (not JSON)."""
+    import torch
+
+    from rerank.load_run import open_run
+    from tests.vllm_stub import StubVLLM
+
+    run, _ = smoke_run
+    model, tokenizer, _ = open_run(run).load_model()
+    with torch.no_grad():
+        model.get_base_model().model.norm.weight[0] = float("nan")
+    stub = StubVLLM(model, tokenizer)
+    try:
+        overrides = ["serve.backend=vllm", f"serve.vllm_url={stub.url}", "serve.vllm_model=reranker"]
+        with ServerProcess(["--run", str(run)], overrides, tmp_path / "server.log", env=ONE_THREAD) as srv:
+            status, body = post_json(f"{srv.url}/v1/rerank", request_for(ranked[0]))
+            assert status == 500 and "non-finite score" in body["detail"] and "\n" not in body["detail"]
+            assert srv.get("/health")  # the server goes on
+    finally:
+        stub.close()

@@ -166,7 +166,11 @@ def _read_csv(path: Path, sep: str = ",", header: bool = True, quoting: int = cs
                     "fix or drop that line"
                 )
     if header:
-        df.columns = [str(c).strip() for c in df.iloc[0]]
+        names = [str(c).strip() for c in df.iloc[0]]
+        dup = next((c for n, c in enumerate(names) if c in names[:n]), None)
+        if dup is not None:  # df[name] would be a frame of both columns: which one is meant cannot be known
+            raise PipelineError(f"{path} line 1 names column {dup!r} twice: keep one column of each name")
+        df.columns = names
         df = df.iloc[1:].reset_index(drop=True)
         df.attrs["source"] = (path, sep, quoting, 1)
     return df
