@@ -47,6 +47,9 @@ def test_recipe_has_llamarec_settings(path):
     assert (r.title_max_tokens, r.max_prompt_tokens, r.max_history) == (32, 1536, 20)
     assert (r.lora_r, r.lora_alpha, r.lora_dropout, list(r.lora_target_modules)) == (8, 32, 0.05, ["q_proj", "v_proj"])
     assert r.lora_layers is None and r.label_scheme == "letters" and r.loss == "vocab"
+    # LlamaRec's train script enables checkpointing (and prepare_model_for_kbit_training defaults to it): without it a
+    # 7B's activations at batch 12-16 of ~600-1,000-token prompts need tens of GB
+    assert r.gradient_checkpointing is True
     assert r.val_max_users is None and r.best_by == "retriever_order" and r.calibration == "none" and not r.fusion
     assert (cfg.retriever.model, cfg.retriever.top_k) == ("lrurec", 20)
     # data.path: relative (runs from the repo root), the folder the header tells to fill
