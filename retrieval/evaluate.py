@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from pipeline.config import METRIC_KS
 from pipeline.data import SplitDataset
+from pipeline.errors import PipelineError
 from pipeline.metrics import full_catalogue_ranks, metrics_from_ranks
 
 ScoreFn = Callable[[list[list[int]]], torch.Tensor]
@@ -28,14 +29,18 @@ def history_mask(inputs: list[list[int]], n_items: int) -> torch.Tensor:
 
 @torch.no_grad()
 def masked_scores(score_fn: ScoreFn, inputs: list[list[int]], n_items: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scores, mask) of one batch: `score_fn(inputs)` as float on the CPU, shape and NaN checked, and
-    `history_mask(inputs)` (padding and each input's own items)."""
+    """(scores, mask) of one batch: `score_fn(inputs)` as float on the CPU, shape and finiteness
+    checked, and `history_mask(inputs)` (padding and each input's own items)."""
     scores = score_fn(inputs).float().cpu()
     if scores.shape != (len(inputs), n_items + 1):
         raise RuntimeError(f"retriever returned scores of shape {tuple(scores.shape)}, expected {(len(inputs), n_items + 1)}")
-    if torch.isnan(scores).any():  # NaN compares false: every target would rank first
-        raise RuntimeError("retriever returned NaN scores (diverged weights?)")
-    return scores, history_mask(inputs, n_items)
+    mask = history_mask(inputs, n_items)
+    if (~torch.isfinite(scores) & ~mask).any():  # NaN compares false: every target would rank first
+        raise PipelineError(
+            "the retriever's scores are not finite (the model diverged, e.g. too high a learning rate): "
+            "lower retriever.lr or retriever.grad_clip and retrain"
+        )
+    return scores, mask
 
 
 def top_k_masked(scores: torch.Tensor, mask: torch.Tensor, top_k: int) -> tuple[list[list[int]], list[list[float]]]:

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from pipeline.atomic import atomic_open
 from pipeline.config import RetrieverConfig
 from pipeline.data import SplitDataset
+from pipeline.errors import PipelineError
 from retrieval.evaluate import evaluate
 
 EARLY_STOP_METRIC = "NDCG@10"  # validation metric for early stopping (paper)
@@ -129,7 +130,10 @@ def fit(model: TrainableRetriever, ds: SplitDataset, cfg: RetrieverConfig, seed:
         for batch in model.batches(train_seqs, cfg.batch_size, rng):
             loss = model.loss(batch)
             if not torch.isfinite(loss):  # NaN weights would score every target first (NaN ties)
-                raise RuntimeError(f"retriever training loss is {loss.item()} at epoch {epoch}, step {step + 1}")
+                raise PipelineError(
+                    f"retriever training loss is {loss.item()} at epoch {epoch}, step {step + 1} (the model diverged): "
+                    f"lower retriever.lr (now {cfg.lr:g}) or retriever.grad_clip (now {cfg.grad_clip:g})"
+                )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             nn.utils.clip_grad_norm_(model.module.parameters(), cfg.grad_clip)

@@ -193,11 +193,14 @@ def test_bert4rec_batches_always_hold_a_masked_target(train_on):
 
 def test_nan_is_refused_by_training_and_evaluation(tmp_path):
     ds = successor_dataset()
-    with pytest.raises(RuntimeError, match="NaN scores"):
+    # One-line PipelineErrors naming the fix (before: RuntimeErrors, i.e. tracebacks from the scripts).
+    with pytest.raises(PipelineError, match="scores are not finite .*: lower retriever.lr"):
         evaluate(lambda inputs: torch.full((len(inputs), N_ITEMS + 1), float("nan")), ds, "val")
+    with pytest.raises(PipelineError, match="scores are not finite"):  # +inf ties too: refused as well
+        evaluate(lambda inputs: torch.full((len(inputs), N_ITEMS + 1), float("inf")), ds, "val")
     r = RecboleRetriever("sasrec", ds, tiny_cfg("sasrec", max_epochs=1), "cpu")
     r.loss = lambda batch: torch.tensor(float("nan"), requires_grad=True)
-    with pytest.raises(RuntimeError, match="training loss is nan at epoch 1, step 1"):
+    with pytest.raises(PipelineError, match="training loss is nan at epoch 1, step 1 .*: lower retriever.lr"):
         training.fit(r, ds, r.cfg, 0, tmp_path)
 
 
