@@ -57,24 +57,21 @@ def metrics_from_ranks(ranks: Sequence[Optional[int]], ks: Iterable[int] = METRI
     return {key: sum(values) / n for key, values in per_user_metrics(ranks, ks).items()}
 
 
-def full_catalogue_ranks(
-    scores: torch.Tensor, targets: torch.Tensor, masked: torch.Tensor,
-    users: Optional[Sequence[str]] = None, where: str = "retriever",
-) -> torch.Tensor:
+def full_catalogue_ranks(scores: torch.Tensor, targets: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
     """1-based rank of each target among all items not masked.
 
     scores: (B, V) item scores; targets: (B,) item indices; masked: (B, V) bool, True for items
     that cannot be recommended (padding index, the user's input history). The target itself is
     never masked. Ties go to the lower item index. A non-finite score of an item not masked is
-    refused with a one-line error naming `where` and the user (`users`: the rows' user ids).
+    refused (masked items may hold -inf); the retriever's own check names the fix first
+    (retrieval/evaluate.py masked_scores).
     """
-    bad = ~torch.isfinite(scores) & ~masked  # masked items may be -inf; the rest must be finite
+    bad = ~torch.isfinite(scores) & ~masked
     if bad.any():
         row = int(bad.any(1).nonzero()[0])
-        who = f"user {users[row]!r}" if users is not None else f"batch row {row}"
         raise PipelineError(
-            f"{where}: {int(bad[row].sum())} scores of {who} are not finite (a diverged model, e.g. too high a "
-            "learning rate): no metric is computed over them; fix the cause and retrain"
+            f"ranking: {int(bad[row].sum())} item scores of batch row {row} are not finite (a diverged model): "
+            "no metric is computed over them; fix the cause and retrain"
         )
     scores = scores.float().masked_fill(masked, float("-inf"))
     target_scores = scores.gather(1, targets[:, None])

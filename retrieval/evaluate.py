@@ -75,7 +75,7 @@ def rank_split(
         inputs = [inputs_all[u] for u in idx]
         targets = torch.tensor([targets_all[u] for u in idx])
         scores, mask = masked_scores(score_fn, inputs, ds.n_items)
-        ranks.extend(full_catalogue_ranks(scores, targets, mask, [ds.user_ids[u] for u in idx], f"retriever scores ({split})").tolist())
+        ranks.extend(full_catalogue_ranks(scores, targets, mask).tolist())
         if top_k:
             items, values = top_k_masked(scores, mask, top_k)
             top_items.extend(items)

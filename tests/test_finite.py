@@ -51,8 +51,8 @@ def test_a_nan_target_score_is_refused_not_ranked_first():
 def test_full_catalogue_ranks_refuse_nan_but_not_masked_minus_inf():
     scores = torch.tensor([[0.0, 1.0, 2.0, 3.0], [0.0, 1.0, math.nan, 3.0]])
     masked = torch.tensor([[True, False, False, False], [True, False, False, False]])
-    with pytest.raises(PipelineError, match="scores of user 'u2' are not finite"):
-        full_catalogue_ranks(scores, torch.tensor([1, 1]), masked, users=["u1", "u2"])
+    with pytest.raises(PipelineError, match="item scores of batch row 1 are not finite"):
+        full_catalogue_ranks(scores, torch.tensor([1, 1]), masked)
     ok = torch.tensor([[-math.inf, 1.0, 2.0, 3.0]])  # a masked item may hold -inf
     assert full_catalogue_ranks(ok, torch.tensor([1]), masked[:1]).tolist() == [3]
     with pytest.raises(PipelineError):  # ... an unmasked one may not
