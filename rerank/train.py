@@ -50,6 +50,7 @@ from rerank.compat import checkpointing_args, masked_logits
 from rerank.evaluate import covered_sample
 from rerank.finite_loss import TRAINING_LOG_ARGS, FiniteLossCallback
 from rerank.labels import LabelTokens
+from rerank.models import resolve_dtype
 from rerank.pretrain import pretrain_stage
 from rerank.prompts import PromptStyle, label_tokens
 from rerank.readout import AUX_MODULE, READOUT_MODULE, adapter_has_readout, attach_readout, has_readout, readout_scores
@@ -104,8 +105,12 @@ def add_lora(model: PreTrainedModel, cfg: Any, seed: int, init_adapter: Optional
     if cfg.backend == "unsloth":
         raise PipelineError("LoRA training is wired for backend hf only: set reranker.backend=hf for training")
     if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
-        # QLoRA, as the paper: norms in fp32, input grads enabled for checkpointing through frozen weights.
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+        # QLoRA, as the paper: the unquantised weights in fp32 for training (restore_load_dtypes undoes it after).
+        if not hasattr(model, _LOAD_DTYPES):  # the first stage's record: a later stage finds them upcast already
+            setattr(model, _LOAD_DTYPES, [(p, p.dtype) for p in model.parameters()])
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=cfg.gradient_checkpointing, gradient_checkpointing_kwargs=CHECKPOINTING_KWARGS
+        )
     set_seed(seed)
     if cfg.head == "readout" and not has_readout(model):
         attach_readout(model)  # trained and saved by peft as a modules_to_save module
@@ -121,6 +126,27 @@ def add_lora(model: PreTrainedModel, cfg: Any, seed: int, init_adapter: Optional
     except ValueError as e:  # e.g. "Target modules {...} not found in the base model"
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise PipelineError(f"cannot add LoRA to {type(model).__name__} ({first}): fix reranker.lora_target_modules") from e
+
+
+_LOAD_DTYPES = "_rerank_load_dtypes"  # attribute of a kbit base: [(parameter, dtype as loaded)]
+# Non-reentrant checkpointing works through frozen inputs (LoRA) without an input-grad hook; the Trainer's and
+# peft's kbit preparation get the same.
+CHECKPOINTING_KWARGS = {"use_reentrant": False}
+
+
+def restore_load_dtypes(model: torch.nn.Module) -> None:
+    """Cast the weights peft's kbit preparation upcast to fp32 back to their load dtype, so a trained 4-bit
+    model ranks in the build that --resume and rank_reranker.py load (a fresh NF4 base + the adapter)."""
+    for param, dtype in getattr(model, _LOAD_DTYPES, ()):
+        if param.dtype != dtype:
+            param.data = param.data.to(dtype)
+
+
+def mixed_precision(on_cuda: bool) -> dict[str, bool]:
+    """TrainingArguments' autocast flags: the GPU's half type as the model loads in it (resolve_dtype: bf16
+    where native, else fp16); none on CPU (fp32)."""
+    half = resolve_dtype("auto", "cuda") if on_cuda else None
+    return {"bf16": half is torch.bfloat16, "fp16": half is torch.float16}
 
 
 def linear_layer_names(model: PreTrainedModel) -> list[str]:
@@ -218,6 +244,12 @@ class RerankTrainer(Trainer):
         # (num_items_in_batch), so the loss is the mean over the whole optimizer step, as the stock
         # causal-LM loss is.
         self.model_accepts_loss_kwargs = True
+
+    def autocast_smart_context_manager(self, cache_enabled: Optional[bool] = True) -> contextlib.AbstractContextManager:
+        """The accelerator's autocast (bf16/fp16 on CUDA; none on CPU) around the whole loss. accelerate wraps
+        only the model's forward, and the labels loss and the readout call the decoder directly
+        (model.get_decoder()): outside autocast a kbit-prepared model runs them in fp32 activations."""
+        return self.accelerator.autocast()
 
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> Any:
         """vocab: the supervised-token count (the Trainer's own). labels: {"prompts", "tokens"}, the
@@ -386,7 +418,6 @@ def train_reranker(
     peft_model = add_lora(model, cfg, seed, init_adapter)
     best_metric = VAL_METRIC if cfg.best_by == "retriever_order" else f"shuffled_{VAL_METRIC}"
     on_cuda = next(peft_model.parameters()).device.type == "cuda"
-    bf16 = on_cuda and torch.cuda.is_bf16_supported()
     args = TrainingArguments(
         output_dir=str(ckpt_dir),
         per_device_train_batch_size=cfg.train_batch_size,
@@ -398,12 +429,10 @@ def train_reranker(
         weight_decay=cfg.weight_decay,
         max_grad_norm=cfg.max_grad_norm,
         optim=cfg.optim,
-        bf16=bf16,  # autocast on GPUs with bf16; fp32 on CPU
-        fp16=on_cuda and not bf16,
+        **mixed_precision(on_cuda),  # autocast in the GPU's half type; fp32 on CPU
         use_cpu=not on_cuda,
-        # gradient checkpointing, under this transformers' argument names (rerank/compat.py); non-reentrant
-        # checkpointing works with frozen inputs (LoRA)
-        **checkpointing_args(cfg.gradient_checkpointing, {"use_reentrant": False}),
+        # gradient checkpointing, under this transformers' argument names (rerank/compat.py)
+        **checkpointing_args(cfg.gradient_checkpointing, CHECKPOINTING_KWARGS),
         logging_steps=cfg.logging_steps,
         logging_first_step=True,
         **TRAINING_LOG_ARGS,  # a NaN loss is logged as NaN (rerank/finite_loss.py)
@@ -461,6 +490,7 @@ def train_reranker(
         readout_aux_weight=cfg.readout_aux_weight,
     )
     result = trainer.train(resume_from_checkpoint=resume_from)
+    restore_load_dtypes(model)  # a 4-bit base: ranked as --resume loads it
     if cfg.readout_aux_weight > 0:
         delattr(peft_model.get_base_model(), AUX_MODULE)  # a training aid only: the label head ranks
 

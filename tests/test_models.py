@@ -121,10 +121,11 @@ def test_smollm2_tokenizer_is_chatml():
     assert len(tok) == 49152
 
 
-def test_4bit_and_unsloth_on_cpu_are_clear_errors():
+def test_4bit_on_cpu_and_unsloth_are_clear_errors():
     with pytest.raises(PipelineError, match="load_in_4bit needs a CUDA GPU"):
         load_model_and_tokenizer(TINY_QWEN2, device="cpu", load_in_4bit=True, cache_dir=CACHE_DIR)
-    with pytest.raises(PipelineError, match="unsloth.*needs a CUDA GPU"):
+    # dropped from the GPU set (README, GPU): refused on any device, with why and the fix, in one line
+    with pytest.raises(PipelineError, match=r"^reranker.backend 'unsloth' is not supported: .*logits_to_keep.*set reranker.backend=hf$"):
         load_model_and_tokenizer(TINY_QWEN2, device="cpu", backend="unsloth", cache_dir=CACHE_DIR)
 
 
