@@ -1,6 +1,7 @@
 """Export a reranker run as one plain Hugging Face model folder: the LoRA adapter merged into the base.
 
-A merged folder ranks without peft, loads with `AutoModelForCausalLM.from_pretrained(DIR)` and runs
+The adapter is merged into the weights it was trained against: a 4-bit run's NF4 base, dequantised
+(`dequantized`; a CUDA GPU loads it), not the original checkpoint's weights. A merged folder ranks without peft, loads with `AutoModelForCausalLM.from_pretrained(DIR)` and runs
 one matmul per layer instead of base + low-rank. `export_merged(RUN, DIR)` writes, all at once
 (built in a temporary folder and renamed, so a failure leaves no DIR):
 
@@ -8,7 +9,9 @@ one matmul per layer instead of base + low-rank. `export_merged(RUN, DIR)` write
 - prompt_style.json: the adapter's prompt format, unchanged;
 - readout.safetensors (reranker.head readout): the trained readout unit (rerank/readout.py);
 - config.yaml: RUN/config.yaml with reranker.model = DIR's absolute path, so every script that takes
-  reranker.model (or --set reranker.model=DIR) ranks with it and a server finds the run's dataset;
+  reranker.model (or --set reranker.model=DIR) ranks with it and a server finds the run's dataset, and
+  reranker.load_in_4bit false: the folder holds full weights, which an NF4 load would re-quantise, rounding
+  the merged LoRA update away;
 - export.json: where it came from (run, adapter, base model, git commits) and, for a calibrated run,
   RUN/metrics.json's val calibration {method, prior}, so serving subtracts the same position prior.
 """
@@ -27,12 +30,15 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from transformers import PreTrainedModel
 
 from pipeline.atomic import atomic_dir, write_json, write_yaml
-from pipeline.config import load_config, to_dict
+from pipeline.config import RerankerConfig, load_config, to_dict
+from pipeline.device import resolve_device
 from pipeline.errors import PipelineError
 from pipeline.rundir import _git_commit
 from rerank.load_run import RerankerRun, open_run
+from rerank.models import load_from_config
+from rerank.prompts import PromptStyle, check_tokenizer
 from rerank.readout import READOUT_MODULE, has_readout, save_readout_unit
-from rerank.train import resolve_adapter_dir
+from rerank.train import load_adapter, resolve_adapter_dir
 
 EXPORT_FILE = "export.json"
 
@@ -78,14 +84,12 @@ def export_merged(run_dir: str | Path, out: str | Path, overrides: list[str] | t
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise PipelineError(f"--out {out} already exists and is not an empty folder: pass a new folder for the export")
     run = open_run(run_dir, overrides)
-    if run.cfg.reranker.load_in_4bit:
-        # Merging into NF4 weights re-quantises them, which loses most of the LoRA update.
-        raise PipelineError("cannot merge LoRA into a 4-bit base: add --set reranker.load_in_4bit=false (the merged folder holds full weights)")
-    peft_model, tokenizer, style = run.load_model()
+    config = load_config(run.path / "config.yaml")  # the run's own, without the load-time overrides
+    check_trained_base(config.reranker, run.cfg.reranker)
+    peft_model, tokenizer, style = load_trained(run)
     merged = merge_lora(peft_model)
     info = export_info(run, merged)
-    config = load_config(run.path / "config.yaml")  # the run's own, without the load-time overrides
-    config = dataclasses.replace(config, reranker=dataclasses.replace(config.reranker, model=str(out)))
+    config = dataclasses.replace(config, reranker=dataclasses.replace(config.reranker, model=str(out), load_in_4bit=False))
     with atomic_dir(out) as tmp:
         save_merged(merged, tmp)
         tokenizer.save_pretrained(tmp)
@@ -93,6 +97,45 @@ def export_merged(run_dir: str | Path, out: str | Path, overrides: list[str] | t
         write_yaml(tmp / "config.yaml", to_dict(config))
         write_json(tmp / EXPORT_FILE, info)
     return out
+
+
+def check_trained_base(own: RerankerConfig, load: RerankerConfig) -> None:
+    """Before any loading: the merge's base is the one the run trained on (`own`), which `load` (with
+    the --set overrides) can move to another device or dtype but not to other weights."""
+    if load.load_in_4bit != own.load_in_4bit:
+        raise PipelineError(
+            f"the run trained on a {'4-bit' if own.load_in_4bit else 'full-weight'} base and its adapter merges into that one: "
+            "drop --set reranker.load_in_4bit (the merged folder holds full weights either way)"
+        )
+    if own.load_in_4bit and resolve_device(load.device) == "cpu":
+        raise PipelineError(
+            "exporting a 4-bit run needs a CUDA GPU: its adapter merges into the NF4 weights it was trained against, "
+            "which bitsandbytes builds on CUDA; run the export on a GPU machine"
+        )
+
+
+def load_trained(run: RerankerRun) -> tuple[PeftModel, Any, PromptStyle]:
+    """(base + the adapter, tokenizer, prompt style) as RerankerRun.load_model, with a 4-bit run's NF4 base
+    dequantised before the adapter goes on: peft then merges into plain layers (a bitsandbytes LoRA layer's
+    merge re-quantises its sum)."""
+    if not run.cfg.reranker.load_in_4bit:
+        return run.load_model()
+    base, tokenizer = load_from_config(run.cfg.reranker)
+    style = PromptStyle.load(resolve_adapter_dir(run.path))
+    check_tokenizer(style, tokenizer)
+    return load_adapter(dequantized(base), run.path), tokenizer, style
+
+
+def dequantized(model: PreTrainedModel) -> PreTrainedModel:
+    """`model`, loaded in NF4, with each 4-bit linear layer replaced by a plain one holding its dequantised
+    weight in the load dtype (transformers' PreTrainedModel.dequantize, its QLoRA-merge path): the weights
+    every training forward pass computed with. The original checkpoint's differ from them by NF4's
+    rounding, which the adapter was trained around."""
+    if getattr(model, "hf_quantizer", None) is None:
+        raise PipelineError(f"{type(model).__name__} was not loaded quantised (no hf_quantizer): load the run's base with reranker.load_in_4bit=true")
+    model = model.dequantize()
+    model.is_loaded_in_4bit = False  # transformers leaves the flag, which sends peft and num_parameters looking for bitsandbytes layers
+    return model
 
 
 def save_merged(merged: PreTrainedModel, directory: Path) -> None:
@@ -117,6 +160,7 @@ def export_info(run: RerankerRun, merged: PreTrainedModel) -> dict[str, Any]:
         "adapter": str(resolve_adapter_dir(run.path).absolute()),
         "base_model": run.cfg.reranker.model,
         "dtype": str(next(merged.parameters()).dtype).replace("torch.", ""),
+        "base_weights": "nf4_dequantized" if run.cfg.reranker.load_in_4bit else "original",
         "git_commit": _git_commit(),  # the code that merged
         "source_git_commit": _read_json(run.path / "run.json").get("git_commit"),  # the code that trained
         "tie_word_embeddings": bool(getattr(merged.config, "tie_word_embeddings", False)),

@@ -4,6 +4,7 @@ and calibration; tied embeddings and the all-linear top-layer LoRA layout merge 
 exactly; bad input stops with one line and leaves no folder."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib.util
 import json
@@ -22,7 +23,7 @@ from rerank.load_run import open_run
 from rerank.models import load_from_config, load_model_and_tokenizer
 from rerank.prompts import PromptStyle
 from rerank.ranker import rank_rows
-from rerank.train import add_lora, resolve_adapter_dir, save_adapter
+from rerank.train import add_lora, load_adapter, resolve_adapter_dir, save_adapter
 from tests.conftest import REPO
 
 N_ROWS = 4  # val users ranked per comparison: enough candidates (80 scores) to see any difference
@@ -186,6 +187,87 @@ def test_lora_layouts_merge_save_and_load_exactly(layout, smoke_run, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------
+# A 4-bit run: merged into the dequantised NF4 weights it trained against, exported as full weights
+
+NF4_STEP = 2.0 ** -5  # the stand-in's rounding grid: a merge into the unrounded weights differs by up to half of it
+
+
+class FakeNF4Quantizer:
+    """Stands in for transformers' bitsandbytes quantizer (NF4 needs CUDA): `dequantize` leaves each decoder
+    linear weight rounded to a coarse grid (what NF4's round trip does) and the model unquantised, as
+    transformers' `remove_quantization_config` does."""
+
+    def dequantize(self, model, dtype=None):
+        with torch.no_grad():
+            for module in model.model.layers.modules():
+                if isinstance(module, torch.nn.Linear):
+                    module.weight.copy_(rounded(module.weight))
+        del model.hf_quantizer
+        return model
+
+
+def rounded(weight: torch.Tensor) -> torch.Tensor:
+    return (weight / NF4_STEP).round() * NF4_STEP
+
+
+def _4bit_run(smoke: Path, dst: Path) -> Path:
+    """A copy of the smoke run whose config.yaml says it trained on a 4-bit base."""
+    run_dir = _copy_run(smoke, dst)
+    own = load_config(run_dir / "config.yaml")
+    write = dataclasses.replace(own, reranker=dataclasses.replace(own.reranker, load_in_4bit=True))
+    from pipeline.atomic import write_yaml
+
+    write_yaml(run_dir / "config.yaml", to_dict(write))
+    return run_dir
+
+
+def test_a_4bit_run_merges_into_its_dequantised_base_and_exports_full_weights(tmp_path, smoke_run, monkeypatch):
+    run_dir = _4bit_run(smoke_run[0], tmp_path / "run")
+    loads = []
+
+    def nf4_load(rcfg):
+        """The NF4 load (on CUDA): the base flagged quantised, dequantised by FakeNF4Quantizer."""
+        loads.append(rcfg.load_in_4bit)
+        model, tokenizer = load_from_config(dataclasses.replace(rcfg, load_in_4bit=False))
+        model.hf_quantizer, model.is_loaded_in_4bit = FakeNF4Quantizer(), True
+        return model, tokenizer
+
+    monkeypatch.setattr(export, "load_from_config", nf4_load)
+    monkeypatch.setattr(export, "resolve_device", lambda device: "cuda")
+    out = export_merged(run_dir, tmp_path / "merged")
+    assert loads == [True]  # the base was loaded as it trained: NF4
+
+    cfg = load_config(out / "config.yaml")
+    assert cfg.reranker.load_in_4bit is False and cfg.reranker.model == str(out)  # full weights: never re-quantised
+    assert json.loads((out / EXPORT_FILE).read_text())["base_weights"] == "nf4_dequantized"
+
+    run = open_run(run_dir, ["reranker.load_in_4bit=false"])
+    base, _ = load_from_config(run.cfg.reranker)
+    original = merge_lora(load_adapter(copy.deepcopy(base), run_dir)).state_dict()
+    FakeNF4Quantizer().dequantize(_flagged(base))
+    want = merge_lora(load_adapter(base, run_dir)).state_dict()
+    got = AutoModelForCausalLM.from_pretrained(out).state_dict()
+    assert set(got) == set(want)
+    for key, value in want.items():
+        assert torch.equal(got[key], value), key
+    q = "model.layers.0.self_attn.q_proj.weight"  # adapted (q_proj/v_proj): the delta sits on the rounded weight
+    assert not torch.equal(got[q], original[q])
+
+
+def _flagged(model):
+    model.hf_quantizer = FakeNF4Quantizer()
+    return model
+
+
+def test_dequantized_needs_a_quantised_model():
+    model, _ = load_model_and_tokenizer("tiny-qwen2")
+    with pytest.raises(PipelineError, match="not loaded quantised"):
+        export.dequantized(model)
+    model.hf_quantizer, model.is_loaded_in_4bit = FakeNF4Quantizer(), True
+    assert export.dequantized(model).is_loaded_in_4bit is False
+
+
+# ----------------------------------------------------------------------------------------
 # Bad input
 
 
@@ -243,10 +325,21 @@ def test_config_flag_is_refused(tmp_path, capsys, smoke_run):
     _no_leftovers(out)
 
 
-def test_4bit_is_refused_before_loading(tmp_path, capsys, smoke_run):
+def test_another_base_than_the_trained_one_is_refused_before_loading(tmp_path, capsys, smoke_run):
     out = tmp_path / "out"
     msg = _fails(capsys, ["--run", str(smoke_run[0]), "--out", str(out), "--set", "reranker.load_in_4bit=true"])
-    assert "reranker.load_in_4bit=false" in msg
+    assert "drop --set reranker.load_in_4bit" in msg
+    _no_leftovers(out)
+    run_4bit = _4bit_run(smoke_run[0], tmp_path / "run")
+    msg = _fails(capsys, ["--run", str(run_4bit), "--out", str(out), "--set", "reranker.load_in_4bit=false"])
+    assert "drop --set reranker.load_in_4bit" in msg
+    _no_leftovers(out)
+
+
+def test_a_4bit_run_on_cpu_is_refused_before_loading(tmp_path, capsys, smoke_run):
+    out = tmp_path / "out"
+    msg = _fails(capsys, ["--run", str(_4bit_run(smoke_run[0], tmp_path / "run")), "--out", str(out), "--set", "reranker.device=cpu"])
+    assert "needs a CUDA GPU" in msg and "NF4" in msg
     _no_leftovers(out)
 
 
