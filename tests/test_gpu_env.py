@@ -15,9 +15,10 @@ def test_gpu_set_is_in_step_with_the_cpu_set():
     cpu = gpu_resolve.read_requirements(REPO / "requirements.txt")
     gpu = gpu_resolve.read_requirements(REPO / "requirements-gpu.txt")
     gpu_resolve.check_in_step(cpu, gpu)
-    # unsloth's ceilings, and the CUDA-only packages the CPU set lacks
-    assert gpu["transformers"] == "==5.17.0" and gpu["trl"] == "==1.15.0"
-    assert {"bitsandbytes", "unsloth", "unsloth-zoo", "xformers", "torchvision"} <= set(gpu) - set(cpu)
+    # the CPU set's transformers and trl: unsloth, which capped them at 5.17 / 1.15, left the set (README, GPU)
+    assert gpu["transformers"] == cpu["transformers"] == "==5.23.0" and gpu["trl"] == cpu["trl"] == "==1.16.0"
+    assert not {"unsloth", "unsloth-zoo", "xformers", "torchvision"} & set(gpu)
+    assert set(gpu) - set(cpu) == {"bitsandbytes"}  # the one CUDA-only package
 
 
 def test_a_missing_or_different_pin_is_refused():
@@ -25,8 +26,10 @@ def test_a_missing_or_different_pin_is_refused():
     with pytest.raises(gpu_resolve.Problem, match="peft is in requirements.txt but not in requirements-gpu.txt"):
         gpu_resolve.check_in_step(cpu, {"pandas": ">=2.2,<3", "transformers": "==5.17.0"})
     with pytest.raises(gpu_resolve.Problem, match="pandas is pinned >=2.2,<3 in requirements.txt but >=2.2"):
-        gpu_resolve.check_in_step(cpu, {"peft": "==0.21.2", "pandas": ">=2.2", "transformers": "==5.17.0"})
-    gpu_resolve.check_in_step(cpu, {"peft": "==0.21.2", "pandas": ">=2.2,<3", "transformers": "==5.17.0"})  # capped: may differ
+        gpu_resolve.check_in_step(cpu, {"peft": "==0.21.2", "pandas": ">=2.2", "transformers": "==5.23.0"})
+    with pytest.raises(gpu_resolve.Problem, match="transformers is pinned ==5.23.0 in requirements.txt but ==5.17.0"):
+        gpu_resolve.check_in_step(cpu, {"peft": "==0.21.2", "pandas": ">=2.2,<3", "transformers": "==5.17.0"})  # no exception left
+    gpu_resolve.check_in_step(cpu, {"peft": "==0.21.2", "pandas": ">=2.2,<3", "transformers": "==5.23.0", "bitsandbytes": "==0.50.2"})
 
 
 def _item(name, version, requires=(), url="https://files.example/x.whl"):
@@ -34,15 +37,15 @@ def _item(name, version, requires=(), url="https://files.example/x.whl"):
 
 
 def test_report_must_hold_a_cuda_torch_and_the_pinned_versions():
-    gpu = {"torch": "==2.13.0", "unsloth": "==2026.10.9", "pandas": ">=2.2,<3"}
+    gpu = {"torch": "==2.13.0", "bitsandbytes": "==0.50.2", "pandas": ">=2.2,<3"}
     cuda_torch = _item("torch", "2.13.0", ['nvidia-cudnn-cu13==9.20.0.48; platform_system == "Linux"'])
-    ok = {"install": [cuda_torch, _item("unsloth", "2026.10.9"), _item("pandas", "2.3.3")]}
+    ok = {"install": [cuda_torch, _item("bitsandbytes", "0.50.2"), _item("pandas", "2.3.3")]}
     assert gpu_resolve.check_report(ok, gpu)["torch"] == "2.13.0"
-    cpu_torch = {"install": [_item("torch", "2.13.0+cpu", url="file:///opt/wheels/torch.whl"), _item("unsloth", "2026.10.9")]}
+    cpu_torch = {"install": [_item("torch", "2.13.0+cpu", url="file:///opt/wheels/torch.whl"), _item("bitsandbytes", "0.50.2")]}
     with pytest.raises(gpu_resolve.Problem, match=r"CPU-only torch \(2.13.0\+cpu"):
         gpu_resolve.check_report(cpu_torch, gpu)
-    other = {"install": [cuda_torch, _item("unsloth", "2026.9.1")]}
-    with pytest.raises(gpu_resolve.Problem, match="pip chose unsloth 2026.9.1 instead of requirements-gpu.txt's 2026.10.9"):
+    other = {"install": [cuda_torch, _item("bitsandbytes", "0.49.0")]}
+    with pytest.raises(gpu_resolve.Problem, match="pip chose bitsandbytes 0.49.0 instead of requirements-gpu.txt's 0.50.2"):
         gpu_resolve.check_report(other, gpu)
 
 
