@@ -1,6 +1,7 @@
 """The GPU set (requirements-gpu.txt) stays in step with requirements.txt, and scripts/gpu_resolve.py
 refuses the resolutions that would give a broken GPU environment. Offline: .ci/gpu_resolve runs pip."""
 import importlib.util
+import re
 from pathlib import Path
 
 import pytest
@@ -56,3 +57,18 @@ def test_requirement_lines_are_parsed_with_comments_and_extras(tmp_path):
     f.write_text("-r other.txt\n")
     with pytest.raises(gpu_resolve.Problem, match="line 1 is not a plain requirement"):
         gpu_resolve.read_requirements(f)
+
+
+def test_readme_gpu_commands_run_from_the_gpu_venv():
+    """.venv has the CPU torch: `.venv/bin/accelerate launch --multi_gpu` with device auto would train CPU
+    processes over gloo without a word. Every accelerate command that is not the explicit CPU (gloo) one
+    must call .venv-gpu's, and the README must not tell anyone to use unsloth."""
+    readme = (REPO / "README.md").read_text()
+    joined = readme.replace("\\\n", " ")  # a command with its continuation lines, as one line
+    commands = re.findall(r"^\S*accelerate launch .*$", joined, flags=re.M)
+    assert len(commands) >= 3
+    for cmd in commands:
+        on_cpu = "reranker.device=cpu" in cmd
+        assert cmd.startswith(".venv/bin/accelerate " if on_cpu else ".venv-gpu/bin/accelerate "), cmd
+    assert sum(not c.startswith(".venv/") for c in commands) >= 2  # the GPU ones exist
+    assert "backend: unsloth" not in readme.replace("`reranker.backend: unsloth` is refused", "")
