@@ -61,9 +61,13 @@ class RetrieverConfig:
     n_blocks: int = 2  # LRU blocks (paper: 2); layers for the recbole models
     dropout: float = 0.1  # embedding / feed-forward dropout
     attn_dropout: float = 0.1  # dropout inside the LRU layer (attention dropout for SASRec/BERT4Rec)
-    lr: float = 1e-3  # AdamW (paper)
-    weight_decay: float = 0.01  # AdamW (paper)
-    grad_clip: float = 5.0  # max grad norm (paper)
+    # Optimiser (retrieval/training.py make_optimizer): "adamw" is LRURec's paper setting (decoupled
+    # weight decay); "adam" with weight_decay 0 and grad_clip null is recbole's usual one (its
+    # weight_decay, when set, is Adam's L2 penalty).
+    optimizer: Literal["adamw", "adam"] = "adamw"
+    lr: float = 1e-3  # paper
+    weight_decay: float = 0.01  # paper (AdamW)
+    grad_clip: Optional[float] = 5.0  # max grad norm (paper); null = no clipping
     batch_size: int = 64
     max_epochs: int = 200  # upper bound; early stopping normally ends training first
     patience: int = 10  # epochs without validation NDCG@10 improvement before stopping
@@ -97,6 +101,10 @@ class RetrieverConfig:
                 raise PipelineError(f"retriever.{name} must be in [0, 1) (got {getattr(self, name)})")
         if self.lr <= 0:
             raise PipelineError(f"retriever.lr must be > 0 (got {self.lr})")
+        if self.weight_decay < 0:
+            raise PipelineError(f"retriever.weight_decay must be >= 0 (got {self.weight_decay})")
+        if self.grad_clip is not None and self.grad_clip <= 0:
+            raise PipelineError(f"retriever.grad_clip must be > 0, or null for no clipping (got {self.grad_clip})")
         if self.prefix_candidates is not None and self.prefix_candidates < 0:
             raise PipelineError(f"retriever.prefix_candidates must be >= 0 or null (got {self.prefix_candidates})")
         if self.instances_per_epoch is not None and self.instances_per_epoch < 1:

@@ -2,7 +2,8 @@
 
 A model plugs in through `TrainableRetriever`: it turns train sequences into batches, computes a
 loss on a batch, and scores the full catalogue. The loop does the rest, the same for all:
-AdamW, gradient clipping, validation NDCG@10 every `eval_every` epochs, early stopping after
+the configured optimiser (`make_optimizer`), gradient clipping unless
+retriever.grad_clip is null, validation NDCG@10 every `eval_every` epochs, early stopping after
 `patience` evaluations without improvement, the best weights kept (in memory and as
 `retriever.pt`), TensorBoard logs under `out_dir/tb`.
 
@@ -76,6 +77,13 @@ def set_rng_states(states: dict, rng: np.random.Generator) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
+def make_optimizer(params: Iterable[nn.Parameter], cfg: RetrieverConfig) -> torch.optim.Optimizer:
+    """retriever.optimizer at retriever.lr with retriever.weight_decay: AdamW (decoupled decay, LRURec's
+    paper setting) or Adam (decay as an L2 penalty in the gradient, recbole's)."""
+    cls = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam}[cfg.optimizer]
+    return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
 def fit(model: TrainableRetriever, ds: SplitDataset, cfg: RetrieverConfig, seed: int, out_dir: Path,
         resume: bool = False) -> dict:
     """Train with early stopping on validation NDCG@10; leaves the best weights loaded.
@@ -86,7 +94,7 @@ def fit(model: TrainableRetriever, ds: SplitDataset, cfg: RetrieverConfig, seed:
     rng = seed_everything(seed)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)  # retriever.pt is saved here
-    opt = torch.optim.AdamW(model.module.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = make_optimizer(model.module.parameters(), cfg)
     train_seqs = [ds.train_sequence(u) for u in range(ds.n_users)]
     state_path = out_dir / STATE_FILE
 
@@ -132,11 +140,12 @@ def fit(model: TrainableRetriever, ds: SplitDataset, cfg: RetrieverConfig, seed:
             if not torch.isfinite(loss):  # NaN weights would score every target first (NaN ties)
                 raise PipelineError(
                     f"retriever training loss is {loss.item()} at epoch {epoch}, step {step + 1} (the model diverged): "
-                    f"lower retriever.lr (now {cfg.lr:g}) or retriever.grad_clip (now {cfg.grad_clip:g})"
+                    f"lower retriever.lr (now {cfg.lr:g}) or set retriever.grad_clip (now {cfg.grad_clip})"
                 )
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            nn.utils.clip_grad_norm_(model.module.parameters(), cfg.grad_clip)
+            if cfg.grad_clip is not None:
+                nn.utils.clip_grad_norm_(model.module.parameters(), cfg.grad_clip)
             opt.step()
             total, n, step = total + loss.item(), n + 1, step + 1
         writer.add_scalar("train/loss", total / max(n, 1), epoch)

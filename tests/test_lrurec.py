@@ -225,3 +225,39 @@ def test_same_seed_same_scores_regardless_of_prior_rng_use(tmp_path):
 def test_refuses_a_dataset_with_another_catalogue(tmp_path):
     with pytest.raises(ValueError, match="39 items"):
         LRURecRetriever(39, small_cfg()).fit(pattern_dataset(), small_cfg(), 0, tmp_path)
+
+
+def test_optimizer_settings_are_what_runs(tmp_path, monkeypatch):
+    """retriever.optimizer / weight_decay / grad_clip: Adam with no decay and no clipping is what
+    runs when asked (recbole's setting); the default is the paper's AdamW, decay 0.01, clip 5."""
+    from retrieval import training
+
+    made, clipped = [], []
+    real_make, real_clip = training.make_optimizer, torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(training, "make_optimizer", lambda params, cfg: made.append(real_make(params, cfg)) or made[-1])
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda params, norm: clipped.append(norm) or real_clip(params, norm))
+    ds = pattern_dataset()
+    clips, steps = [], []
+    for i, kw in enumerate([{}, {"optimizer": "adam", "weight_decay": 0.0, "grad_clip": None}]):
+        cfg = small_cfg(max_epochs=1, **kw)
+        clipped.clear()
+        steps.append(LRURecRetriever(ds.n_items, cfg).fit(ds, cfg, seed=0, out_dir=tmp_path / str(i))["optimizer_steps"])
+        clips.append(list(clipped))
+    adamw, adam = made
+    assert type(adamw) is torch.optim.AdamW and adamw.defaults["weight_decay"] == 0.01
+    assert type(adam) is torch.optim.Adam and adam.defaults["weight_decay"] == 0.0
+    assert steps[0] > 0 and clips[0] == [5.0] * steps[0]  # the default clips every step at 5 ...
+    assert clips[1] == []  # ... grad_clip null never clips
+
+
+@pytest.mark.parametrize("override, words", [
+    ("retriever.optimizer=sgd", "is not one of 'adamw', 'adam'"),
+    ("retriever.grad_clip=0", "retriever.grad_clip must be > 0, or null"),
+    ("retriever.weight_decay=-1", "retriever.weight_decay must be >= 0"),
+])
+def test_optimizer_keys_are_checked_at_load(override, words):
+    from pipeline.config import load_config
+    from pipeline.errors import PipelineError
+
+    with pytest.raises(PipelineError, match=words):
+        load_config(None, [override])
