@@ -71,6 +71,10 @@ class RetrieverConfig:
     batch_size: int = 64
     max_epochs: int = 200  # upper bound; early stopping normally ends training first
     patience: int = 10  # epochs without validation NDCG@10 improvement before stopping
+    # Early stopping on the mean validation NDCG@10 of the last `smooth_window` validations (patience
+    # counts those), so a one-epoch spike on 943 users is not what stops or selects; the weights kept
+    # are the best single epoch inside the best window. 1 = the raw curve (the paper's rule).
+    smooth_window: int = 1
     eval_every: int = 1  # epochs between validations
     # recbole models trained on prefixes (train_on below; by default bert4rec): every prefix
     # of every train sequence is ~96K instances per epoch on ML-100K; this samples that many per epoch
@@ -93,7 +97,7 @@ class RetrieverConfig:
     device: str = "auto"  # "auto" = cuda if available else cpu
 
     def validate(self) -> None:
-        for name in ("max_len", "hidden", "n_blocks", "batch_size", "max_epochs", "patience", "eval_every", "top_k"):
+        for name in ("max_len", "hidden", "n_blocks", "batch_size", "max_epochs", "patience", "eval_every", "top_k", "smooth_window"):
             if getattr(self, name) < 1:
                 raise PipelineError(f"retriever.{name} must be >= 1 (got {getattr(self, name)})")
         for name in ("dropout", "attn_dropout"):
@@ -118,7 +122,9 @@ class RerankerConfig:
     dtype: str = "auto"  # "auto" = bfloat16 on GPU (float16 if unsupported), float32 on CPU
     device: str = "auto"  # "auto" = cuda if available else cpu
     load_in_4bit: bool = False  # NF4 base weights via bitsandbytes (paper: 4-bit); CUDA only
-    backend: Literal["hf", "unsloth"] = "hf"  # unsloth: faster LoRA training; CUDA only
+    # "hf" only: "unsloth" is refused at load (rerank/models.py UNSLOTH_DROPPED says why); the key stays
+    # so a config naming it gets that reason, not "unknown value".
+    backend: Literal["hf", "unsloth"] = "hf"
     model_cache_dir: str = ".cache/models"  # where tiny-qwen2 / smollm2-135m-instruct are built once
     # Labels (rerank/labels.py): "letters" (A..T), "numbers" (1..20), or "custom" (custom_labels).
     label_scheme: Literal["letters", "numbers", "custom"] = "letters"
@@ -254,6 +260,11 @@ class RerankerConfig:
             if getattr(self, name) < 1:
                 raise PipelineError(f"reranker.{name} must be >= 1 (got {getattr(self, name)})")
         # Training (rerank/train.py).
+        if self.backend == "unsloth":  # at load, not when the model loads (after the retriever has trained)
+            raise PipelineError(
+                "reranker.backend 'unsloth' is not supported (unsloth ignores the answer-only loss's logits_to_keep and "
+                "pins older transformers/trl; README, GPU): use reranker.backend=hf"
+            )
         if not self.fusion_weights:
             raise PipelineError("reranker.fusion_weights is empty: give at least one weight (0 = the LLM alone)")
         if self.train_candidates < 2:

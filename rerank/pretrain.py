@@ -100,7 +100,7 @@ def pretrain_stage(
 ) -> Path:
     """Run stage 1 (or find it finished) and return the stage-1 adapter folder. `model` is left
     without LoRA layers, ready for stage 2 to load the adapter for training."""
-    from rerank.train import add_lora, save_adapter  # train.py imports this module for stage 2
+    from rerank.train import add_lora, mixed_precision, save_adapter  # train.py imports this module for stage 2
 
     out = Path(out_dir)
     adapter_dir = out / PRETRAIN_ADAPTER_DIR
@@ -113,7 +113,6 @@ def pretrain_stage(
         raise PipelineError("no train history has 2 or more items to pre-train on: check the dataset")
     peft_model = add_lora(model, cfg, seed)
     on_cuda = next(peft_model.parameters()).device.type == "cuda"
-    bf16 = on_cuda and torch.cuda.is_bf16_supported()
     args = TrainingArguments(
         output_dir=str(out / "pretrain_checkpoints"),  # nothing is saved there (save_strategy no)
         per_device_train_batch_size=cfg.pretrain_batch_size,
@@ -124,8 +123,7 @@ def pretrain_stage(
         weight_decay=cfg.weight_decay,
         max_grad_norm=cfg.max_grad_norm,
         optim=cfg.optim,
-        bf16=bf16,
-        fp16=on_cuda and not bf16,
+        **mixed_precision(on_cuda),  # bf16 only where the GPU has it natively, as stage 2 (train.py)
         use_cpu=not on_cuda,
         logging_steps=cfg.logging_steps,
         logging_first_step=True,

@@ -102,8 +102,6 @@ def add_lora(model: PreTrainedModel, cfg: Any, seed: int, init_adapter: Optional
     """`model` wrapped with a fresh LoRA adapter, initialised from `seed` (or, with `init_adapter`,
     the trainable adapter saved there: stage 2 of a two-stage run). The LoRA layers are injected
     into `model` itself (peft works in place), so `model` runs the adapter afterwards."""
-    if cfg.backend == "unsloth":
-        raise PipelineError("LoRA training is wired for backend hf only: set reranker.backend=hf for training")
     if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
         # QLoRA, as the paper: the unquantised weights in fp32 for training (restore_load_dtypes undoes it after).
         if not hasattr(model, _LOAD_DTYPES):  # the first stage's record: a later stage finds them upcast already

@@ -4,7 +4,8 @@ A model plugs in through `TrainableRetriever`: it turns train sequences into bat
 loss on a batch, and scores the full catalogue. The loop does the rest, the same for all:
 the configured optimiser (`make_optimizer`), gradient clipping unless
 retriever.grad_clip is null, validation NDCG@10 every `eval_every` epochs, early stopping after
-`patience` evaluations without improvement, the best weights kept (in memory and as
+`patience` evaluations without improvement of its mean over the last `smooth_window` ones, the best
+single epoch of the best window kept (in memory and as
 `retriever.pt`), TensorBoard logs under `out_dir/tb`.
 
 Resumable: after every epoch the loop's whole state (weights, optimizer, best weights, history,
@@ -105,6 +106,7 @@ def fit(model: TrainableRetriever, ds: SplitDataset, cfg: RetrieverConfig, seed:
 
     best, best_epoch, best_state, bad, step = -1.0, 0, None, 0, 0
     history, first, seconds_before, stopped = [], 1, 0.0, False
+    recent: list[tuple[int, float, dict]] = []  # (epoch, val metric, weights) of the last smooth_window validations
     if resume and state_path.is_file():
         # weights_only=False: the file holds python's RNG state (tuples) and numpy's (arrays);
         # it is our own file, written below, never downloaded.
@@ -113,6 +115,7 @@ def fit(model: TrainableRetriever, ds: SplitDataset, cfg: RetrieverConfig, seed:
         opt.load_state_dict(state["optimizer"])
         best, best_epoch, best_state, bad, step = state["best"], state["best_epoch"], state["best_state"], state["bad"], state["step"]
         history, seconds_before, stopped = state["history"], state["train_seconds"], state["stopped"]
+        recent = state.get("recent", [])
         first = state["epoch"] + 1
         set_rng_states(state["rng"], rng)
         print(f"retriever: resumed after epoch {state['epoch']} from {state_path}")
@@ -126,6 +129,7 @@ def fit(model: TrainableRetriever, ds: SplitDataset, cfg: RetrieverConfig, seed:
             "epoch": epoch, "model": model.module.state_dict(), "optimizer": opt.state_dict(),
             "best": best, "best_epoch": best_epoch, "best_state": best_state, "bad": bad, "step": step,
             "history": history, "train_seconds": time.time() - t0, "stopped": stopped, "rng": rng_states(rng),
+            "recent": recent,
         }
         with atomic_open(state_path, "wb") as f:
             torch.save(state, f)
@@ -157,9 +161,11 @@ def fit(model: TrainableRetriever, ds: SplitDataset, cfg: RetrieverConfig, seed:
         writer.add_scalar("val/Recall@20", val["Recall@20"], epoch)
         history.append({"epoch": epoch, "loss": total / max(n, 1), **val})
         epochs.set_postfix(loss=f"{total / max(n, 1):.3f}", ndcg10=f"{val[EARLY_STOP_METRIC]:.4f}")
-        if val[EARLY_STOP_METRIC] > best:
-            best, best_epoch, bad = val[EARLY_STOP_METRIC], epoch, 0
-            best_state = copy.deepcopy(model.module.state_dict())
+        recent = [*recent, (epoch, val[EARLY_STOP_METRIC], copy.deepcopy(model.module.state_dict()))][-cfg.smooth_window:]
+        smoothed = sum(v for _, v, _ in recent) / len(recent)
+        if smoothed > best:  # the window's mean improved: keep its best single epoch
+            best, bad = smoothed, 0
+            best_epoch, _, best_state = max(recent, key=lambda r: (r[1], -r[0]))  # ties: the earlier epoch
             with atomic_open(out_dir / "retriever.pt", "wb") as f:  # a kill never leaves half a file
                 torch.save(best_state, f)
         else:
@@ -172,10 +178,13 @@ def fit(model: TrainableRetriever, ds: SplitDataset, cfg: RetrieverConfig, seed:
     if best_state is not None:
         model.module.load_state_dict(best_state)
     model.module.eval()
+    kept = next((h[EARLY_STOP_METRIC] for h in history if h["epoch"] == best_epoch), best)
     return {
         "epochs_run": epoch,
         "best_epoch": best_epoch,
-        f"best_val_{EARLY_STOP_METRIC}": best,
+        f"best_val_{EARLY_STOP_METRIC}": kept,  # the kept epoch's own value
+        f"best_smoothed_val_{EARLY_STOP_METRIC}": best,  # the stopping rule's (= the above when smooth_window is 1)
+        "smooth_window": cfg.smooth_window,
         "optimizer_steps": step,
         "train_seconds": round(time.time() - t0, 1),
         "history": history,

@@ -261,3 +261,37 @@ def test_optimizer_keys_are_checked_at_load(override, words):
 
     with pytest.raises(PipelineError, match=words):
         load_config(None, [override])
+
+
+# Scripted validation NDCG@10 per epoch: a one-epoch spike at epoch 3 amid a plateau, then a better
+# region (epochs 7-9), then a fall.
+SPIKY = [0.10, 0.12, 0.30, 0.10, 0.10, 0.20, 0.23, 0.24, 0.21, 0.05, 0.05, 0.05, 0.05]
+
+
+@pytest.mark.parametrize("window, stopped_at, kept", [
+    (1, 7, 3),  # the raw rule: the spike at 3 is best, 4 validations without beating it stop at 7
+    (3, 13, 8),  # means of 3: the spike's window (0.173) is beaten by 7-9's (0.227), whose best epoch is 8
+])
+def test_smoothed_stopping_does_not_stop_on_a_spike(window, stopped_at, kept, tmp_path, monkeypatch):
+    """retriever.smooth_window: patience counts validations without a better mean of the last
+    `window`; the kept weights are the best single epoch of the best window (hand-computed above)."""
+    from retrieval import training
+
+    ds = pattern_dataset()
+    cfg = small_cfg(max_epochs=len(SPIKY), patience=4, smooth_window=window)
+    r = LRURecRetriever(ds.n_items, cfg)
+    weights = {}
+
+    def scripted(score_fn, ds_, split, ks):
+        epoch = len(weights) + 1
+        weights[epoch] = {k: v.clone() for k, v in r.module.state_dict().items()}
+        return {"NDCG@10": SPIKY[epoch - 1], "Recall@20": 0.0}
+
+    monkeypatch.setattr(training, "evaluate", scripted)
+    summary = r.fit(ds, cfg, seed=0, out_dir=tmp_path)
+    assert summary["epochs_run"] == stopped_at and summary["best_epoch"] == kept
+    assert summary["best_val_NDCG@10"] == SPIKY[kept - 1]
+    assert summary["best_smoothed_val_NDCG@10"] == pytest.approx(sum(SPIKY[kept - 2:kept + 1]) / 3 if window == 3 else SPIKY[kept - 1])
+    saved = torch.load(tmp_path / "retriever.pt")
+    assert all(torch.equal(saved[k], weights[kept][k]) for k in saved)  # the kept epoch's weights, not the last
+    assert all(torch.equal(v, weights[kept][k]) for k, v in r.module.state_dict().items())

@@ -158,3 +158,10 @@ def test_smollm2_loads_as_a_plain_fp32_checkpoint():
     inputs = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     out = model.generate(**inputs, max_new_tokens=6, do_sample=False)
     assert "Paris" in tok.decode(out[0, inputs["input_ids"].shape[1] :])
+
+
+def test_backend_unsloth_is_refused_at_load_not_after_the_retriever():
+    from pipeline.config import load_config
+
+    with pytest.raises(PipelineError, match="reranker.backend 'unsloth' is not supported .*: use reranker.backend=hf"):
+        load_config(None, ["reranker.backend=unsloth"])
