@@ -35,10 +35,9 @@ from pipeline.device import resolve_device
 from pipeline.errors import PipelineError
 from pipeline.rundir import _git_commit
 from rerank.load_run import RerankerRun, open_run
-from rerank.models import load_from_config
-from rerank.prompts import PromptStyle, check_tokenizer
+from rerank.prompts import PromptStyle
 from rerank.readout import READOUT_MODULE, has_readout, save_readout_unit
-from rerank.train import load_adapter, resolve_adapter_dir
+from rerank.train import resolve_adapter_dir
 
 EXPORT_FILE = "export.json"
 
@@ -118,12 +117,7 @@ def load_trained(run: RerankerRun) -> tuple[PeftModel, Any, PromptStyle]:
     """(base + the adapter, tokenizer, prompt style) as RerankerRun.load_model, with a 4-bit run's NF4 base
     dequantised before the adapter goes on: peft then merges into plain layers (a bitsandbytes LoRA layer's
     merge re-quantises its sum)."""
-    if not run.cfg.reranker.load_in_4bit:
-        return run.load_model()
-    base, tokenizer = load_from_config(run.cfg.reranker)
-    style = PromptStyle.load(resolve_adapter_dir(run.path))
-    check_tokenizer(style, tokenizer)
-    return load_adapter(dequantized(base), run.path), tokenizer, style
+    return run.load_model(dequantized) if run.cfg.reranker.load_in_4bit else run.load_model()
 
 
 def dequantized(model: PreTrainedModel) -> PreTrainedModel:

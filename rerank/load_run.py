@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -72,12 +72,14 @@ class RerankerRun:
         """The run's own rankings rows of `split` (covered users, reranker scores)."""
         return read_rows(rankings_path(self.path, split))
 
-    def load_model(self) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, PromptStyle]:
-        """(base model + the trained adapter in eval mode, tokenizer, the adapter's prompt style)."""
+    def load_model(self, prepare_base: Callable[[PreTrainedModel], PreTrainedModel] = lambda base: base,
+                   ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, PromptStyle]:
+        """(base model + the trained adapter in eval mode, tokenizer, the adapter's prompt style).
+        `prepare_base` changes the base before the adapter goes on (the export dequantises a 4-bit one)."""
         base, tokenizer = load_from_config(self.cfg.reranker)
         style = PromptStyle.load(resolve_adapter_dir(self.path))
         check_tokenizer(style, tokenizer)
-        return load_adapter(base, self.path), tokenizer, style
+        return load_adapter(prepare_base(base), self.path), tokenizer, style
 
 
 def open_run(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RerankerRun:

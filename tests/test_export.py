@@ -20,6 +20,7 @@ from pipeline.errors import PipelineError
 from rerank import export
 from rerank.export import EXPORT_FILE, export_merged, merge_lora
 from rerank.load_run import open_run
+from rerank import load_run
 from rerank.models import load_from_config, load_model_and_tokenizer
 from rerank.prompts import PromptStyle
 from rerank.ranker import rank_rows
@@ -232,7 +233,7 @@ def test_a_4bit_run_merges_into_its_dequantised_base_and_exports_full_weights(tm
         model.hf_quantizer, model.is_loaded_in_4bit = FakeNF4Quantizer(), True
         return model, tokenizer
 
-    monkeypatch.setattr(export, "load_from_config", nf4_load)
+    monkeypatch.setattr(load_run, "load_from_config", nf4_load)  # RerankerRun.load_model loads the base
     monkeypatch.setattr(export, "resolve_device", lambda device: "cuda")
     out = export_merged(run_dir, tmp_path / "merged")
     assert loads == [True]  # the base was loaded as it trained: NF4
