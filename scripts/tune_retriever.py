@@ -38,7 +38,8 @@ def run_all(cmds: list[list[str]], jobs: int, dry_run: bool) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"} if jobs > 1 else None  # N jobs on N cores, no oversubscription
 
     def one(cmd: list[str]) -> int:
-        log = Path(cmd[cmd.index("--out") + 1]).with_suffix(".log")
+        run = Path(cmd[cmd.index("--out") + 1])
+        log = run.parent / f"{run.name}.log"  # not with_suffix: point names hold dots (lr0.001)
         log.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "w") as f:
             return subprocess.run(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
