@@ -102,6 +102,7 @@ def rank_split(
     else:
         scores = _rank_in_batches(model, tokenizer, style, covered, titles, cfg, seed, progress, partial, split)
     check_scores(covered, scores, f"LLM scores ({split or 'ranking'})")
+    check_not_collapsed(scores, f"LLM scores ({split or 'ranking'})")
     rankings = [
         {**{key: row[key] for key in ROW_FIELDS}, "scores": s, "label_scheme": style.scheme.name}
         for row, s in zip(covered, scores)
@@ -178,6 +179,18 @@ def check_scores(rows: Sequence[Mapping[str, Any]], scores: Sequence[Sequence[fl
     the split) and the user (`pipeline.metrics.check_finite`)."""
     for row, s in zip(rows, scores):
         check_finite(s, f"{stage}, user {row['user']!r}")
+
+
+def check_not_collapsed(scores: Sequence[Sequence[float]], stage: str) -> None:
+    """Refuse scores that tie every candidate of every user: ties keep the retriever's order, so such
+    a model (collapsed by e.g. too high a learning rate: its loss flat, its gradients 0) would report
+    the retriever's own metrics as the LLM's, with exit 0."""
+    rows = [s for s in scores if len(s) > 1]
+    if rows and all(max(s) == min(s) for s in rows):
+        raise PipelineError(
+            f"{stage}: every candidate of each of the {len(rows)} users has the same score ({rows[0][0]:g}): a collapsed "
+            "model ranks nothing and its metrics would be the retriever's order; retrain it (e.g. lower reranker.learning_rate)"
+        )
 
 
 def split_metrics(

@@ -93,3 +93,15 @@ def test_training_stops_at_the_first_non_finite_loss(tmp_path):
         train_reranker(model, tok(), make_style(tok(), LETTERS, max_history=3), ds, samples, val_rows(ds),
                        cfg(num_epochs=2, eval_steps=100), tmp_path / "run", seed=0)
     assert not (tmp_path / "run" / "train_summary.json").exists()
+
+
+def test_scores_that_tie_every_candidate_of_every_user_are_refused(monkeypatch):
+    # Before: reranker.learning_rate=1e30 collapsed the model (loss flat at 11.93, gradient norm 0),
+    # every score tied, and "LLM alone" reported the retriever's order as its own, exit 0.
+    monkeypatch.setattr(evaluate, "rank_rows", lambda model, tokenizer, style, rows, *a, **kw: [[-11.93] * 5 for _ in rows])
+    tok_ = qwen_tokenizer()
+    with pytest.raises(PipelineError, match=r"LLM scores \(test\): every candidate of each of the 3 users has the same score"):
+        rank_split(None, tok_, make_style(tok_, LETTERS), ROWS, ITEMS, CFG, progress=False, split="test")
+    one_differs = lambda model, tokenizer, style, rows, *a, **kw: [[0.0] * 4 + [float(r["user"] == "d")] for r in rows]
+    monkeypatch.setattr(evaluate, "rank_rows", one_differs)
+    rank_split(None, tok_, make_style(tok_, LETTERS), ROWS, ITEMS, CFG, progress=False, split="test")  # one informative user is enough
