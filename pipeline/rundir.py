@@ -111,14 +111,14 @@ class RunDir:
                 "of ours): choose a fresh --out, or an empty directory"
             )
         data_files = data_fingerprint(cfg.data)
-        recorded = (self._previous_run() or {}).get("data_files") if resume else None
+        previous = self._previous_run() if resume else None
+        recorded = (previous or {}).get("data_files")
         if recorded:  # a resumed run: its finished stages were computed from the recorded files
             _check_same_data(recorded, data_files, f"{self.path} was run on other data")
         self._created = [d for d in (self.path, *self.path.parents) if not d.exists()]
         self._existing = set() if self._created else {p.name for p in self.path.iterdir()}
         self.path.mkdir(parents=True, exist_ok=True)
         command = [sys.executable, *(sys.argv if argv is None else ["<api>", *argv])]
-        previous = self._previous_run() if resume else None
         self._resumed = previous is not None
         _STARTED.append(self)
         if previous is not None:
