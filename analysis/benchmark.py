@@ -49,18 +49,19 @@ from analysis import peak_memory
 from pipeline.candidates import candidates_path, read_rows
 from pipeline.config import Config
 from pipeline.data import load_dataset
-from pipeline.data.dataset import SplitDataset
+from pipeline.data.dataset import SplitDataset, titles_by_item
 from pipeline.device import resolve_device
 from pipeline.errors import PipelineError
-from rerank.collate import TrainingTexts, collator_for
-from rerank.evaluate import titles_by_item
-from rerank.export import merge_lora
-from rerank.generation import generate_rankings
-from rerank.models import TINY_QWEN2, resolve_dtype, load_from_config, load_tokenizer
-from rerank.prompts import PromptStyle, label_tokens, style_from_config
-from rerank.ranker import encode_rows, length_ordered_batches, rank_rows, score_prompts
-from rerank.samples import samples_from_config
-from rerank.train import add_lora, labels_loss_sum, supervised_logits
+from rerank.inference.generation import generate_rankings
+from rerank.inference.ranker import encode_rows, length_ordered_batches, rank_rows, score_prompts
+from rerank.model.adapter import add_lora, merge_lora
+from rerank.model.sources import load_from_config, load_tokenizer, resolve_dtype
+from rerank.model.standins import TINY_QWEN2
+from rerank.prompting.prompts import label_tokens
+from rerank.prompting.style import PromptStyle, style_from_config
+from rerank.training.collate import TrainingTexts, collator_for
+from rerank.training.loss import labels_loss_sum, supervised_logits
+from rerank.training.samples import samples_from_config
 
 # Targets (issue 5): our ranking path within 15% of a bare forward; one pass >= 20x faster than
 # generating a list (on tiny-qwen2, whose decoding never stops early); the answer-only loss at most

@@ -20,12 +20,12 @@ from typing import Any, Callable, Optional, Sequence
 
 import yaml
 
-from pipeline.candidates import candidates_path, rankings_path, read_rows
+from pipeline.candidates import candidates_path, rankings_path, raw_scores, read_rows
 from pipeline.config import Config, variant_config
 from pipeline.errors import PipelineError
+from pipeline.run_files import CONFIG_YAML, METRICS_JSON
 from pipeline.rundir import RunDir
-from rerank.evaluate import raw_scores
-from rerank.pretrain import PRETRAIN_SUMMARY
+from rerank.training.pretrain import PRETRAIN_SUMMARY
 
 RETRIEVER_DIR = "retriever"
 SPLIT = "test"  # the split compared (the paper's tables are test)
@@ -78,7 +78,7 @@ def run_variants(cfg: Config, out: Path, argv: Optional[Sequence[str]] = None) -
 def _finished_variant(vdir: Path, vcfg: Config) -> bool:
     """True when `vdir` holds a finished run of exactly this variant config. A finished run made
     with another config is an error (RunDir's resume check), never silently reused."""
-    if not (vdir / "metrics.json").is_file() or not rankings_path(vdir, SPLIT).is_file():
+    if not (vdir / METRICS_JSON).is_file() or not rankings_path(vdir, SPLIT).is_file():
         return False
     RunDir(vdir).check(vcfg, resume=True)
     return True
@@ -120,9 +120,10 @@ class VariantResult:
     def label_summary(self) -> dict[str, Any]:
         """The variant's labels as its tokenizer sees them at the answer position: how many take
         more than one token, which are scored with the end token, and the valid-label mass."""
-        from rerank.models import load_tokenizer
-        from rerank.prompts import PromptStyle, label_tokens
-        from rerank.train import resolve_adapter_dir
+        from rerank.model.adapter import resolve_adapter_dir
+        from rerank.model.sources import load_tokenizer
+        from rerank.prompting.prompts import label_tokens
+        from rerank.prompting.style import PromptStyle
 
         rr = self.config["reranker"]
         style = PromptStyle.load(resolve_adapter_dir(self.path))
@@ -144,8 +145,8 @@ def load_variant(name: str, path: Path) -> VariantResult:
     for f in ("config.yaml", "metrics.json", "train_summary.json"):
         if not (path / f).is_file():
             raise PipelineError(f"{path} has no {f}: it is not a finished reranker run; train it first")
-    config = yaml.safe_load((path / "config.yaml").read_text())
-    metrics = json.loads((path / "metrics.json").read_text())
+    config = yaml.safe_load((path / CONFIG_YAML).read_text())
+    metrics = json.loads((path / METRICS_JSON).read_text())
     if SPLIT not in metrics or "subset" not in metrics[SPLIT]:
         raise PipelineError(f"{path}/metrics.json has no reranker {SPLIT} metrics: the run did not finish; train it again")
     rankings = read_rows(rankings_path(path, SPLIT))

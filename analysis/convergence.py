@@ -22,8 +22,8 @@ from typing import Any, Optional, Sequence
 import pandas as pd
 
 from pipeline.errors import PipelineError
+from pipeline.run_files import CONFIG_YAML, METRICS_JSON, RETRIEVER_SUMMARY, RUN_JSON
 
-SUMMARY_FILE = "retriever_summary.json"  # written by retrieval/run.py after fitting
 METRICS = ("NDCG@10", "Recall@20")  # issue-level headline: ranking quality and the reranker's coverage
 PATIENCE, BOUND = "patience", "epoch bound"
 
@@ -46,7 +46,7 @@ def stopped_by(summary: dict, patience: int) -> Optional[str]:
 
 def wall_seconds(source: Path) -> Optional[float]:
     """run.json end - start for a finished retriever-only run that was never resumed, else None."""
-    run_file, metrics_file = source / "run.json", source / "metrics.json"
+    run_file, metrics_file = source / RUN_JSON, source / METRICS_JSON
     if not run_file.is_file() or not metrics_file.is_file():
         return None
     run = _read_json(run_file)
@@ -57,11 +57,11 @@ def wall_seconds(source: Path) -> Optional[float]:
 
 def run_training(source: Path) -> dict[str, Any]:
     """One retriever run's training facts (NaN / None where the run has none)."""
-    summary_file = source / SUMMARY_FILE
+    summary_file = source / RETRIEVER_SUMMARY
     summary = _read_json(summary_file) if summary_file.is_file() else {}
     from analysis.tables import _load_yaml  # the tables' reading of config.yaml: one error for a bad file
 
-    cfg = _load_yaml(source / "config.yaml")
+    cfg = _load_yaml(source / CONFIG_YAML)
     retriever = cfg.get("retriever") or {}
     has_epochs = "epochs_run" in summary
     patience = retriever.get("patience")

@@ -14,9 +14,9 @@ from typing import Any, Mapping, Sequence
 from pipeline.atomic import write_json, write_jsonl, write_text
 from pipeline.config import Config
 from pipeline.metrics import candidate_rank, metrics_from_ranks
-from rerank.evaluate import RERANK_KS
-from rerank.generation import GeneratedRanking, accounting, generate_rankings
-from rerank.ranker import rank_rows
+from rerank.evaluation.metrics import RERANK_KS
+from rerank.inference.generation import GeneratedRanking, accounting, generate_rankings
+from rerank.inference.ranker import rank_rows
 
 TABLE_COLUMNS = ("NDCG@5", "NDCG@10", "Recall@1", "Recall@5", "Recall@10", "MRR@10")
 

@@ -36,6 +36,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from pipeline.run_files import CONFIG_YAML, METRICS_JSON, RUN_JSON
+
 REPO = Path(__file__).resolve().parents[1]
 SMOKE_CONFIG = "configs/experiments/smoke.yaml"
 BENCH_CONFIG = "configs/experiments/benchmark_tiny.yaml"
@@ -106,7 +108,7 @@ def environment(on_cuda: bool) -> dict[str, Any]:
             versions[pkg] = None
     env = {"python": sys.executable, "cuda": torch.version.cuda, "device": "cpu", "packages": versions}
     if on_cuda:
-        from rerank.models import resolve_dtype
+        from rerank.model.sources import resolve_dtype
 
         major, minor = torch.cuda.get_device_capability(0)
         env.update(device=torch.cuda.get_device_name(0), driver=driver_version(), compute_capability=f"{major}.{minor}",
@@ -123,7 +125,8 @@ def build_model_folder(out: Path, on_cuda: bool) -> dict[str, Any]:
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from rerank.models import TinyQwen2Recipe, build_qwen_tokenizer, resolve_dtype
+    from rerank.model.sources import resolve_dtype
+    from rerank.model.standins import TinyQwen2Recipe, build_qwen_tokenizer
 
     tokenizer = build_qwen_tokenizer()
     if on_cuda:
@@ -164,15 +167,15 @@ def _json(path: Path) -> Any:
 def _config(run_dir: Path) -> dict[str, Any]:
     import yaml
 
-    return yaml.safe_load((run_dir / "config.yaml").read_text())
+    return yaml.safe_load((run_dir / CONFIG_YAML).read_text())
 
 
 def smoke_details(run_dir: Path) -> dict[str, Any]:
-    test = _json(run_dir / "metrics.json")["test"]
+    test = _json(run_dir / METRICS_JSON)["test"]
     train = _json(run_dir / "train_summary.json")
     return {"test_subset_NDCG@10": test["subset"]["NDCG@10"], "test_n_covered": test["n_covered"],
             "train_steps": train["global_step"], "train_runtime_s": train.get("train_runtime_s"),
-            "gpu": _json(run_dir / "run.json").get("machine", {}).get("gpu")}
+            "gpu": _json(run_dir / RUN_JSON).get("machine", {}).get("gpu")}
 
 
 def nf4_details(run_dir: Path) -> dict[str, Any]:

@@ -30,7 +30,7 @@ from pipeline.atomic import write_json, write_text
 from pipeline.errors import PipelineError
 from pipeline.metrics import candidate_rank, metrics_from_ranks, per_user_metrics
 from pipeline.significance import paired_tests
-from rerank.evaluate import RERANK_KS
+from rerank.evaluation.metrics import RERANK_KS
 
 # Condition name -> how it is described in tables and plots.
 CONDITIONS = {

@@ -36,6 +36,7 @@ from analysis.significance import CONFIDENCE, N_RESAMPLES, SEED, paired_tests, p
 from pipeline.atomic import write_text
 from pipeline.candidates import candidates_path, rankings_path, read_rows
 from pipeline.errors import PipelineError
+from pipeline.run_files import CONFIG_YAML, METRICS_JSON
 
 SPLIT = "test"  # the paper's tables report the test split
 # The paper's columns, in its order: MRR, NDCG, Recall at 5 then at 10.
@@ -168,15 +169,15 @@ def _retriever_of(path: Path, cfg: Mapping[str, Any], split: str) -> tuple[str, 
     train_reranker.py run reranked `retriever_run`, whose config names the model (its own config's
     retriever section is whatever the reranker config said, not necessarily what produced the
     candidates). The key is the source's retriever section without `seed` and bookkeeping."""
-    cfg_path = path / "config.yaml"
+    cfg_path = path / CONFIG_YAML
     model = _config_value(cfg, cfg_path, "retriever", "model")
     source, source_cfg = path, cfg
     retriever_run = cfg.get("retriever_run")
     if not candidates_path(path, split).is_file() and retriever_run:
         source = Path(retriever_run)
-        if (source / "config.yaml").is_file():
-            source_cfg = _load_yaml(source / "config.yaml")
-            model = _config_value(source_cfg, source / "config.yaml", "retriever", "model")
+        if (source / CONFIG_YAML).is_file():
+            source_cfg = _load_yaml(source / CONFIG_YAML)
+            model = _config_value(source_cfg, source / CONFIG_YAML, "retriever", "model")
     key = _method_key(source_cfg.get("retriever"), RETRIEVER_BOOKKEEPING)
     return paper.METHOD_NAMES.get(model, model), str(source.resolve()), key, source_cfg.get("seed")
 
@@ -184,16 +185,16 @@ def _retriever_of(path: Path, cfg: Mapping[str, Any], split: str) -> tuple[str, 
 def load_run(path: str | Path, split: str = SPLIT) -> Run:
     """Read one run directory; a one-line PipelineError names what is missing and the fix."""
     path = Path(path)
-    if not (path / "config.yaml").is_file():
+    if not (path / CONFIG_YAML).is_file():
         raise PipelineError(
             f"{path} is not a run directory (no config.yaml): pass directories written by "
             "train_retriever.py, train_reranker.py or run_experiment.py"
         )
-    cfg = _load_yaml(path / "config.yaml")
+    cfg = _load_yaml(path / CONFIG_YAML)
     data = cfg.get("data")
     if not isinstance(data, dict) or not isinstance(data.get("dataset"), str):
         raise PipelineError(f"{path / 'config.yaml'} has no data.dataset: pass a run directory written by this pipeline's scripts")
-    metrics_file = path / "metrics.json"
+    metrics_file = path / METRICS_JSON
     if not metrics_file.is_file():
         raise PipelineError(f"{path} has no metrics.json (the run did not finish): rerun it or leave it out of --runs")
     try:
@@ -226,8 +227,8 @@ def load_run(path: str | Path, split: str = SPLIT) -> Run:
         raise PipelineError(f"{path} has reranker metrics but no {rankings_path(path, split).name}: rerun train_reranker.py")
     return Run(
         path, data, retriever, source, section,
-        reranker_model=_config_value(cfg, path / "config.yaml", "reranker", "model"),
-        label_scheme=_config_value(cfg, path / "config.yaml", "reranker", "label_scheme"),
+        reranker_model=_config_value(cfg, path / CONFIG_YAML, "reranker", "model"),
+        label_scheme=_config_value(cfg, path / CONFIG_YAML, "reranker", "label_scheme"),
         reranker_key=retriever_key + "\n" + _method_key(cfg.get("reranker"), RERANKER_BOOKKEEPING),
         **seeds,
     )

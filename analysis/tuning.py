@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from pipeline.config import load_config
+from pipeline.run_files import RETRIEVER_SUMMARY, RUN_JSON
 
-SUMMARY_FILE = "retriever_summary.json"
 VAL_KEY = "best_val_NDCG@10"
 BATCH_SIZES = (16, 64)
 # The two optimisers compared: the config keys each sets (retrieval/training.py make_optimizer).
@@ -73,8 +73,8 @@ def run_dir(out: Path, model: str, point: Point, seed: int = 0) -> Path:
 def val_score(run: Path) -> Optional[float]:
     """The run's best validation NDCG@10, None while it has not finished."""
     try:
-        finished = json.loads((run / "run.json").read_text(encoding="utf-8"))
-        summary = json.loads((run / SUMMARY_FILE).read_text(encoding="utf-8"))
+        finished = json.loads((run / RUN_JSON).read_text(encoding="utf-8"))
+        summary = json.loads((run / RETRIEVER_SUMMARY).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     return summary.get(VAL_KEY) if finished.get("end") and not finished.get("error") else None
@@ -109,4 +109,4 @@ def grid_table(model: str, stages: Sequence[tuple[str, Sequence[Point]]], out: P
 
 
 def _summary(run: Path) -> dict:
-    return json.loads((run / SUMMARY_FILE).read_text(encoding="utf-8"))
+    return json.loads((run / RETRIEVER_SUMMARY).read_text(encoding="utf-8"))

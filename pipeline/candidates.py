@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable, Mapping, Optional, Sequence
+
+import numpy as np
 
 from pipeline.atomic import write_jsonl
 from pipeline.errors import PipelineError
@@ -193,3 +195,28 @@ def _check_prefix_row(row: dict, where: str, known_items: set[str] | None) -> No
                 f"{where}: unknown item id {unknown!r}: the file was made from another dataset; "
                 "regenerate it with the same data config"
             )
+
+
+# Where a rankings row keeps the LLM's raw scores (label log-probs, averaged over the orders), first
+# found wins: `llm_raw_scores` (calibrated runs), `llm_scores` (uncalibrated runs), `scores` (older runs).
+RAW_SCORE_KEYS = ("llm_raw_scores", "llm_scores", "scores")
+
+
+def raw_scores(row: Mapping[str, Any]) -> Any:
+    """A rankings row's raw LLM scores (`RAW_SCORE_KEYS`), None when it has none."""
+    return next((row[key] for key in RAW_SCORE_KEYS if key in row), None)
+
+
+def is_covered(row: Mapping[str, Any]) -> bool:
+    """True when the user's target is among its candidates (only these users go to the LLM)."""
+    return row["target"] in row["candidates"]
+
+
+def covered_sample(rows: Sequence[Mapping[str, Any]], n: Optional[int], seed: int, stream: int) -> list[Mapping[str, Any]]:
+    """The covered rows, or a uniform sample of `n` of them drawn from the RNG stream (seed, stream),
+    in file order: the validation users of training, the calibration users (each its own stream)."""
+    covered = [row for row in rows if is_covered(row)]
+    if n is not None and len(covered) > n:
+        keep = np.random.default_rng([seed, stream]).choice(len(covered), size=n, replace=False)
+        covered = [covered[i] for i in sorted(keep.tolist())]
+    return covered

@@ -16,6 +16,7 @@ from pipeline.atomic import write_json, write_yaml
 from pipeline.config import to_dict
 from pipeline.data.fingerprint import changed_file, data_fingerprint
 from pipeline.errors import PipelineError
+from pipeline.run_files import CONFIG_YAML, METRICS_JSON, RUN_JSON
 
 # Config keys a resumed run may change: how to continue, not what is computed. The analysis and
 # overfit sections are read by the analysis scripts and the learnability check only (a comparison
@@ -77,7 +78,7 @@ class RunDir:
     def check(self, cfg, resume: bool = False) -> None:
         """A fresh run needs a directory without a run in it (no config.yaml); a resumed run
         (`resume`) needs the config it was started with (reranker.resume aside)."""
-        stored_path = self.path / "config.yaml"
+        stored_path = self.path / CONFIG_YAML
         if not stored_path.is_file():
             return  # nothing there yet: a resumed run starts from scratch
         if not resume:
@@ -124,9 +125,9 @@ class RunDir:
         if previous is not None:
             self._run = {**previous, "end": None}
             self._run["resumes"] = [*previous.get("resumes", []), {"command": command, "start": _now()}]
-            write_json(self.path / "run.json", self._run)
+            write_json(self.path / RUN_JSON, self._run)
             return self
-        write_yaml(self.path / "config.yaml", to_dict(cfg))
+        write_yaml(self.path / CONFIG_YAML, to_dict(cfg))
         self._run = {
             "command": command,
             "git_commit": _git_commit(),
@@ -137,7 +138,7 @@ class RunDir:
             "start": _now(),
             "end": None,
         }
-        write_json(self.path / "run.json", self._run)
+        write_json(self.path / RUN_JSON, self._run)
         return self
 
     def _foreign_entry(self) -> str | None:
@@ -150,8 +151,8 @@ class RunDir:
 
     def _previous_run(self) -> dict | None:
         """run.json of the run being resumed (None when there is none, or it is unreadable)."""
-        path = self.path / "run.json"
-        if not (self.path / "config.yaml").is_file() or not path.is_file():
+        path = self.path / RUN_JSON
+        if not (self.path / CONFIG_YAML).is_file() or not path.is_file():
             return None
         try:
             run = json.loads(path.read_text(encoding="utf-8"))
@@ -161,7 +162,7 @@ class RunDir:
 
     def finish(self, **extra) -> None:
         self._run.update(extra, end=_now())
-        write_json(self.path / "run.json", self._run)
+        write_json(self.path / RUN_JSON, self._run)
         if self in _STARTED:
             _STARTED.remove(self)
 
@@ -170,7 +171,7 @@ class RunDir:
         stages = self._run.setdefault("finished_stages", [])
         if name not in stages:
             stages.append(name)
-        write_json(self.path / "run.json", self._run)
+        write_json(self.path / RUN_JSON, self._run)
 
     def fail(self, message: str) -> str | None:
         """The run stopped on bad input (`message`). A fresh run with no finished stage leaves no
@@ -184,7 +185,7 @@ class RunDir:
         finished = self._run.get("finished_stages") or []
         if self._resumed or finished:
             self._run.update(end=_now(), error=message)
-            write_json(self.path / "run.json", self._run)
+            write_json(self.path / RUN_JSON, self._run)
             if finished and not self._resumed:
                 return (
                     f"the finished stage(s) {', '.join(finished)} stay in {self.path}: after fixing the cause, rerun with --resume "
@@ -206,7 +207,7 @@ class RunDir:
 
     def update_metrics(self, split: str, section: dict) -> dict:
         """Merge `section` into metrics.json[split] (retriever and reranker runs both write it)."""
-        path = self.path / "metrics.json"
+        path = self.path / METRICS_JSON
         metrics = json.loads(path.read_text()) if path.exists() else {}
         metrics.setdefault(split, {}).update(section)
         write_json(path, metrics)
@@ -216,7 +217,7 @@ class RunDir:
 def is_run_dir(path: str | Path) -> bool:
     """True when `path` holds a run.json that this project wrote (its provenance keys)."""
     try:
-        run = json.loads((Path(path) / "run.json").read_text(encoding="utf-8"))
+        run = json.loads((Path(path) / RUN_JSON).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
     return isinstance(run, dict) and {"command", "packages", "start"} <= run.keys()
@@ -226,7 +227,7 @@ def check_same_data(run_dir: str | Path, cfg, what: str) -> None:
     """Stop when run `run_dir` (e.g. the retriever run whose candidates a reranker reads) recorded
     another content of the raw data files than `cfg.data` has now. Runs without a record (older
     ones) are accepted: their candidates are still checked item by item against the dataset."""
-    path = Path(run_dir) / "run.json"
+    path = Path(run_dir) / RUN_JSON
     try:
         recorded = json.loads(path.read_text(encoding="utf-8")).get("data_files") if path.is_file() else None
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):

@@ -34,10 +34,10 @@ import numpy as np
 
 from pipeline.atomic import write_json
 from pipeline.candidates import candidates_path, read_rows
-from pipeline.config import Config, to_dict
+from pipeline.config import Config, RerankerConfig, to_dict
 from pipeline.data import SPLITS, load_dataset
 from pipeline.errors import PipelineError
-from rerank.samples import USES_RETRIEVER
+from rerank.training.samples import USES_RETRIEVER
 
 OUT_FILE = "dry_run.json"
 # Prompts tokenized for the per-prompt statistics when there are more: a seeded uniform sample.
@@ -126,10 +126,11 @@ def dry_run(
     return result
 
 
-def dry_run_tokenizer(rcfg: Any) -> tuple[Any, dict[str, Any]]:
+def dry_run_tokenizer(rcfg: RerankerConfig) -> tuple[Any, dict[str, Any]]:
     """(tokenizer, what was used): the model's own (`load_tokenizer`), else for Qwen2/2.5/3 hub ids
     the bundled Qwen2 tokenizer with a note; other models that do not load stop with the loader's error."""
-    from rerank.models import TINY_QWEN2, hub_unreachable, load_tokenizer
+    from rerank.model.sources import hub_unreachable, load_tokenizer
+    from rerank.model.standins import TINY_QWEN2
 
     try:
         return load_tokenizer(rcfg.model, rcfg.model_cache_dir), {"name": rcfg.model, "exact": True}
@@ -150,11 +151,12 @@ def dry_run_tokenizer(rcfg: Any) -> tuple[Any, dict[str, Any]]:
         return load_tokenizer(TINY_QWEN2, rcfg.model_cache_dir), {"name": TINY_QWEN2, "exact": exact, "note": note}
 
 
-def _token_lengths(samples: list, ds: Any, tokenizer: Any, rcfg: Any, sample: int, seed: int) -> tuple[np.ndarray, int]:
+def _token_lengths(samples: list, ds: Any, tokenizer: Any, rcfg: RerankerConfig, sample: int, seed: int) -> tuple[np.ndarray, int]:
     """Token counts of the training texts (prompt + label + end of turn) of all samples, or of a
     seeded uniform sample of `sample` of them; (lengths, how many were tokenized)."""
-    from rerank.collate import TrainingTexts
-    from rerank.prompts import label_tokens, style_from_config
+    from rerank.prompting.prompts import label_tokens
+    from rerank.prompting.style import style_from_config
+    from rerank.training.collate import TrainingTexts
 
     style = style_from_config(rcfg, tokenizer)
     texts = TrainingTexts(samples, ds.titles, tokenizer, style, rcfg.supervise_end_of_turn, label_tokens(tokenizer, style))
@@ -173,7 +175,7 @@ def optimizer_steps(n_prompts: int, batch_size: int, grad_accum: int, epochs: fl
     return per_epoch, math.ceil(epochs * per_epoch)
 
 
-def _training_figures(rcfg: Any, n: int, lengths: np.ndarray, counted: int, negatives_exact: bool) -> dict[str, Any]:
+def _training_figures(rcfg: RerankerConfig, n: int, lengths: np.ndarray, counted: int, negatives_exact: bool) -> dict[str, Any]:
     per_epoch, steps = optimizer_steps(n, rcfg.train_batch_size, rcfg.grad_accum_steps, rcfg.num_epochs)
     exact = counted == n
     per_prompt = {
@@ -207,9 +209,9 @@ def _training_figures(rcfg: Any, n: int, lengths: np.ndarray, counted: int, nega
 def _evaluation_figures(cfg: Config, rows: dict, n_users: int, steps: int) -> dict[str, Any]:
     """Validation during training, calibration and the final ranking, in prompts (one forward pass
     each). Exact from the candidates rows; without them, upper bounds (every user covered)."""
-    from rerank.calibration import permuted_rows, sample_users
-    from rerank.evaluate import is_covered
-    from rerank.train import select_val_rows
+    from pipeline.candidates import is_covered
+    from rerank.inference.calibration import permuted_rows, sample_users
+    from rerank.training.validation import select_val_rows
 
     rcfg = cfg.reranker
     out: dict[str, Any] = {"ranking": {}}

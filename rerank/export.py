@@ -19,60 +19,24 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import warnings
-from collections import Counter
 from pathlib import Path
 from typing import Any, Optional
 
-import torch
 from peft import PeftModel
-from peft.tuners.tuners_utils import BaseTunerLayer
 from transformers import PreTrainedModel
 
 from pipeline.atomic import atomic_dir, write_json, write_yaml
 from pipeline.config import RerankerConfig, load_config, to_dict
 from pipeline.device import resolve_device
 from pipeline.errors import PipelineError
+from pipeline.run_files import CONFIG_YAML, METRICS_JSON, RUN_JSON
 from pipeline.rundir import _git_commit
 from rerank.load_run import RerankerRun, open_run
-from rerank.prompts import PromptStyle
-from rerank.readout import READOUT_MODULE, has_readout, save_readout_unit
-from rerank.train import resolve_adapter_dir
+from rerank.model.adapter import merge_lora, resolve_adapter_dir
+from rerank.model.readout import READOUT_MODULE, has_readout, save_readout_unit
+from rerank.prompting.style import PromptStyle
 
 EXPORT_FILE = "export.json"
-
-
-def merge_lora(model: PeftModel) -> PreTrainedModel:
-    """The base model with the LoRA deltas added into its weights (peft's merge_and_unload; works in
-    place: pass a deepcopy to keep `model`). Weights tied to another layer that the adapter changes
-    are untied first (see `_untie_adapted_weights`), so the merged model computes what the adapter did."""
-    untied = _untie_adapted_weights(model)
-    with warnings.catch_warnings():
-        if untied:  # peft's warnings about tied adapted layers: handled by the untying
-            warnings.filterwarnings("ignore", message=".*tie_word_embeddings.*", category=UserWarning)
-            warnings.filterwarnings("ignore", message=".*no longer tied.*", category=UserWarning)
-        merged = model.merge_and_unload()
-    if untied:
-        merged.config.tie_word_embeddings = False  # else from_pretrained would tie them back together
-    return merged
-
-
-def _untie_adapted_weights(model: PeftModel) -> list[str]:
-    """Merging adds a layer's LoRA delta to its base weight in place. A weight shared with another
-    layer (lm_head tied to embed_tokens, tie_word_embeddings) would then change both, while the
-    adapter changed one: peft only warns, and the logits come out wrong. Give each such adapted
-    layer its own copy of the weight; returns the names of the layers untied."""
-    uses = Counter(p.data_ptr() for _, p in model.named_parameters(remove_duplicate=False))
-    untied = []
-    for name, module in model.named_modules():
-        if not isinstance(module, BaseTunerLayer):
-            continue
-        base = module.get_base_layer()
-        weight = getattr(base, "weight", None)
-        if weight is not None and uses[weight.data_ptr()] > 1:
-            base.weight = torch.nn.Parameter(weight.detach().clone(), requires_grad=False)
-            untied.append(name)
-    return untied
 
 
 def export_merged(run_dir: str | Path, out: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Path:
@@ -83,7 +47,7 @@ def export_merged(run_dir: str | Path, out: str | Path, overrides: list[str] | t
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise PipelineError(f"--out {out} already exists and is not an empty folder: pass a new folder for the export")
     run = open_run(run_dir, overrides)
-    config = load_config(run.path / "config.yaml")  # the run's own, without the load-time overrides
+    config = load_config(run.path / CONFIG_YAML)  # the run's own, without the load-time overrides
     check_trained_base(config.reranker, run.cfg.reranker)
     peft_model, tokenizer, style = load_trained(run)
     merged = merge_lora(peft_model)
@@ -93,7 +57,7 @@ def export_merged(run_dir: str | Path, out: str | Path, overrides: list[str] | t
         save_merged(merged, tmp)
         tokenizer.save_pretrained(tmp)
         style.save(tmp)
-        write_yaml(tmp / "config.yaml", to_dict(config))
+        write_yaml(tmp / CONFIG_YAML, to_dict(config))
         write_json(tmp / EXPORT_FILE, info)
     return out
 
@@ -156,7 +120,7 @@ def export_info(run: RerankerRun, merged: PreTrainedModel) -> dict[str, Any]:
         "dtype": str(next(merged.parameters()).dtype).replace("torch.", ""),
         "base_weights": "nf4_dequantized" if run.cfg.reranker.load_in_4bit else "original",
         "git_commit": _git_commit(),  # the code that merged
-        "source_git_commit": _read_json(run.path / "run.json").get("git_commit"),  # the code that trained
+        "source_git_commit": _read_json(run.path / RUN_JSON).get("git_commit"),  # the code that trained
         "tie_word_embeddings": bool(getattr(merged.config, "tie_word_embeddings", False)),
         "calibration": run_calibration(run.path),
     }
@@ -165,7 +129,7 @@ def export_info(run: RerankerRun, merged: PreTrainedModel) -> dict[str, Any]:
 def run_calibration(run_dir: Path) -> Optional[dict[str, Any]]:
     """RUN/metrics.json's val calibration {method, prior} (the prior estimated on validation and
     subtracted from every ranking), or None when the run is not calibrated."""
-    section = _read_json(run_dir / "metrics.json").get("val", {}).get("calibration")
+    section = _read_json(run_dir / METRICS_JSON).get("val", {}).get("calibration")
     if not section or section.get("method", "none") == "none":
         return None
     return {"method": section["method"], "prior": section["prior"]}

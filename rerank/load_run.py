@@ -16,15 +16,15 @@ from typing import Any, Callable, Optional
 import numpy as np
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from pipeline.candidates import candidates_path, rankings_path, read_rows
+from pipeline.candidates import candidates_path, is_covered, rankings_path, read_rows
 from pipeline.config import Config, load_config
 from pipeline.data import load_dataset
-from pipeline.data.dataset import SplitDataset
+from pipeline.data.dataset import SplitDataset, titles_by_item
 from pipeline.errors import PipelineError
-from rerank.evaluate import is_covered, titles_by_item
-from rerank.models import load_from_config
-from rerank.prompts import PromptStyle, check_tokenizer
-from rerank.train import load_adapter, resolve_adapter_dir
+from pipeline.run_files import CONFIG_YAML
+from rerank.model.adapter import load_adapter, resolve_adapter_dir
+from rerank.model.sources import load_from_config
+from rerank.prompting.style import PromptStyle, check_tokenizer
 
 
 @dataclass
@@ -85,7 +85,7 @@ class RerankerRun:
 def open_run(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RerankerRun:
     """The reranker run in `run_dir` (its config.yaml, plus `overrides` such as reranker.device=cpu)."""
     path = Path(run_dir)
-    if not (path / "config.yaml").is_file():
+    if not (path / CONFIG_YAML).is_file():
         raise PipelineError(f"{path} is not a run directory (no config.yaml): pass a directory written by train_reranker.py or run_experiment.py")
     resolve_adapter_dir(path)  # a reranker run: fails with the fix when there is no adapter
-    return RerankerRun(path, load_config(path / "config.yaml", overrides))
+    return RerankerRun(path, load_config(path / CONFIG_YAML, overrides))

@@ -27,15 +27,14 @@ from transformers import TrainerCallback
 from pipeline.atomic import write_json
 from pipeline.config import Config
 from pipeline.data import load_dataset
-from pipeline.data.dataset import SplitDataset
+from pipeline.data.dataset import SplitDataset, titles_by_item
 from pipeline.metrics import candidate_rank
-from rerank.evaluate import titles_by_item
-from rerank.models import load_from_config
-from rerank.prompts import PromptStyle, style_from_config
-from rerank.ranker import rank_rows
+from rerank.inference.ranker import rank_rows
+from rerank.model.sources import load_from_config
+from rerank.prompting.style import PromptStyle, style_from_config
 from rerank.run import training_samples
-from rerank.samples import TrainSample
-from rerank.train import train_reranker
+from rerank.training.samples import TrainSample
+from rerank.training.stages import train_reranker
 
 RESULT_FILE = "overfit.json"
 PLOT_FILE = "overfit.png"
@@ -137,7 +136,7 @@ def check_mode(
 def write_result(out: Path, result: Mapping[str, Any]) -> None:
     """overfit.json and its plot, overfit.png, into `out`."""
     write_json(out / RESULT_FILE, result)
-    from analysis.plots import plot_overfit  # matplotlib only when the check writes its plot
+    from rerank.evaluation.figures import plot_overfit  # matplotlib only when the check writes its plot
 
     plot_overfit(result, out / PLOT_FILE, title=out.name)
 

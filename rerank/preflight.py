@@ -14,14 +14,16 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
-from pipeline.config import Config
+from pipeline.candidates import is_covered
+from pipeline.config import Config, RerankerConfig
 from pipeline.data import load_dataset
 from pipeline.errors import PipelineError
-from rerank.calibration import sample_users
-from rerank.evaluate import is_covered
-from rerank.labels import encode, scheme_from_config
-from rerank.models import load_tokenizer
-from rerank.prompts import PromptStyle, cut_title, encode_prompt, style_from_config
+from rerank.inference.calibration import sample_users
+from rerank.model.sources import load_tokenizer
+from rerank.prompting.labels import encode, scheme_from_config
+from rerank.prompting.prompts import encode_prompt
+from rerank.prompting.style import PromptStyle, style_from_config
+from rerank.prompting.titles import cut_title
 
 
 def check_before_retriever(cfg: Config) -> None:
@@ -66,7 +68,7 @@ def check_prompt_budget(style: PromptStyle, tokenizer: Any, titles: Sequence[str
         encode_prompt([], longest, tokenizer, style)
 
 
-def check_calibration_counts(rows: Mapping[str, Sequence[Mapping[str, Any]]], rcfg: Any, seed: int) -> None:
+def check_calibration_counts(rows: Mapping[str, Sequence[Mapping[str, Any]]], rcfg: RerankerConfig, seed: int) -> None:
     """calibration=permuted estimates a prior per candidate count K from the sampled covered val
     users: every count to be ranked needs one of them."""
     sampled = {len(r["candidates"]) for r in sample_users(rows["val"], rcfg.calibration_users, seed)}

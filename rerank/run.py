@@ -24,25 +24,30 @@ from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
 from pipeline.atomic import write_text
-from pipeline.candidates import candidates_path, prefix_candidates_path, rankings_path, read_prefix_rows, read_rows
-from pipeline.candidates import ROW_FIELDS
-from pipeline.config import Config
+from pipeline.candidates import ROW_FIELDS, candidates_path, prefix_candidates_path, rankings_path, raw_scores, read_prefix_rows, read_rows
+from pipeline.config import Config, RerankerConfig
 from pipeline.data import SPLITS, load_dataset
-from pipeline.data.dataset import SplitDataset
+from pipeline.data.dataset import SplitDataset, titles_by_item
+from pipeline.distributed import barrier, from_main, is_main, main_first, on_main, processes
 from pipeline.errors import PipelineError
+from pipeline.run_files import ADAPTER_DIR, CHECKPOINT_DIR, METRICS_JSON, METRICS_MD, TRAIN_SUMMARY
 from pipeline.rundir import RunDir, check_same_data
-from rerank.calibration import Prior, calibrate, estimate_prior, prior_json
-from rerank.distributed import barrier, from_main, is_main, main_first, on_main, processes
-from rerank.evaluate import check_scores, llm_evidence, markdown_table, rank_split, raw_scores, split_metrics, titles_by_item
-from rerank.fusion import fit_weight, fused_scores, retriever_scores
-from rerank.labels import check_candidates_fit, scheme_from_config
+from rerank.evaluation.evidence import llm_evidence
+from rerank.evaluation.metrics import split_metrics
+from rerank.evaluation.report import results_markdown
+from rerank.inference.calibration import Prior, calibrate, estimate_prior, prior_json
+from rerank.inference.fusion import fit_weight, fused_scores, retriever_scores
+from rerank.inference.progress import PartialRankings
+from rerank.inference.rank_split import check_scores, rank_split
 from rerank.load_run import RerankerRun
-from rerank.models import load_from_config
-from rerank.progress import PartialRankings
+from rerank.model.adapter import load_adapter, resolve_adapter_dir
+from rerank.model.sources import load_from_config
 from rerank.preflight import check_before_training, check_calibration_counts
-from rerank.prompts import PromptStyle, check_tokenizer, count_special_text, style_from_config
-from rerank.samples import USES_RETRIEVER, TrainSample, samples_from_config
-from rerank.train import ADAPTER_DIR, CHECKPOINT_DIR, SUMMARY_FILE, load_adapter, resolve_adapter_dir, train_reranker
+from rerank.prompting.labels import check_candidates_fit, scheme_from_config
+from rerank.prompting.style import PromptStyle, check_tokenizer, style_from_config
+from rerank.prompting.titles import count_special_text
+from rerank.training.samples import USES_RETRIEVER, TrainSample, samples_from_config
+from rerank.training.stages import train_reranker
 
 TRAINER_STATE = "trainer_state.json"  # the last file the Trainer writes into a checkpoint
 
@@ -63,7 +68,7 @@ def finish_run(run: RunDir) -> None:
     """Stamp the end in run.json and print the metrics table (main process)."""
     if is_main():
         run.finish()
-        print((run / "metrics.md").read_text())
+        print((run / METRICS_MD).read_text())
 
 
 def rerank_run(cfg: Config, run: RunDir, candidates_dir: str | Path, resume: bool = False) -> dict:
@@ -183,7 +188,7 @@ def rank_splits(
             on_main(store.discard)  # a kill between the final file and the partial's removal
             _say(f"rankings {split}: kept {store.final.name} (--resume)")
         else:
-            raw[split], _ = rank_split(
+            raw[split] = rank_split(
                 model, tokenizer, style, rows[split], titles, rcfg, seed=cfg.seed, progress=is_main(), partial=store, split=split
             )
     ks = sorted({len(rk["candidates"]) for split in SPLITS for rk in raw[split]})  # counts only, for content_free
@@ -208,7 +213,9 @@ def rank_splits(
         if split in retriever_metrics:
             sections[split]["retriever"] = retriever_metrics[split]
         metrics = from_main(lambda: run.update_metrics(split, sections[split]))
-    on_main(lambda: write_text(run / "metrics.md", results_markdown(metrics, cfg)))
+    on_main(lambda: write_text(run / METRICS_MD, results_markdown(metrics, cfg)))
+    from rerank.evaluation.figures import write_plots  # matplotlib only when a run writes its plots
+
     on_main(lambda: write_plots(run.path, metrics))
     return metrics
 
@@ -233,7 +240,7 @@ def finalise(
     rows: Mapping[str, Sequence[Mapping[str, Any]]],
     raw: Mapping[str, Sequence[Mapping[str, Any]]],
     prior: Prior,
-    rcfg: Any,
+    rcfg: RerankerConfig,
     seed: int,
 ) -> tuple[dict[str, list[dict[str, Any]]], dict[str, dict[str, Any]]]:
     """(rankings rows, metrics.json section) per split from the raw rankings: each split calibrated
@@ -276,24 +283,10 @@ def finalise(
     return rankings, sections
 
 
-def write_plots(run_dir: Path, metrics: Mapping[str, Any]) -> list[Path]:
-    """The run's evidence as PNGs (analysis/plots.py): top1_slots_<split>.png, the LLM-alone top-1
-    slot histogram, and train_curves.png from train_summary.json when the run trained."""
-    from analysis.plots import plot_top1_slots, plot_train_summary  # matplotlib only here, when a run writes its plots
-
-    out = []
-    for split in SPLITS:
-        if split in metrics and "llm_top1_slots" in metrics[split]:
-            out.append(plot_top1_slots(metrics[split], run_dir / f"top1_slots_{split}.png", title=f"{run_dir.name}: {split}"))
-    if (run_dir / SUMMARY_FILE).is_file():
-        out.append(plot_train_summary(run_dir / SUMMARY_FILE, run_dir / "train_curves.png", title=run_dir.name))
-    return out
-
-
 def training_finished(run_dir: str | Path) -> bool:
     """True when `run_dir` holds a trained adapter and its train_summary.json (written last)."""
     run_dir = Path(run_dir)
-    return (run_dir / ADAPTER_DIR / "adapter_config.json").is_file() and (run_dir / SUMMARY_FILE).is_file()
+    return (run_dir / ADAPTER_DIR / "adapter_config.json").is_file() and (run_dir / TRAIN_SUMMARY).is_file()
 
 
 def last_complete_checkpoint(ckpt_dir: Path) -> Optional[str]:
@@ -322,7 +315,7 @@ def _say(message: str) -> None:
 
 
 def _retriever_metrics(candidates_dir: Path) -> dict:
-    path = candidates_dir / "metrics.json"
+    path = candidates_dir / METRICS_JSON
     if not path.is_file():
         return {}
     try:
@@ -332,9 +325,3 @@ def _retriever_metrics(candidates_dir: Path) -> dict:
     return {split: sec["retriever"] for split, sec in data.items() if isinstance(sec, dict) and "retriever" in sec}
 
 
-def results_markdown(metrics: dict, cfg: Config) -> str:
-    parts = [f"# {cfg.retriever.model} -> {cfg.reranker.model} ({cfg.reranker.label_scheme}), {cfg.data.dataset}"]
-    for split in SPLITS:
-        if split in metrics:
-            parts += ["", f"## {split}", "", markdown_table(metrics[split])]
-    return "\n".join(parts) + "\n"

@@ -17,6 +17,7 @@ from pipeline.candidates import candidates_path, prefix_candidates_path, write_p
 from pipeline.config import Config
 from pipeline.data import CANDIDATE_SPLITS, SPLITS, load_dataset
 from pipeline.data.preprocess import stats_markdown
+from pipeline.run_files import DATASET_STATS, METRICS_JSON, METRICS_MD, RETRIEVER_SUMMARY
 from pipeline.rundir import RunDir
 from retrieval.candidates import retrieve, retrieve_prefixes
 from retrieval.registry import build_retriever
@@ -29,16 +30,16 @@ def train_retriever(cfg: Config, run: RunDir, resume: bool = False) -> dict:
     test). `resume`: keep the stage when `run` already holds it finished."""
     if resume and retriever_finished(run.path, cfg.retriever.prefix_candidates):
         print(f"retriever: kept the finished stage in {run.path} (--resume)")
-        metrics = json.loads((run / "metrics.json").read_text())
-        if not (run / "metrics.md").is_file():  # killed between the metrics and their table
-            write_text(run / "metrics.md", retriever_table(metrics, cfg.retriever.model))
+        metrics = json.loads((run / METRICS_JSON).read_text())
+        if not (run / METRICS_MD).is_file():  # killed between the metrics and their table
+            write_text(run / METRICS_MD, retriever_table(metrics, cfg.retriever.model))
         return metrics
     ds = load_dataset(cfg.data)
     print(stats_markdown(ds.stats))
-    write_json(run / "dataset_stats.json", ds.stats)
+    write_json(run / DATASET_STATS, ds.stats)
     retriever = build_retriever(cfg.retriever, ds)
     summary = retriever.fit(ds, cfg.retriever, cfg.seed, run.path, resume=resume)
-    write_json(run / "retriever_summary.json", summary)
+    write_json(run / RETRIEVER_SUMMARY, summary)
     prefix_file = prefix_candidates_path(run.path)
     if cfg.retriever.prefix_candidates != 0:  # before the metrics, which mark the stage finished
         start = time.perf_counter()
@@ -54,7 +55,7 @@ def train_retriever(cfg: Config, run: RunDir, resume: bool = False) -> dict:
         write_rows(candidates_path(run.path, split), rows)
         if split in SPLITS:  # train targets were fitted on: their metrics would flatter the model
             metrics = run.update_metrics(split, section)
-    write_text(run / "metrics.md", retriever_table(metrics, cfg.retriever.model))
+    write_text(run / METRICS_MD, retriever_table(metrics, cfg.retriever.model))
     (run / STATE_FILE).unlink(missing_ok=True)  # the stage is finished: nothing left to resume
     run.stage_finished("retriever")  # a later failure of the run keeps it
     return metrics
@@ -70,7 +71,7 @@ def retriever_finished(run_dir: str | Path, prefix_candidates: Optional[int] = 0
     if prefix_candidates != 0 and not prefix_candidates_path(run_dir).is_file():
         return False
     try:
-        metrics = json.loads((run_dir / "metrics.json").read_text())
+        metrics = json.loads((run_dir / METRICS_JSON).read_text())
     except (OSError, json.JSONDecodeError):
         return False
     return isinstance(metrics, dict) and all("retriever" in metrics.get(split, {}) for split in SPLITS)

@@ -31,6 +31,7 @@ from pipeline.atomic import atomic_open
 from pipeline.config import RetrieverConfig
 from pipeline.data import SplitDataset
 from pipeline.errors import PipelineError
+from pipeline.run_files import RETRIEVER_TENSORBOARD
 from retrieval.evaluate import evaluate
 
 EARLY_STOP_METRIC = "NDCG@10"  # validation metric for early stopping (paper)
@@ -120,7 +121,7 @@ def fit(model: TrainableRetriever, ds: SplitDataset, cfg: RetrieverConfig, seed:
         set_rng_states(state["rng"], rng)
         print(f"retriever: resumed after epoch {state['epoch']} from {state_path}")
     # purge_step drops what a killed run logged after its last saved epoch (logged again now).
-    writer = SummaryWriter(str(out_dir / "tb"), purge_step=first if first > 1 else None)
+    writer = SummaryWriter(str(out_dir / RETRIEVER_TENSORBOARD), purge_step=first if first > 1 else None)
     t0 = time.time() - seconds_before
 
     def save_state(epoch: int) -> None:

@@ -14,7 +14,7 @@ from pipeline.cli import parser, run_main
 from pipeline.config import load_config
 from pipeline.rundir import RunDir
 from rerank.overfit import RESULT_FILE, run_check
-from rerank.samples import USES_RETRIEVER
+from rerank.training.samples import USES_RETRIEVER
 from retrieval.run import train_retriever
 
 

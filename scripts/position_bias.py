@@ -18,8 +18,8 @@ from analysis.run_config import analysis_config
 from pipeline.cli import parser, run_main
 from pipeline.errors import PipelineError
 from pipeline.rundir import RunDir
+from rerank.inference.ranker import score_orders
 from rerank.load_run import open_run
-from rerank.ranker import score_orders
 
 
 def main(argv=None):

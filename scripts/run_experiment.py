@@ -17,8 +17,8 @@ from pipeline.candidates import candidates_path
 from pipeline.cli import parser, run_main
 from pipeline.config import load_config
 from pipeline.data import SPLITS
+from pipeline.distributed import on_main
 from rerank import dry_run
-from rerank.distributed import on_main
 from rerank.preflight import check_before_retriever
 from rerank.run import finish_run, rerank_run, start_run
 from retrieval.run import train_retriever

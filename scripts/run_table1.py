@@ -30,6 +30,7 @@ import sys
 from pathlib import Path
 
 from pipeline.config import load_config
+from pipeline.run_files import RUN_JSON
 
 REPO = Path(__file__).resolve().parents[1]
 RETRIEVERS = ("pop", "gru4rec", "narm", "bert4rec", "sasrec", "lrurec")
@@ -73,7 +74,7 @@ def commands(out: str, seeds: list[int], retrievers: list[str], reranker_config:
 def finished(run_dir: Path) -> bool:
     """True when `run_dir`'s run.json records a finished run (RunDir stamps `end` only on success)."""
     try:
-        run = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
+        run = json.loads((run_dir / RUN_JSON).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError, UnicodeDecodeError):
         return False
     return bool(run.get("end")) and not run.get("error")

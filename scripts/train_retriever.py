@@ -11,6 +11,7 @@ the last epoch it finished.
 """
 from pipeline.cli import parser, run_main
 from pipeline.config import load_config
+from pipeline.run_files import METRICS_MD
 from pipeline.rundir import RunDir
 from retrieval.run import train_retriever
 
@@ -21,7 +22,7 @@ def main(argv=None):
     run = RunDir(args.out).start(cfg, argv, resume=args.resume)
     train_retriever(cfg, run, resume=args.resume)
     run.finish()
-    print((run / "metrics.md").read_text())
+    print((run / METRICS_MD).read_text())
 
 
 if __name__ == "__main__":

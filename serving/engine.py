@@ -25,12 +25,13 @@ from transformers import PreTrainedTokenizerBase
 
 from pipeline.config import Config, load_config
 from pipeline.errors import PipelineError
-from rerank.calibration import Prior  # candidate count K -> the prior of each slot
-from rerank.labels import LabelTokens
-from rerank.prompts import PromptStyle, check_tokenizer, encode_prompt, encode_prompt_ends, label_tokens
+from pipeline.run_files import CONFIG_YAML, METRICS_JSON
+from rerank.inference.calibration import Prior  # candidate count K -> the prior of each slot
+from rerank.prompting.labels import LabelTokens
+from rerank.prompting.prompts import encode_prompt, encode_prompt_ends, label_tokens
+from rerank.prompting.style import PromptStyle, check_tokenizer
 from serving.schema import RerankRequest, TextItem
 from serving.scorer import Scorer
-
 
 
 class RequestError(Exception):
@@ -243,7 +244,7 @@ def load_engine(cfg: Config, run_dir: Optional[str] = None, model_dir: Optional[
     if run_dir is not None:
         style_dir = _adapter_dir(run_dir)  # a reranker run: fails with the fix when it has no adapter
         titles: Optional[Mapping[str, str]] = _titles(cfg)
-        prior = run_prior(Path(run_dir) / "metrics.json")
+        prior = run_prior(Path(run_dir) / METRICS_JSON)
         name = scfg.name or Path(run_dir).resolve().name
         info = {"run": str(Path(run_dir).resolve()), "adapter": str(style_dir.resolve()), "base_model": cfg.reranker.model}
     else:
@@ -253,7 +254,7 @@ def load_engine(cfg: Config, run_dir: Optional[str] = None, model_dir: Optional[
                 f"{folder} has no prompt_style.json, so the prompt format it was trained on is unknown: "
                 "export a run with scripts/export_model.py, or serve the run itself with --run"
             )
-        titles = _titles(cfg) if (folder / "config.yaml").is_file() else None  # the export's run catalogue
+        titles = _titles(cfg) if (folder / CONFIG_YAML).is_file() else None  # the export's run catalogue
         export = folder / "export.json"
         prior = _prior(json.loads(export.read_text(encoding="utf-8")).get("calibration") or {}) if export.is_file() else {}
         name = scfg.name or folder.resolve().name
@@ -271,7 +272,7 @@ def load_engine(cfg: Config, run_dir: Optional[str] = None, model_dir: Optional[
 
 
 def _adapter_dir(run_dir: str) -> Path:
-    from rerank.train import resolve_adapter_dir
+    from rerank.model.adapter import resolve_adapter_dir
 
     return resolve_adapter_dir(run_dir)
 
@@ -279,7 +280,7 @@ def _adapter_dir(run_dir: str) -> Path:
 def _titles(cfg: Config) -> Mapping[str, str]:
     """Original item id -> title of the config's dataset (the catalogue item ids refer to)."""
     from pipeline.data import load_dataset
-    from rerank.evaluate import titles_by_item
+    from pipeline.data.dataset import titles_by_item
 
     return titles_by_item(load_dataset(cfg.data))
 
@@ -287,9 +288,9 @@ def _titles(cfg: Config) -> Mapping[str, str]:
 def _scorer(cfg: Config, run_dir: Optional[str], model_dir: Optional[str]) -> tuple[Scorer, PreTrainedTokenizerBase]:
     scfg, rcfg = cfg.serve, cfg.reranker
     if scfg.backend == "vllm":
-        from rerank.models import load_tokenizer
-        from rerank.readout import READOUT_FILE, adapter_has_readout
-        from rerank.train import resolve_adapter_dir
+        from rerank.model.adapter import resolve_adapter_dir
+        from rerank.model.readout import READOUT_FILE, adapter_has_readout
+        from rerank.model.sources import load_tokenizer
 
         if (run_dir is not None and adapter_has_readout(resolve_adapter_dir(run_dir))) or (
             model_dir is not None and (Path(model_dir) / READOUT_FILE).is_file()
@@ -303,13 +304,13 @@ def _scorer(cfg: Config, run_dir: Optional[str], model_dir: Optional[str]) -> tu
     from serving.scorer import LocalScorer
 
     if run_dir is not None:
-        from rerank.models import load_from_config
-        from rerank.train import load_adapter
+        from rerank.model.adapter import load_adapter
+        from rerank.model.sources import load_from_config
 
         base, tokenizer = load_from_config(rcfg)
         model = load_adapter(base, run_dir)
     else:
-        from rerank.models import load_model_and_tokenizer
+        from rerank.model.sources import load_model_and_tokenizer
 
         model, tokenizer = load_model_and_tokenizer(
             str(model_dir), dtype=rcfg.dtype, device=rcfg.device, load_in_4bit=rcfg.load_in_4bit, cache_dir=rcfg.model_cache_dir
@@ -321,8 +322,8 @@ def config_for(run_dir: Optional[str], model_dir: Optional[str], overrides: Sequ
     """The config to serve with: RUN/config.yaml (or the model folder's, when exported with one) plus
     `overrides`; a bare model folder gets the defaults with reranker.model = the folder."""
     if run_dir is not None:
-        return load_config(Path(run_dir) / "config.yaml", list(overrides))
+        return load_config(Path(run_dir) / CONFIG_YAML, list(overrides))
     folder = Path(model_dir)
-    if (folder / "config.yaml").is_file():
-        return load_config(folder / "config.yaml", [f"reranker.model={folder}", *overrides])
+    if (folder / CONFIG_YAML).is_file():
+        return load_config(folder / CONFIG_YAML, [f"reranker.model={folder}", *overrides])
     return load_config(None, [f"reranker.model={folder}", *overrides])

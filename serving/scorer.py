@@ -14,9 +14,9 @@ from typing import Optional, Protocol, Sequence
 
 from transformers import PreTrainedModel
 
-from rerank.labels import LabelTokens
-from rerank.ranker import score_prompts
-from rerank.readout import has_readout
+from rerank.inference.ranker import score_prompts
+from rerank.model.readout import has_readout
+from rerank.prompting.labels import LabelTokens
 
 
 class Scorer(Protocol):

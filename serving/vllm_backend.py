@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Optional, Sequence
 
 from pipeline.errors import PipelineError
-from rerank.labels import LabelTokens
+from rerank.prompting.labels import LabelTokens
 
 MAX_PARALLEL_REQUESTS = 8  # chunks in flight at once: a load balancer spreads them over replicas
 _ERROR_CHARS = 300  # the server's message is cut so the error stays one readable line

@@ -10,7 +10,8 @@ from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase
 
-from rerank.models import SMOLLM2, TINY_QWEN2, load_tokenizer
+from rerank.model.sources import load_tokenizer
+from rerank.model.standins import SMOLLM2, TINY_QWEN2
 
 # The repository's model cache (gitignored), wherever pytest is started from.
 CACHE_DIR = Path(__file__).resolve().parent.parent / ".cache" / "models"

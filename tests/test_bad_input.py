@@ -34,7 +34,7 @@ from pipeline.data import SPLITS, load_dataset
 from pipeline.data.loaders import bundled_ml100k_dir
 from pipeline.errors import PipelineError
 from pipeline.rundir import RunDir
-from rerank.labels import LETTERS, check_candidates_fit, derive_label_tokens, get_scheme
+from rerank.prompting.labels import LETTERS, check_candidates_fit, derive_label_tokens, get_scheme
 from tests.conftest import REPO, run_script
 from tests.rerank_fixtures import qwen_tokenizer
 from tests.test_data import write_amazon, write_generic, write_ml100k, write_ml_latest_small
@@ -286,9 +286,9 @@ def test_an_unreachable_hub_is_detected_at_once_and_read_from_the_cache_only(mon
 
     import transformers
 
-    import rerank.models as models
+    from rerank.model import sources
 
-    for var in ("HF_HUB_OFFLINE", *models._PROXY_VARS):
+    for var in ("HF_HUB_OFFLINE", *sources._PROXY_VARS):
         monkeypatch.delenv(var, raising=False)
     import huggingface_hub.constants
 
@@ -306,14 +306,14 @@ def test_an_unreachable_hub_is_detected_at_once_and_read_from_the_cache_only(mon
 
     monkeypatch.setattr(socket, "create_connection", no_network)
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", spy)
-    models._probe_hub.cache_clear()
+    sources._probe_hub.cache_clear()
     try:
         start = time.monotonic()
         with pytest.raises(PipelineError) as err:
-            models.load_tokenizer("nobody/no-such-model-xyz", cache_dir=tmp_path / "models")
+            sources.load_tokenizer("nobody/no-such-model-xyz", cache_dir=tmp_path / "models")
         assert time.monotonic() - start < 10  # no retries
     finally:
-        models._probe_hub.cache_clear()
+        sources._probe_hub.cache_clear()
     assert seen.get("local_files_only") is True
     assert _one_line(str(err.value)).startswith(
         "cannot load model 'nobody/no-such-model-xyz': huggingface.co is unreachable (Name or service not known) "

@@ -18,9 +18,10 @@ from analysis.benchmark import (
     length_ordered_batches,
     padding_tokens,
 )
-from rerank import ranker
-from rerank.labels import LETTERS
-from rerank.prompts import label_tokens, make_style
+from rerank.inference import ranker
+from rerank.prompting.labels import LETTERS
+from rerank.prompting.prompts import label_tokens
+from rerank.prompting.style import make_style
 from tests.conftest import REPO, run_script
 from tests.rerank_fixtures import qwen_tokenizer
 

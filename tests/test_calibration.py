@@ -10,9 +10,10 @@ from pipeline.candidates import read_rows
 from pipeline.config import load_config
 from pipeline.errors import PipelineError
 from pipeline.rundir import RunDir
-from rerank import calibration, run as run_module
-from rerank.calibration import calibrate, centred, estimate_prior, prior_from_slot_scores, slot_offsets
-from rerank.ranker import average_orders, candidate_orders
+from rerank import run as run_module
+from rerank.inference import calibration
+from rerank.inference.calibration import calibrate, centred, estimate_prior, prior_from_slot_scores, slot_offsets
+from rerank.inference.ranker import average_orders, candidate_orders
 
 K = 5
 BIAS = [6.0, 3.0, 1.5, 0.5, 0.0]  # planted slot prior: slot 0 ("A") strongly preferred
@@ -133,11 +134,13 @@ def test_calibration_config_is_validated():
 
 
 def test_real_model_prior_shapes():
-    from rerank.labels import LETTERS
-    from rerank.models import TINY_QWEN2, load_model_and_tokenizer
-    from rerank.prompts import make_style
+    from rerank.model.sources import load_model_and_tokenizer
+    from rerank.model.standins import TINY_QWEN2
+    from rerank.prompting.labels import LETTERS
+    from rerank.prompting.style import make_style
     from tests.rerank_fixtures import CACHE_DIR
-    from tests.test_rerank_evaluate import ITEMS as TITLES, ROWS
+    from tests.test_rerank_evaluate import ITEMS as TITLES
+    from tests.test_rerank_evaluate import ROWS
 
     model, tok = load_model_and_tokenizer(TINY_QWEN2, cache_dir=CACHE_DIR)
     style = make_style(tok, LETTERS)
@@ -166,7 +169,7 @@ def stub_rank_split(scorer, calls):
     def rank_split(model, tokenizer, style, rows, titles, cfg, seed=0, progress=True, partial=None, split=""):
         covered = [r for r in rows if r["target"] in r["candidates"]]
         calls.append([r["user"] for r in covered])
-        return raw_rankings(covered, scorer, cfg.rank_permutations, seed), None
+        return raw_rankings(covered, scorer, cfg.rank_permutations, seed)
 
     return rank_split
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rerank.collate import IGNORE_INDEX, TrainingTexts, collator_for, encode_example
-from rerank.labels import LETTERS, NUMBERS, encode
-from rerank.prompts import build_prompt, build_training_text, label_tokens, make_style
-from rerank.samples import TrainSample
+from rerank.prompting.labels import LETTERS, NUMBERS, encode
+from rerank.prompting.prompts import build_prompt, build_training_text, label_tokens
+from rerank.prompting.style import make_style
+from rerank.training.collate import IGNORE_INDEX, TrainingTexts, collator_for, encode_example
+from rerank.training.samples import TrainSample
 from tests.rerank_fixtures import qwen_tokenizer, titles
 
 HISTORY = titles(3, "seen ")

@@ -7,11 +7,10 @@ import json
 import math
 
 import pytest
+from conftest import run_script
 
 from analysis.compare import valid_label_mass
-from conftest import run_script
-from pipeline.candidates import read_rows
-from rerank.evaluate import raw_scores
+from pipeline.candidates import raw_scores, read_rows
 
 SMOKE = ("--config", "configs/experiments/smoke.yaml")
 LOWER = "[" + ", ".join("abcdefghijklmnopqrst") + "]"

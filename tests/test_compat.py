@@ -5,11 +5,11 @@ import pytest
 import torch
 from transformers import TrainingArguments
 
-from rerank import compat
+from rerank.model import compat
 
 
 def test_column_fallback_gives_the_boolean_masks_logits(monkeypatch):
-    from rerank.models import load_model_and_tokenizer
+    from rerank.model.sources import load_model_and_tokenizer
 
     model, _ = load_model_and_tokenizer("tiny-qwen2")
     ids = torch.randint(0, 1000, (3, 12), generator=torch.Generator().manual_seed(0))
@@ -49,7 +49,7 @@ class _FullLogits(torch.nn.Module):
 
 @pytest.mark.parametrize("boolean", [True, False], ids=["boolean_mask", "column_fallback"])
 def test_full_length_logits_give_the_kept_rows(boolean, monkeypatch):
-    from rerank.models import load_model_and_tokenizer
+    from rerank.model.sources import load_model_and_tokenizer
 
     model, _ = load_model_and_tokenizer("tiny-qwen2")
     ids = torch.randint(0, 1000, (3, 12), generator=torch.Generator().manual_seed(0))

@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 from conftest import ONE_THREAD, REPO, run_script
+
 from pipeline.candidates import read_rows
 
 SMOKE = "configs/experiments/smoke.yaml"
@@ -48,8 +49,9 @@ def test_two_cpu_processes_train_a_loadable_adapter_and_rank_like_one_process(sm
     assert {f.name for f in (two / "checkpoints" / "checkpoint-2").glob("rng_state_*.pth")} == {"rng_state_0.pth", "rng_state_1.pth"}
     assert json.loads((two / "run.json").read_text())["end"]
 
-    from rerank.models import TINY_QWEN2, load_model_and_tokenizer
-    from rerank.train import load_adapter
+    from rerank.model.adapter import load_adapter
+    from rerank.model.sources import load_model_and_tokenizer
+    from rerank.model.standins import TINY_QWEN2
     from tests.rerank_fixtures import CACHE_DIR
 
     model = load_adapter(copy.deepcopy(load_model_and_tokenizer(TINY_QWEN2, cache_dir=CACHE_DIR)[0]), two)

@@ -3,11 +3,11 @@ SPEC.md, candidates/rankings consistency, and the metrics relations the paper's 
 import json
 
 import pytest
+from conftest import ONE_THREAD, run_script
 
 from pipeline.candidates import read_rows
 from pipeline.metrics import candidate_rank, metrics_from_ranks
-from rerank.fusion import fuse
-from conftest import ONE_THREAD, run_script
+from rerank.inference.fusion import fuse
 
 
 def test_run_directory_has_every_contract_file(smoke_run):

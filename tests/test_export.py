@@ -17,14 +17,13 @@ from transformers import AutoModelForCausalLM
 
 from pipeline.config import load_config, to_dict
 from pipeline.errors import PipelineError
-from rerank import export
-from rerank.export import EXPORT_FILE, export_merged, merge_lora
+from rerank import export, load_run
+from rerank.export import EXPORT_FILE, export_merged
+from rerank.inference.ranker import rank_rows
 from rerank.load_run import open_run
-from rerank import load_run
-from rerank.models import load_from_config, load_model_and_tokenizer
-from rerank.prompts import PromptStyle
-from rerank.ranker import rank_rows
-from rerank.train import add_lora, load_adapter, resolve_adapter_dir, save_adapter
+from rerank.model.adapter import add_lora, load_adapter, merge_lora, resolve_adapter_dir, save_adapter
+from rerank.model.sources import load_from_config, load_model_and_tokenizer
+from rerank.prompting.style import PromptStyle
 from tests.conftest import REPO
 
 N_ROWS = 4  # val users ranked per comparison: enough candidates (80 scores) to see any difference

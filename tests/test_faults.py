@@ -12,13 +12,13 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import ONE_THREAD, REPO, run_script
+
 from pipeline.candidates import read_rows
 from pipeline.config import load_config
 from pipeline.errors import PipelineError
 from pipeline.rundir import RunDir
-from rerank.progress import PartialRankings, partial_path
+from rerank.inference.progress import PartialRankings, partial_path
 from rerank.run import last_complete_checkpoint
 
 SMOKE = "configs/experiments/smoke.yaml"
@@ -99,21 +99,22 @@ def test_partial_rankings_keep_whole_batches_and_cut_a_torn_line(tmp_path):
 def test_batchwise_ranking_equals_one_pass_and_skips_batches_on_disk(tmp_path):
     """rank_split with a progress file scores the batches of one uninterrupted pass (rank_rows),
     to the last bit, and a second call scores only the batches the file lacks."""
-    from rerank.evaluate import rank_split
-    from rerank.labels import LETTERS
-    from rerank.models import TINY_QWEN2, load_model_and_tokenizer
-    from rerank.prompts import make_style
+    from rerank.inference.rank_split import rank_split
+    from rerank.model.sources import load_model_and_tokenizer
+    from rerank.model.standins import TINY_QWEN2
+    from rerank.prompting.labels import LETTERS
+    from rerank.prompting.style import make_style
     from tests.rerank_fixtures import CACHE_DIR
     from tests.test_rerank_evaluate import ITEMS, ROWS
 
     model, tok = load_model_and_tokenizer(TINY_QWEN2, cache_dir=CACHE_DIR)
     style = make_style(tok, LETTERS)
     cfg = load_config(None, ["reranker.rank_permutations=3", "reranker.rank_batch_size=2"]).reranker
-    one_pass, metrics = rank_split(model, tok, style, ROWS, ITEMS, cfg, seed=5, progress=False)
+    one_pass = rank_split(model, tok, style, ROWS, ITEMS, cfg, seed=5, progress=False)
 
     store = PartialRankings(tmp_path / "rankings_val.jsonl")
-    batches, section = rank_split(model, tok, style, ROWS, ITEMS, cfg, seed=5, progress=False, partial=store)
-    assert batches == one_pass and section == metrics  # 3 covered users x 3 orders = 5 batches of <= 2
+    batches = rank_split(model, tok, style, ROWS, ITEMS, cfg, seed=5, progress=False, partial=store)
+    assert batches == one_pass  # 3 covered users x 3 orders = 5 batches of <= 2
     lines = store.path.read_text().splitlines()
     assert len(lines) == 1 + 5
 
@@ -121,7 +122,7 @@ def test_batchwise_ranking_equals_one_pass_and_skips_batches_on_disk(tmp_path):
     passes = []
     hook = model.register_forward_pre_hook(lambda mod, args, kwargs: passes.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
     try:
-        resumed, _ = rank_split(model, tok, style, ROWS, ITEMS, cfg, seed=5, progress=False, partial=store)
+        resumed = rank_split(model, tok, style, ROWS, ITEMS, cfg, seed=5, progress=False, partial=store)
     finally:
         hook.remove()
     assert resumed == one_pass and len(passes) == 3 and sum(passes) == 9 - 4  # only the 3 batches not on disk
@@ -230,8 +231,9 @@ def test_experiment_killed_mid_training_resumes_to_the_uninterrupted_result(smok
     import torch
     from safetensors.torch import load_file
 
-    from rerank.models import TINY_QWEN2, load_model_and_tokenizer
-    from rerank.train import load_adapter
+    from rerank.model.adapter import load_adapter
+    from rerank.model.sources import load_model_and_tokenizer
+    from rerank.model.standins import TINY_QWEN2
     from tests.rerank_fixtures import CACHE_DIR
 
     model = load_adapter(copy.deepcopy(load_model_and_tokenizer(TINY_QWEN2, cache_dir=CACHE_DIR)[0]), out)

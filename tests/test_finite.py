@@ -14,12 +14,12 @@ from pipeline.candidates import read_rows
 from pipeline.config import load_config
 from pipeline.errors import PipelineError
 from pipeline.metrics import candidate_rank, full_catalogue_ranks
-from rerank import evaluate
-from rerank.evaluate import rank_split
-from rerank.labels import LETTERS
-from rerank.prompts import make_style
-from rerank.samples import build_samples
-from rerank.train import train_reranker
+from rerank.inference import rank_split as rank_split_module
+from rerank.inference.rank_split import rank_split
+from rerank.prompting.labels import LETTERS
+from rerank.prompting.style import make_style
+from rerank.training.samples import build_samples
+from rerank.training.stages import train_reranker
 from tests.rerank_fixtures import qwen_tokenizer
 from tests.test_rerank_evaluate import CFG, ITEMS, ROWS
 from tests.test_samples import make_ds
@@ -77,7 +77,7 @@ def test_rank_split_stops_on_a_nan_score_naming_split_and_user(monkeypatch):
     def nan_for_b(model, tokenizer, style, rows, titles, batch_size, permutations, seed, progress):
         return [[0.1, math.nan, 0.0, 0.0, 0.0] if r["user"] == "b" else [0.0] * 5 for r in rows]
 
-    monkeypatch.setattr(evaluate, "rank_rows", nan_for_b)
+    monkeypatch.setattr(rank_split_module, "rank_rows", nan_for_b)
     tok_ = qwen_tokenizer()
     with pytest.raises(PipelineError, match=r"LLM scores \(val\), user 'b': score nan of candidate 2 is not finite"):
         rank_split(None, tok_, make_style(tok_, LETTERS), ROWS, ITEMS, CFG, progress=False, split="val")
@@ -98,10 +98,10 @@ def test_training_stops_at_the_first_non_finite_loss(tmp_path):
 def test_scores_that_tie_every_candidate_of_every_user_are_refused(monkeypatch):
     # Before: reranker.learning_rate=1e30 collapsed the model (loss flat at 11.93, gradient norm 0),
     # every score tied, and "LLM alone" reported the retriever's order as its own, exit 0.
-    monkeypatch.setattr(evaluate, "rank_rows", lambda model, tokenizer, style, rows, *a, **kw: [[-11.93] * 5 for _ in rows])
+    monkeypatch.setattr(rank_split_module, "rank_rows", lambda model, tokenizer, style, rows, *a, **kw: [[-11.93] * 5 for _ in rows])
     tok_ = qwen_tokenizer()
     with pytest.raises(PipelineError, match=r"LLM scores \(test\): every candidate of each of the 3 users has the same score"):
         rank_split(None, tok_, make_style(tok_, LETTERS), ROWS, ITEMS, CFG, progress=False, split="test")
     one_differs = lambda model, tokenizer, style, rows, *a, **kw: [[0.0] * 4 + [float(r["user"] == "d")] for r in rows]
-    monkeypatch.setattr(evaluate, "rank_rows", one_differs)
+    monkeypatch.setattr(rank_split_module, "rank_rows", one_differs)
     rank_split(None, tok_, make_style(tok_, LETTERS), ROWS, ITEMS, CFG, progress=False, split="test")  # one informative user is enough

@@ -8,7 +8,7 @@ import pytest
 
 from pipeline.config import load_config
 from pipeline.errors import PipelineError
-from rerank.fusion import fit_weight, fuse, fused_scores, retriever_scores, standardise
+from rerank.inference.fusion import fit_weight, fuse, fused_scores, retriever_scores, standardise
 from rerank.run import finalise
 
 

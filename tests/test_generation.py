@@ -9,11 +9,11 @@ import json
 
 import pytest
 import torch
-
 from conftest import run_script
+
 from pipeline.errors import PipelineError
 from pipeline.metrics import candidate_rank
-from rerank.generation import (
+from rerank.inference.generation import (
     LIST_SEPARATOR,
     accounting,
     default_max_new_tokens,
@@ -22,10 +22,12 @@ from rerank.generation import (
     order_scores,
     parse_labels,
 )
-from rerank.labels import LETTERS, NUMBERS, encode, get_scheme
-from rerank.models import TINY_QWEN2, load_model_and_tokenizer
-from rerank.prompts import build_prompt, label_tokens, make_style
-from rerank.ranker import rank_rows
+from rerank.inference.ranker import rank_rows
+from rerank.model.sources import load_model_and_tokenizer
+from rerank.model.standins import TINY_QWEN2
+from rerank.prompting.labels import LETTERS, NUMBERS, encode, get_scheme
+from rerank.prompting.prompts import build_prompt, label_tokens
+from rerank.prompting.style import make_style
 from tests.rerank_fixtures import CACHE_DIR, TITLES
 
 L5 = LETTERS.for_k(5)

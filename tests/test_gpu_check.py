@@ -56,7 +56,8 @@ def test_cpu_only_torch_skips_the_cuda_steps_and_says_no_gpu_ran(tmp_path, monke
     md = (out / "gpu_check.md").read_text()
     assert "| nf4 | skipped |" in md and md.rstrip().endswith("so this says nothing about a GPU")
 
-    from rerank.models import QWEN_EOS, load_model_and_tokenizer
+    from rerank.model.sources import load_model_and_tokenizer
+    from rerank.model.standins import QWEN_EOS
 
     model, tokenizer = load_model_and_tokenizer(str(model_dir))
     assert type(model).__name__ == "Qwen2ForCausalLM" and tokenizer.eos_token == QWEN_EOS

@@ -12,12 +12,16 @@ import pytest
 import torch
 from transformers import TrainingArguments
 
-from rerank.collate import TrainingTexts, collator_for
-from rerank.labels import LETTERS
-from rerank.models import TINY_QWEN2, load_model_and_tokenizer, resolve_dtype
-from rerank.prompts import label_tokens, make_style
-from rerank.samples import build_samples
-from rerank.train import RerankTrainer, add_lora, load_adapter, train_reranker
+from rerank.model.adapter import add_lora, load_adapter
+from rerank.model.sources import load_model_and_tokenizer, resolve_dtype
+from rerank.model.standins import TINY_QWEN2
+from rerank.prompting.labels import LETTERS
+from rerank.prompting.prompts import label_tokens
+from rerank.prompting.style import make_style
+from rerank.training.collate import TrainingTexts, collator_for
+from rerank.training.samples import build_samples
+from rerank.training.stages import train_reranker
+from rerank.training.trainer import RerankTrainer
 from tests.rerank_fixtures import CACHE_DIR
 from tests.test_samples import make_ds
 from tests.test_train import cfg, fresh_model, tok
@@ -27,7 +31,7 @@ from tests.test_train import cfg, fresh_model, tok
 def test_bf16_only_where_the_gpu_has_it_natively(major, half, monkeypatch):
     """torch.cuda.is_bf16_supported() also says yes where bf16 is only emulated (V100, T4: compute
     capability 7.x, where a bf16 tensor can be made); fp16 is their half type."""
-    from rerank.train import mixed_precision  # the TrainingArguments flags train_reranker passes
+    from rerank.model.sources import mixed_precision  # the TrainingArguments flags train_reranker passes
 
     monkeypatch.setattr(torch.version, "hip", None)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -71,7 +75,7 @@ def test_a_4bit_run_ranks_with_the_model_build_resume_loads(tmp_path, monkeypatc
     """prepare_model_for_kbit_training upcasts the unquantised weights (embeddings, norms, biases, lm_head)
     to fp32 for training; --resume and rank_reranker.py load a fresh base (bf16) + the adapter. After
     training, the model the run ranks test with must be that build: same dtypes, same logits."""
-    import rerank.train
+    from rerank.training import trainer
 
     def add_lora_4bit(model, *args, **kwargs):
         """add_lora on a base flagged as NF4-loaded (so peft prepares it for kbit training), the flag dropped
@@ -82,7 +86,7 @@ def test_a_4bit_run_ranks_with_the_model_build_resume_loads(tmp_path, monkeypatc
         finally:
             del model.is_loaded_in_4bit
 
-    monkeypatch.setattr(rerank.train, "add_lora", add_lora_4bit)
+    monkeypatch.setattr(trainer, "add_lora", add_lora_4bit)
     ds = make_ds()
     samples = build_samples(ds, n_candidates=4, seed=0, history_len=3, max_samples=8)
     style = make_style(tok(), LETTERS, max_history=3)

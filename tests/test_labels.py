@@ -7,7 +7,7 @@ import pytest
 
 from pipeline.config import RerankerConfig, load_config
 from pipeline.errors import PipelineError
-from rerank.labels import (
+from rerank.prompting.labels import (
     BUILTIN_SCHEMES,
     LETTERS,
     NUMBERS,
@@ -17,7 +17,8 @@ from rerank.labels import (
     get_scheme,
     scheme_from_config,
 )
-from rerank.prompts import answer_end, build_prompt, build_training_text, label_tokens, make_style
+from rerank.prompting.prompts import answer_end, build_prompt, build_training_text, label_tokens
+from rerank.prompting.style import make_style
 from tests.rerank_fixtures import TOKENIZERS, qwen_tokenizer, titles
 
 

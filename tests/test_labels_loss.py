@@ -3,18 +3,19 @@ the LoRA layer selection (all-linear, lora_layers), on tiny-qwen2 with the real 
 from __future__ import annotations
 
 import collections
-import dataclasses
 
 import pytest
 import torch
-import torch.nn.functional as F
 from transformers import TrainingArguments
 
-from rerank.collate import TrainingTexts, collator_for, epoch_order
-from rerank.labels import LETTERS, NUMBERS, encode
-from rerank.prompts import build_prompt, label_tokens, make_style
-from rerank.samples import build_samples
-from rerank.train import RerankTrainer, add_lora, train_reranker
+from rerank.model.adapter import add_lora
+from rerank.prompting.labels import LETTERS, NUMBERS, encode
+from rerank.prompting.prompts import build_prompt, label_tokens
+from rerank.prompting.style import make_style
+from rerank.training.collate import TrainingTexts, collator_for, epoch_order
+from rerank.training.samples import build_samples
+from rerank.training.stages import train_reranker
+from rerank.training.trainer import RerankTrainer
 from tests.test_samples import make_ds
 from tests.test_train import cfg, fresh_model, tok, val_rows
 
@@ -197,7 +198,7 @@ def test_a_wrapped_model_takes_the_full_path_with_the_same_loss(tmp_path):
         def forward(self, **kw):
             return self.module(**kw)
 
-    from rerank.train import labels_loss_sum
+    from rerank.training.loss import labels_loss_sum
 
     args = (batch["prompt_input_ids"], batch["prompt_attention_mask"], batch["target_index"], tokens, tok().pad_token_id)
     with torch.no_grad():

@@ -1,4 +1,4 @@
-"""Model sources: the offline Qwen2 tokenizer, tiny-qwen2, SmolLM2, hub ids (rerank/models.py)."""
+"""Model sources: the offline Qwen2 tokenizer, tiny-qwen2, SmolLM2, hub ids (`load_model_and_tokenizer`, the stand-ins)."""
 from __future__ import annotations
 
 import json
@@ -8,19 +8,18 @@ import pytest
 import torch
 
 from pipeline.errors import PipelineError
-from rerank import models
-from rerank.labels import encode
-from rerank.models import (
+from rerank.model import standins
+from rerank.model.sources import load_model_and_tokenizer, load_tokenizer
+from rerank.model.standins import (
     QWEN_DEFAULT_SYSTEM,
     QWEN_SPLIT_PATTERN,
     QWEN_TIKTOKEN,
     SMOLLM2,
     TINY_QWEN2,
     init_tiny_qwen2,
-    load_model_and_tokenizer,
-    load_tokenizer,
     packaged_file,
 )
+from rerank.prompting.labels import encode
 from tests.rerank_fixtures import CACHE_DIR, TITLES, qwen_tokenizer, smollm2_tokenizer
 
 # Known Qwen2/Qwen2.5 token ids (as the hub's Qwen/Qwen2.5-*-Instruct tokenizer gives them).
@@ -99,17 +98,17 @@ def test_stand_in_cache_is_built_once_and_rebuilt_when_the_recipe_changes(tmp_pa
         (out / "weights.txt").write_text(str(len(calls)))
 
     folder = tmp_path / "m"
-    assert models._cached(folder, {"v": 1}, build) == folder
-    models._cached(folder, {"v": 1}, build)
+    assert standins._cached(folder, {"v": 1}, build) == folder
+    standins._cached(folder, {"v": 1}, build)
     assert len(calls) == 1 and (folder / "weights.txt").read_text() == "1"
-    models._cached(folder, {"v": 2}, build)
-    assert len(calls) == 2 and json.loads((folder / models.BUILD_FILE).read_text()) == {"v": 2}
+    standins._cached(folder, {"v": 2}, build)
+    assert len(calls) == 2 and json.loads((folder / standins.BUILD_FILE).read_text()) == {"v": 2}
 
     def broken(out):
         raise RuntimeError("killed")
 
     with pytest.raises(RuntimeError):
-        models._cached(tmp_path / "n", {"v": 1}, broken)
+        standins._cached(tmp_path / "n", {"v": 1}, broken)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no half-built folder left behind
 
 

@@ -9,10 +9,10 @@ import yaml
 
 from pipeline.config import Config, load_config
 from pipeline.data.dataset import SplitDataset
-from rerank.labels import LETTERS
 from rerank.overfit import check_config, check_mode, sample_rows, top1_accuracy, write_result
-from rerank.prompts import make_style
-from rerank.samples import TrainSample
+from rerank.prompting.labels import LETTERS
+from rerank.prompting.style import make_style
+from rerank.training.samples import TrainSample
 from tests.test_train import cfg, fresh_model, tok
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "experiments"
@@ -91,11 +91,11 @@ def test_the_label_comparison_trains_the_default_recipe():
 
 
 def test_binding_warmup_prompts_answer_with_the_item_that_closes_the_history(tmp_path):
-    from rerank.collate import TrainingTexts
-    from rerank.warmup import WARMUP_DIR, copy_samples, warmup_config
-    from rerank.train import train_reranker
+    from rerank.training.collate import TrainingTexts
+    from rerank.training.samples import build_samples
+    from rerank.training.stages import train_reranker
+    from rerank.training.warmup import WARMUP_DIR, copy_samples, warmup_config
     from tests.test_samples import make_ds
-    from rerank.samples import build_samples
 
     ds = make_ds()
     samples = build_samples(ds, n_candidates=5, seed=0, history_len=3, max_samples=8)

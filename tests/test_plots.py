@@ -5,6 +5,7 @@ import shutil
 import struct
 
 import pytest
+from conftest import run_script
 
 from analysis.plots import (
     metrics_per_k_figure,
@@ -16,7 +17,6 @@ from analysis.plots import (
     training_curves,
 )
 from analysis.position_bias import position_bias
-from conftest import run_script
 from pipeline.errors import PipelineError
 
 
@@ -119,7 +119,7 @@ def test_plot_run_script(smoke_run, tmp_path):
 def test_a_reranker_runs_own_evidence_plots(tmp_path):
     """top1_slots_<split>.png (raw and calibrated bars, the targets' ticks) and train_curves.png from
     train_summary.json, with or without train_losses and the shuffled validation keys."""
-    from analysis.plots import plot_top1_slots, plot_train_summary, top1_slots_figure, train_summary_figure
+    from rerank.evaluation.figures import plot_top1_slots, plot_train_summary, top1_slots_figure, train_summary_figure
 
     hist = {"n": 4, "counts": [3, 1, 0], "max_share": 0.75, "max_slot": 0, "target_counts": [1, 1, 2]}
     section = {"llm_top1_slots": hist, "llm_raw_top1_slots": {**hist, "counts": [0, 0, 4], "max_share": 1.0},

@@ -6,13 +6,13 @@ import math
 import struct
 
 import pytest
+from conftest import REPO, run_script
 
 from analysis.position_bias import averaged_scores, candidate_scores, position_bias, to_csv, to_markdown, write_outputs
-from conftest import REPO, run_script
-from pipeline.candidates import rankings_path, read_rows
+from pipeline.candidates import rankings_path, raw_scores, read_rows
 from pipeline.errors import PipelineError
 from pipeline.metrics import candidate_rank, metrics_from_ranks
-from rerank.evaluate import RERANK_KS, raw_scores
+from rerank.evaluation.metrics import RERANK_KS
 
 # Three users, three candidates, two orders each (identity, then a shuffle). Worked by hand:
 #   u1 target a (idx 0). identity [3,1,2]: a first (hit, pick slot A).

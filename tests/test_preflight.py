@@ -8,9 +8,9 @@ import pytest
 
 from pipeline.config import load_config
 from pipeline.errors import PipelineError
-from rerank.labels import LETTERS
 from rerank.preflight import check_before_retriever, check_calibration_counts, check_prompt_budget
-from rerank.prompts import make_style
+from rerank.prompting.labels import LETTERS
+from rerank.prompting.style import make_style
 from tests.rerank_fixtures import qwen_tokenizer, titles
 from tests.test_bad_input import _args, _in_process, _tiny_data
 

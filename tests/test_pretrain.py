@@ -7,12 +7,14 @@ import json
 import torch
 from safetensors.torch import load_file
 
-from rerank.collate import IGNORE_INDEX
-from rerank.labels import LETTERS, encode
-from rerank.pretrain import PRETRAIN_ADAPTER_DIR, PRETRAIN_SUMMARY, HistoryTexts, RightPadCollator, history_windows
-from rerank.prompts import build_prompt, history_text, make_style
-from rerank.samples import build_samples
-from rerank.train import add_lora, train_reranker
+from rerank.model.adapter import add_lora
+from rerank.prompting.labels import LETTERS, encode
+from rerank.prompting.prompts import build_prompt, history_text
+from rerank.prompting.style import make_style
+from rerank.training.collate import IGNORE_INDEX
+from rerank.training.pretrain import PRETRAIN_ADAPTER_DIR, PRETRAIN_SUMMARY, HistoryTexts, RightPadCollator, history_windows
+from rerank.training.samples import build_samples
+from rerank.training.stages import train_reranker
 from tests.test_samples import make_ds
 from tests.test_train import cfg, fresh_model, tok, val_rows
 

@@ -1,16 +1,17 @@
 """One-pass ranking (rerank/ranker.py): scores equal plain forward / teacher-forced log-probs."""
 from __future__ import annotations
 
-
 import pytest
 import torch
 
 from pipeline.errors import PipelineError
-from rerank import ranker
-from rerank.labels import LETTERS, NUMBERS, encode, get_scheme
-from rerank.models import SMOLLM2, TINY_QWEN2, load_model_and_tokenizer
-from rerank.prompts import build_prompt, label_tokens, make_style
-from rerank.ranker import _plan, candidate_orders, rank_rows, score_prompts
+from rerank.inference import ranker
+from rerank.inference.ranker import _plan, candidate_orders, rank_rows, score_prompts
+from rerank.model.sources import load_model_and_tokenizer
+from rerank.model.standins import SMOLLM2, TINY_QWEN2
+from rerank.prompting.labels import LETTERS, NUMBERS, encode, get_scheme
+from rerank.prompting.prompts import build_prompt, label_tokens
+from rerank.prompting.style import make_style
 from tests.rerank_fixtures import CACHE_DIR, titles
 
 TOL = 1e-4  # float32 log-probs from differently shaped (padded / cached) computations

@@ -7,13 +7,14 @@ import torch.nn.functional as F
 
 from pipeline.config import load_config
 from pipeline.errors import PipelineError
-from rerank.collate import TrainingTexts, collator_for
-from rerank.labels import LETTERS, NUMBERS
-from rerank.prompts import CANDIDATE_FORMATS, encode_prompt, encode_prompt_ends, label_tokens, make_style
-from rerank.ranker import rank_rows, score_prompts
-from rerank.readout import READOUT_MODULE, adapter_has_readout, has_readout, readout_scores
-from rerank.samples import build_samples
-from rerank.train import add_lora, load_adapter, save_adapter
+from rerank.inference.ranker import rank_rows, score_prompts
+from rerank.model.adapter import add_lora, load_adapter, save_adapter
+from rerank.model.readout import READOUT_MODULE, adapter_has_readout, has_readout, readout_scores
+from rerank.prompting.labels import LETTERS, NUMBERS
+from rerank.prompting.prompts import encode_prompt, encode_prompt_ends, label_tokens
+from rerank.prompting.style import CANDIDATE_FORMATS, make_style
+from rerank.training.collate import TrainingTexts, collator_for
+from rerank.training.samples import build_samples
 from tests.rerank_fixtures import TOKENIZERS, titles
 from tests.test_labels_loss import labels_trainer
 from tests.test_samples import make_ds
@@ -125,9 +126,10 @@ def test_the_readout_head_is_trained_with_the_k_way_loss():
 def test_a_readout_run_exports_and_serves_its_unit(tmp_path):
     """The merged export keeps the unit (readout.safetensors, attached again on load) and the HTTP
     engine scores a readout model from each candidate line's end: both equal the adapter's ranking."""
-    from rerank.export import merge_lora, save_merged
-    from rerank.models import load_model_and_tokenizer
-    from rerank.readout import READOUT_FILE
+    from rerank.export import save_merged
+    from rerank.model.adapter import merge_lora
+    from rerank.model.readout import READOUT_FILE
+    from rerank.model.sources import load_model_and_tokenizer
     from serving.engine import RerankEngine
     from serving.schema import RerankRequest, TextItem
     from serving.scorer import LocalScorer
@@ -166,6 +168,7 @@ def test_a_readout_run_end_to_end_and_ranked_again_from_its_adapter(smoke_run, t
     import json
 
     from conftest import ONE_THREAD, run_script
+
     from pipeline.candidates import read_rows
 
     out = tmp_path / "readout"
@@ -190,8 +193,8 @@ def test_a_readout_run_end_to_end_and_ranked_again_from_its_adapter(smoke_run, t
 def test_the_auxiliary_readout_trains_beside_a_label_head_and_leaves_no_trace(tmp_path):
     """reranker.readout_aux_weight: the loss is the label loss + w x the auxiliary unit's readout loss;
     after training the unit is gone, the adapter holds no readout, and the run ranks by its labels."""
-    from rerank.readout import AUX_MODULE, attach_readout
-    from rerank.train import train_reranker
+    from rerank.model.readout import AUX_MODULE, attach_readout
+    from rerank.training.stages import train_reranker
 
     ds = make_ds()
     samples = build_samples(ds, n_candidates=6, seed=0, max_samples=4)

@@ -15,17 +15,23 @@ import torch
 
 from pipeline.config import RetrieverConfig
 from pipeline.data import SplitDataset
-from retrieval import training
-from retrieval.evaluate import evaluate, history_mask
-from pipeline.config import load_config
 from pipeline.errors import PipelineError
+from retrieval import recbole_models, training
+from retrieval.evaluate import evaluate, history_mask
 from retrieval.lrurec import training_windows
-from retrieval import recbole_models
-from retrieval.recbole_models import (
-    NEXT_ITEMS, RecboleRetriever, all_position_loss, item_windows, length_bucketed, next_item_windows, per_position_forward,
-    per_position_output, prefix_instances, right_pad,
-)
 from retrieval.recbole_compat import Interaction
+from retrieval.recbole_models import (
+    NEXT_ITEMS,
+    RecboleRetriever,
+    all_position_loss,
+    item_windows,
+    length_bucketed,
+    next_item_windows,
+    per_position_forward,
+    per_position_output,
+    prefix_instances,
+    right_pad,
+)
 
 N_USERS, N_ITEMS = 40, 30
 MODELS = ("sasrec", "bert4rec", "narm", "gru4rec")

@@ -1,4 +1,4 @@
-"""Reranking a split and its metrics section (rerank/evaluate.py)."""
+"""Reranking a split (`rank_split`) and its metrics section (`split_metrics`)."""
 from __future__ import annotations
 
 import math
@@ -7,14 +7,18 @@ import pytest
 import torch
 
 from pipeline.config import load_config
-from pipeline.data.dataset import SplitDataset
+from pipeline.data.dataset import SplitDataset, titles_by_item
 from pipeline.errors import PipelineError
 from pipeline.metrics import coverage_weighted
-from rerank import evaluate
-from rerank.evaluate import markdown_table, rank_split, split_metrics, titles_by_item
-from rerank.labels import LETTERS
-from rerank.models import TINY_QWEN2, load_model_and_tokenizer
-from rerank.prompts import make_style
+from rerank.evaluation import evidence
+from rerank.evaluation.metrics import split_metrics
+from rerank.evaluation.report import markdown_table
+from rerank.inference import rank_split as rank_split_module
+from rerank.inference.rank_split import rank_split
+from rerank.model.sources import load_model_and_tokenizer
+from rerank.model.standins import TINY_QWEN2
+from rerank.prompting.labels import LETTERS
+from rerank.prompting.style import make_style
 from tests.rerank_fixtures import CACHE_DIR, qwen_tokenizer, titles
 
 ITEMS = {f"i{n}": t for n, t in enumerate(titles(12, "item "))}
@@ -55,9 +59,10 @@ def _ndcg(r: int) -> float:
 
 def test_hand_built_rows_give_exact_metrics(monkeypatch):
     seen: list = []
-    monkeypatch.setattr(evaluate, "rank_rows", _fake_rank_rows(seen))
+    monkeypatch.setattr(rank_split_module, "rank_rows", _fake_rank_rows(seen))
     tok = qwen_tokenizer()
-    rankings, m = rank_split(None, tok, make_style(tok, LETTERS), ROWS, ITEMS, CFG, progress=False)
+    rankings = rank_split(None, tok, make_style(tok, LETTERS), ROWS, ITEMS, CFG, progress=False)
+    m = split_metrics(ROWS, rankings)
     assert seen == ["a", "b", "d"]  # the uncovered user c never reaches the model
     assert m["n_users"] == 4 and m["n_covered"] == 3 and m["coverage"] == 0.75
     # Reranker on the covered users: ranks 1, 2, 1.
@@ -131,20 +136,21 @@ def test_real_model_ranks_only_covered_users_with_permutations():
     hook = model.register_forward_pre_hook(lambda mod, args, kwargs: prompts_seen.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
     cfg = load_config(None, ["reranker.rank_permutations=2", "reranker.rank_batch_size=8"]).reranker
     try:
-        rankings, m = rank_split(model, tok, make_style(tok, LETTERS), ROWS, ITEMS, cfg, seed=5, progress=False)
+        rankings = rank_split(model, tok, make_style(tok, LETTERS), ROWS, ITEMS, cfg, seed=5, progress=False)
     finally:
         hook.remove()
     assert sum(prompts_seen) == 3 * 2  # 3 covered users x 2 orders; letters need one pass each
     assert [x["user"] for x in rankings] == ["a", "b", "d"]
     assert all(len(x["scores"]) == 5 and all(s < 0 for s in x["scores"]) for x in rankings)  # log-probs
+    m = split_metrics(ROWS, rankings)
     assert m["n_covered"] == 3 and m["overall"]["NDCG@10"] == pytest.approx(m["subset"]["NDCG@10"] * 0.75)
-    again, _ = rank_split(model, tok, make_style(tok, LETTERS), ROWS, ITEMS, cfg, seed=5, progress=False)
+    again = rank_split(model, tok, make_style(tok, LETTERS), ROWS, ITEMS, cfg, seed=5, progress=False)
     assert [x["scores"] for x in again] == [x["scores"] for x in rankings]  # seeded: deterministic
     assert torch.is_grad_enabled()  # inference_mode did not leak
 
 
 # ----------------------------------------------------------------------------------------
-# The LLM-alone evidence of metrics.json (rerank/evaluate.py llm_evidence and its parts)
+# The LLM-alone evidence of metrics.json (`llm_evidence` and its parts)
 
 
 def _rankings(llm: dict, final: dict | None = None, raw: dict | None = None) -> list[dict]:
@@ -162,14 +168,14 @@ def test_top1_slots_and_hits_off_the_retrievers_top1():
     rk = _rankings(RERANKER)
     # LLM top-1: a -> slot 2 (its target), b -> slot 1 (not its target, i5 at slot 0), d -> slot 4
     # (its target; the 0.0 tie elsewhere does not matter). Targets sit in slots 2, 0, 4.
-    t = evaluate.top1_slots(rk, "llm_scores")
+    t = evidence.top1_slots(rk, "llm_scores")
     assert t == {"n": 3, "counts": [0, 1, 1, 0, 1], "max_share": 1 / 3, "max_slot": 1, "target_counts": [1, 0, 1, 0, 1]}
-    tied = evaluate.top1_slots([{**rk[0], "llm_scores": [0.5] * 5}], "llm_scores")
+    tied = evidence.top1_slots([{**rk[0], "llm_scores": [0.5] * 5}], "llm_scores")
     assert tied["counts"] == [1, 0, 0, 0, 0] and tied["max_share"] == 1.0  # ties: the earlier candidate, as candidate_rank
     # Users whose target is not the retriever's top-1: a and d (b's target is i5, its top-1).
-    h = evaluate.top1_hit_non_top1(rk, "llm_scores")
+    h = evidence.top1_hit_non_top1(rk, "llm_scores")
     assert h == {"share": 1.0, "n": 2, "hits": 2, "chance": pytest.approx(1 / 4)}
-    miss = evaluate.top1_hit_non_top1([{**rk[0], "llm_scores": [1.0, 0, 0, 0, 0]}], "llm_scores")
+    miss = evidence.top1_hit_non_top1([{**rk[0], "llm_scores": [1.0, 0, 0, 0, 0]}], "llm_scores")
     assert miss["share"] == 0.0 and miss["n"] == 1
 
 
@@ -177,14 +183,14 @@ def test_bootstrap_on_a_hand_made_case():
     # Two users: a (retriever rank 3 -> reranker rank 1: NDCG@10 diff 1 - 1/log2(4) = 0.5) and b
     # (rank 1 -> rank 1: diff 0). Resampled means are 0, 0.25 or 0.5 with chance 1/4, 1/2, 1/4.
     rk = [{**ROWS[0], "scores": [0, 0, 1, 0, 0]}, {**ROWS[1], "scores": [1, 0, 0, 0, 0]}]
-    b = evaluate.bootstrap_vs_retriever(rk, {"final_minus_retriever": "scores"}, seed=0)
+    b = evidence.bootstrap_vs_retriever(rk, {"final_minus_retriever": "scores"}, seed=0)
     assert b["n"] == 2 and b["metric"] == "NDCG@10" and b["resamples"] == 2000
     assert b["final_minus_retriever"]["mean"] == pytest.approx(0.25)
     assert (b["final_minus_retriever"]["ci_low"], b["final_minus_retriever"]["ci_high"]) == (0.0, 0.5)
     # The retriever's own order against itself: exactly 0, a degenerate interval.
-    same = evaluate.bootstrap_vs_retriever([{**r, "x": [-float(j) for j in range(5)]} for r in rk], {"same": "x"}, seed=0)
+    same = evidence.bootstrap_vs_retriever([{**r, "x": [-float(j) for j in range(5)]} for r in rk], {"same": "x"}, seed=0)
     assert same["same"]["mean"] == same["same"]["ci_low"] == same["same"]["ci_high"] == 0.0
-    assert evaluate.bootstrap_vs_retriever(rk, {"final_minus_retriever": "scores"}, seed=0) == b  # same seed, same numbers
+    assert evidence.bootstrap_vs_retriever(rk, {"final_minus_retriever": "scores"}, seed=0) == b  # same seed, same numbers
 
 
 def test_llm_evidence_and_the_side_by_side_table():
@@ -192,7 +198,7 @@ def test_llm_evidence_and_the_side_by_side_table():
     raw = {u: [1.0, 0.0, 0.0, 0.0, 0.0] for u in "abd"}  # the raw LLM always picks slot 0
     rk = _rankings(RERANKER, final=final, raw=raw)
     sec = split_metrics(ROWS, rk)
-    ev = evaluate.llm_evidence(ROWS, rk, seed=0)
+    ev = evidence.llm_evidence(ROWS, rk, seed=0)
     assert ev["llm_subset"] == split_metrics(ROWS, [dict(r, scores=r["llm_scores"]) for r in rk])["subset"]
     assert ev["llm_subset"]["Recall@1"] == pytest.approx(2 / 3) and ev["llm_raw_subset"]["Recall@1"] == pytest.approx(1 / 3)
     assert ev["llm_overall"]["NDCG@10"] == pytest.approx(ev["llm_subset"]["NDCG@10"] * 0.75)

@@ -7,7 +7,7 @@ import pytest
 
 from pipeline.data.dataset import SplitDataset
 from pipeline.errors import PipelineError
-from rerank.samples import build_samples, samples_from_config
+from rerank.training.samples import build_samples, samples_from_config
 
 N_TRAIN_ITEMS = 40  # items 1..40 appear in train sequences; 41.. only as val/test targets
 

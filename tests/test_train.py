@@ -16,19 +16,17 @@ from transformers import TrainingArguments
 
 from pipeline.config import RerankerConfig
 from pipeline.errors import PipelineError
-from rerank.collate import IGNORE_INDEX, TrainingTexts, collator_for
-from rerank.labels import LETTERS, NUMBERS
-from rerank.models import TINY_QWEN2, load_model_and_tokenizer
-from rerank.prompts import PromptStyle, make_style
-from rerank.samples import build_samples
-from rerank.train import (
-    RerankTrainer,
-    load_adapter,
-    ranking_metrics,
-    select_val_rows,
-    supervised_logits,
-    train_reranker,
-)
+from rerank.model.adapter import load_adapter
+from rerank.model.sources import load_model_and_tokenizer
+from rerank.model.standins import TINY_QWEN2
+from rerank.prompting.labels import LETTERS, NUMBERS
+from rerank.prompting.style import PromptStyle, make_style
+from rerank.training.collate import IGNORE_INDEX, TrainingTexts, collator_for
+from rerank.training.loss import supervised_logits
+from rerank.training.samples import build_samples
+from rerank.training.stages import train_reranker
+from rerank.training.trainer import RerankTrainer
+from rerank.training.validation import ranking_metrics, select_val_rows
 from tests.rerank_fixtures import CACHE_DIR
 from tests.test_samples import make_ds
 

@@ -10,6 +10,7 @@ import pytest
 
 from analysis import tuning
 from pipeline.config import load_config
+from pipeline.run_files import RETRIEVER_SUMMARY
 from tests.conftest import REPO
 
 
@@ -17,7 +18,7 @@ def _finish(out: Path, model: str, point: tuning.Point, val: float, seed: int = 
     run = tuning.run_dir(out, model, point, seed)
     run.mkdir(parents=True)
     (run / "run.json").write_text(json.dumps({"start": "t0", "end": "t1"}))
-    (run / tuning.SUMMARY_FILE).write_text(json.dumps({tuning.VAL_KEY: val, "best_epoch": 3, "epochs_run": 8, "train_seconds": 1.0}))
+    (run / RETRIEVER_SUMMARY).write_text(json.dumps({tuning.VAL_KEY: val, "best_epoch": 3, "epochs_run": 8, "train_seconds": 1.0}))
 
 
 def test_points_are_valid_configs_and_the_optimisers_differ_as_asked():

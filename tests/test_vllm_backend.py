@@ -7,9 +7,11 @@ import socket
 import pytest
 
 from pipeline.errors import PipelineError
-from rerank.labels import LETTERS, NUMBERS
-from rerank.models import TINY_QWEN2, load_model_and_tokenizer
-from rerank.prompts import encode_prompt, label_tokens, make_style
+from rerank.model.sources import load_model_and_tokenizer
+from rerank.model.standins import TINY_QWEN2
+from rerank.prompting.labels import LETTERS, NUMBERS
+from rerank.prompting.prompts import encode_prompt, label_tokens
+from rerank.prompting.style import make_style
 from serving.scorer import LocalScorer
 from serving.vllm_backend import VLLMScorer
 from tests.rerank_fixtures import CACHE_DIR, titles

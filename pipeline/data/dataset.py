@@ -63,3 +63,8 @@ class SplitDataset:
     @classmethod
     def load(cls, path: str | Path) -> "SplitDataset":
         return cls(**json.loads(Path(path).read_text(encoding="utf-8")))
+
+
+def titles_by_item(dataset: SplitDataset) -> dict[str, str]:
+    """Original item id -> title, the lookup `rank_split` takes."""
+    return {item: title for item, title in zip(dataset.item_ids[1:], dataset.titles[1:])}

@@ -16,7 +16,6 @@ from transformers import TrainerCallback
 
 from pipeline.errors import PipelineError
 
-
 # TrainingArguments every Trainer of ours passes, so that a NaN loss reaches the logs.
 TRAINING_LOG_ARGS = {"logging_nan_inf_filter": False}
 

@@ -31,6 +31,7 @@ from typing import Any, Optional, Sequence
 
 from transformers import PreTrainedTokenizerBase
 
+from pipeline.config import RerankerConfig
 from pipeline.errors import PipelineError
 
 MAX_LABELS = 20  # the paper's candidate count (retriever top-20); the built-in schemes name 20
@@ -139,7 +140,7 @@ def get_scheme(
     return scheme
 
 
-def scheme_from_config(cfg: Any) -> LabelScheme:
+def scheme_from_config(cfg: RerankerConfig) -> LabelScheme:
     """The scheme a `pipeline.config.RerankerConfig` asks for."""
     return get_scheme(cfg.label_scheme, cfg.custom_labels, cfg.answer_instruction)
 

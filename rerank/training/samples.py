@@ -32,6 +32,7 @@ from typing import Any, Literal, Optional, Sequence
 
 import numpy as np
 
+from pipeline.config import RerankerConfig
 from pipeline.data.dataset import SplitDataset
 from pipeline.errors import PipelineError
 
@@ -141,7 +142,7 @@ def build_samples(
 
 def samples_from_config(
     ds: SplitDataset,
-    cfg: Any,
+    cfg: RerankerConfig,
     seed: int,
     retriever_rows: Optional[Sequence[dict[str, Any]]] = None,
     prefix_rows: Optional[Sequence[dict[str, Any]]] = None,

@@ -21,10 +21,11 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from pipeline.errors import PipelineError
-from rerank.labels import LabelTokens, encode
-from rerank.prompts import PromptStyle, build_training_text, encode_prompt, encode_prompt_ends, label_tokens
-from rerank.readout import padded_ends
-from rerank.samples import TrainSample
+from rerank.model.readout import padded_ends
+from rerank.prompting.labels import LabelTokens, encode
+from rerank.prompting.prompts import build_training_text, encode_prompt, encode_prompt_ends, label_tokens
+from rerank.prompting.style import PromptStyle
+from rerank.training.samples import TrainSample
 
 IGNORE_INDEX = -100  # label value that torch's cross_entropy and the HF losses skip
 

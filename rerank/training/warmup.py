@@ -15,8 +15,11 @@ import dataclasses
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from pipeline.config import RerankerConfig
 from pipeline.errors import PipelineError
-from rerank.samples import TrainSample
+from pipeline.run_files import ADAPTER_DIR, TRAIN_SUMMARY
+from rerank.training.samples import TrainSample
+from rerank.training.trainer import train_adapter
 
 WARMUP_DIR = "binding_warmup"  # the warm-up's own training run inside the reranker run
 
@@ -35,7 +38,7 @@ def copy_samples(samples: Sequence[TrainSample]) -> list[TrainSample]:
     return out
 
 
-def warmup_config(cfg: Any, n_samples: int) -> Any:
+def warmup_config(cfg: RerankerConfig, n_samples: int) -> RerankerConfig:
     """The warm-up's RerankerConfig: `cfg`'s recipe for binding_warmup_steps optimizer steps over
     `n_samples` copy prompts, no validation checkpoints, no stages of its own."""
     per_step = cfg.train_batch_size * cfg.grad_accum_steps
@@ -55,21 +58,20 @@ def binding_warmup_stage(
     style: Any,
     ds: Any,
     samples: Sequence[TrainSample],
-    cfg: Any,
+    cfg: RerankerConfig,
     out_dir: str | Path,
     seed: int,
     init_adapter: Optional[Path],
 ) -> Path:
     """Train the warm-up (continuing `init_adapter`, e.g. a pre-training stage's) and return its
     adapter folder; a finished warm-up (a resumed run) is kept. `model` is left without LoRA layers."""
-    from rerank.train import ADAPTER_DIR, SUMMARY_FILE, train_reranker  # train.py runs this stage first
 
     out = Path(out_dir) / WARMUP_DIR
     adapter = out / ADAPTER_DIR
-    if (out / SUMMARY_FILE).is_file() and (adapter / "adapter_config.json").is_file():
+    if (out / TRAIN_SUMMARY).is_file() and (adapter / "adapter_config.json").is_file():
         return adapter
     copies = copy_samples(samples)
-    train_reranker(
+    train_adapter(
         model, tokenizer, style, ds, copies, [], warmup_config(cfg, len(copies)), out, seed=seed,
         init_adapter=init_adapter, keep_lora=False,
     )

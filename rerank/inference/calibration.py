@@ -25,10 +25,10 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
-
+from pipeline.candidates import covered_sample
+from pipeline.config import RerankerConfig
 from pipeline.errors import PipelineError
-from rerank.evaluate import covered_sample
-from rerank.ranker import candidate_orders, score_orders
+from rerank.inference.ranker import candidate_orders, score_orders
 
 METHODS = ("none", "permuted", "content_free")
 CONTENT_FREE = "N/A"  # the history item and every candidate of the content-free prompt
@@ -86,7 +86,7 @@ def estimate_prior(
     style: Any,
     val_rows: Sequence[Mapping[str, Any]],
     titles: Mapping[str, str],
-    cfg: Any,
+    cfg: RerankerConfig,
     seed: int,
     ks: Iterable[int] = (),
     progress: bool = False,

@@ -27,9 +27,10 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from pipeline.errors import PipelineError
-from rerank.labels import LabelTokens
-from rerank.prompts import PromptStyle, encode_prompt, encode_prompt_ends, label_tokens
-from rerank.readout import has_readout, padded_ends, readout_scores
+from rerank.model.readout import has_readout, padded_ends, readout_scores
+from rerank.prompting.labels import LabelTokens
+from rerank.prompting.prompts import encode_prompt, encode_prompt_ends, label_tokens
+from rerank.prompting.style import PromptStyle
 
 # Prompts per forward pass. 16 prompts of ~600 tokens (20 history + 20 candidates) take a few GB
 # of activations and KV cache even for a 7B model in bf16; on 2 CPU cores larger batches gain

@@ -35,9 +35,10 @@ from tqdm.auto import tqdm
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from pipeline.errors import PipelineError
-from rerank.labels import LabelTokens, encode
-from rerank.prompts import PromptStyle, label_tokens
-from rerank.ranker import encode_rows, length_ordered_batches
+from rerank.inference.ranker import encode_rows, length_ordered_batches
+from rerank.prompting.labels import LabelTokens, encode
+from rerank.prompting.prompts import label_tokens
+from rerank.prompting.style import PromptStyle
 
 Mode = Literal["greedy", "list"]
 MODES: tuple[str, ...] = ("greedy", "list")

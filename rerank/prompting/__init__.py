@@ -1,0 +1,1 @@
+"""Prompting: the label schemes and the one prompt format shared by training and inference."""

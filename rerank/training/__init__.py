@@ -1,0 +1,1 @@
+"""Training the reranker: samples, encoding, losses, validation, the Trainer and its stages."""
