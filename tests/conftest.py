@@ -1,24 +1,10 @@
 """Session-wide fixtures: the smoke experiment, run once per pytest process and shared read-only by
 every test that needs a finished run directory (tables, analyses, notebook, resume). Tests must not
 write into it: copy it (shutil.copytree) first."""
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-# One torch thread in every subprocess run that a test compares byte for byte with another: float
-# reductions (and so the last digits of the scores written) depend on the thread count.
-ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
-
-
-def run_script(*args: str, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
-    """`python scripts/...` from the repository root, output captured."""
-    return subprocess.run(
-        [sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env
-    )
+from tests.helpers.scripts import ONE_THREAD, run_script
 
 
 @pytest.fixture(scope="session")

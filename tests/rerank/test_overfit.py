@@ -1,0 +1,115 @@
+"""The learnability check (rerank/overfit.py, scripts/overfit_check.py)."""
+from __future__ import annotations
+
+import json
+import math
+
+import yaml
+
+from pipeline.config import Config, load_config
+from pipeline.data.dataset import SplitDataset
+from rerank.overfit import check_config, check_mode, sample_rows, top1_accuracy, write_result
+from rerank.prompting.labels import LETTERS
+from rerank.prompting.style import make_style
+from rerank.training.samples import TrainSample
+from tests.helpers.scripts import REPO
+from tests.helpers.training import cfg, fresh_model, tok
+
+CONFIGS = REPO / "configs" / "experiments"
+
+
+def test_the_check_config_is_the_default_recipe():
+    """overfit.yaml must check the recipe the README's main job trains: the same data, retriever and
+    reranker sections as default.yaml (a copy that drifts would check another model)."""
+    check = yaml.safe_load((CONFIGS / "overfit.yaml").read_text())
+    default = yaml.safe_load((CONFIGS / "default.yaml").read_text())
+    assert {k: v for k, v in check.items() if k != "overfit"} == default
+    loaded = load_config(CONFIGS / "overfit.yaml")
+    assert (loaded.overfit.n_prompts, loaded.overfit.epochs, loaded.overfit.modes) == (32, 12, ["redrawn", "fixed"])
+    redrawn, fixed = check_config(loaded, "redrawn").reranker, check_config(loaded, "fixed").reranker
+    assert redrawn.reshuffle_each_epoch and not fixed.reshuffle_each_epoch
+    assert redrawn.max_train_samples == 32 and redrawn.num_epochs == 12 and redrawn.logging_steps == 1
+
+
+def planted(n_users: int = 8, k: int = 4) -> tuple[SplitDataset, list[TrainSample]]:
+    """A learnable task: every prompt's target is one of two 'planted' titles, the negatives are
+    other items; whichever slot the target sits in, its content gives it away."""
+    n_items = 2 + 3 * n_users
+    titles = ["", "Planted Answer", "Planted Answer Two"] + [f"Title {i}" for i in range(3, n_items + 1)]
+    ds = SplitDataset(
+        name="planted", item_ids=[""] + [f"i{i}" for i in range(1, n_items + 1)], titles=titles,
+        user_ids=[f"u{u}" for u in range(n_users)],
+        sequences=[[3 + 3 * u, 1 + u % 2, 4 + 3 * u, 5 + 3 * u] for u in range(n_users)],
+    )
+    samples = []
+    for u in range(n_users):
+        negs = [3 + (3 * u + 7 * j) % (3 * n_users) for j in range(1, k)]
+        samples.append(TrainSample(user=u, position=1, history=(3 + 3 * u,), candidates=(1 + u % 2, *negs), target_index=0))
+    return ds, samples
+
+
+def test_fresh_check_orders_keep_the_prompt_and_move_the_target():
+    ds, samples = planted()
+    rows = {e: sample_rows(samples, ds, e, seed=0) for e in (1, 2)}
+    for e, rs in rows.items():
+        for s, r in zip(samples, rs):
+            assert sorted(r["candidates"]) == sorted(ds.item_ids[i] for i in s.candidates)
+            assert r["target"] == ds.item_ids[s.target] and r["history"] == [ds.item_ids[i] for i in s.history]
+    slots = [[r["candidates"].index(r["target"]) for r in rs] for rs in rows.values()]
+    assert slots[0] != slots[1] and len(set(slots[0])) > 1  # orders differ between epochs and prompts
+    # top-1 by hand: the target first in row 0 only
+    r0, r1 = rows[1][0], rows[1][1]
+    s0 = [1.0 if c == r0["target"] else 0.0 for c in r0["candidates"]]
+    s1 = [0.0] * len(r1["candidates"])  # all tied: the first candidate wins the tie
+    assert top1_accuracy([s0, s1], [r0, r1]) == (1.0 + (r1["candidates"][0] == r1["target"])) / 2
+
+
+def test_the_check_sees_a_learnable_task_learned_in_redrawn_orders(tmp_path):
+    """The mechanism: on a planted task whose answer is given away by its content, the readout head
+    reaches top-1 1.0 on the training prompts in fresh orders, and the loss falls below ln K."""
+    ds, samples = planted()
+    style = make_style(tok(), LETTERS, max_history=3)
+    rcfg = cfg(head="readout", loss="labels", num_epochs=10, train_batch_size=4, learning_rate=2e-2,
+               lora_target_modules="all-linear", logging_steps=1, eval_steps=10**9)
+    curve = check_mode(fresh_model(), tok(), style, ds, samples, Config(reranker=rcfg), tmp_path / "redrawn")
+    assert curve["epoch"] == list(range(1, 11))
+    assert len(curve["train_loss"]) == len(curve["train_top1"]) == 10
+    assert curve["train_top1"][-1] == 1.0 and curve["train_loss"][-1] < min(0.2 * math.log(4), curve["train_loss"][0] / 2), curve
+    write_result(tmp_path, {"redrawn": curve, "n_prompts": len(samples), "chance": 0.25})
+    saved = json.loads((tmp_path / "overfit.json").read_text())
+    assert saved["redrawn"]["train_top1"] == curve["train_top1"] and (tmp_path / "overfit.png").stat().st_size > 1000
+
+
+def test_the_label_comparison_trains_the_default_recipe():
+    """compare_labels.yaml compares label schemes, placements and the readout on the recipe of the
+    README's main job: only retriever_run and the analysis section differ from default.yaml."""
+    compare = yaml.safe_load((CONFIGS / "compare_labels.yaml").read_text())
+    default = yaml.safe_load((CONFIGS / "default.yaml").read_text())
+    assert {k: v for k, v in compare.items() if k not in ("analysis", "retriever_run")} == default
+    variants = load_config(CONFIGS / "compare_labels.yaml").analysis.variants
+    assert list(variants) == ["letters", "numbers", "letters_after", "letters_both", "readout"]
+
+
+def test_binding_warmup_prompts_answer_with_the_item_that_closes_the_history(tmp_path):
+    from rerank.training.collate import TrainingTexts
+    from rerank.training.samples import build_samples
+    from rerank.training.stages import train_reranker
+    from rerank.training.warmup import WARMUP_DIR, copy_samples, warmup_config
+    from tests.helpers.data import make_ds
+
+    ds = make_ds()
+    samples = build_samples(ds, n_candidates=5, seed=0, history_len=3, max_samples=8)
+    copies = copy_samples(samples)
+    for s, c in zip(samples, copies):
+        assert c.target == s.history[-1] and c.target_index == s.target_index  # the same slot, the last history item
+        assert [x for i, x in enumerate(c.candidates) if i != c.target_index] == [x for i, x in enumerate(s.candidates) if i != s.target_index]
+        assert c.target not in [x for i, x in enumerate(c.candidates) if i != c.target_index]
+    rcfg = cfg(binding_warmup_steps=3, train_batch_size=4, loss="labels", num_epochs=1, eval_steps=10**9)
+    assert warmup_config(rcfg, len(copies)).num_epochs * len(copies) / 4 == 3  # the asked steps
+    style = make_style(tok(), LETTERS, max_history=3)
+    summary = train_reranker(fresh_model(), tok(), style, ds, samples, [], rcfg, tmp_path, seed=0)
+    warm = json.loads((tmp_path / WARMUP_DIR / "train_summary.json").read_text())
+    assert warm["global_step"] == 3 and summary["global_step"] == 2  # 3 warm-up steps, then 8 prompts / 4
+    assert summary["binding_warmup_adapter"] == str(tmp_path / WARMUP_DIR / "adapter")
+    text = TrainingTexts(copies, ds.titles, tok(), style)[0]
+    assert ds.titles[copies[0].target] in tok().decode(text["input_ids"]).split("Candidate pool:")[0]  # shown in the history
