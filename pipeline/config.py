@@ -22,6 +22,11 @@ from pipeline.errors import PipelineError
 METRIC_KS = (1, 5, 10, 20, 50)  # full-catalogue cut-offs reported for every retriever
 
 
+# Values that modules elsewhere check too: named here once and imported there.
+DTYPE_NAMES = ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16")  # reranker.dtype besides "auto"
+CalibrationMethod = Literal["none", "permuted", "content_free"]  # reranker.calibration
+CALIBRATION_METHODS: tuple[str, ...] = typing.get_args(CalibrationMethod)
+
 @dataclass
 class DataConfig:
     # "ml-100k": classic MovieLens 100K bundled in the recbole wheel (no download; the default).
@@ -61,7 +66,7 @@ class RetrieverConfig:
     n_blocks: int = 2  # LRU blocks (paper: 2); layers for the recbole models
     dropout: float = 0.1  # embedding / feed-forward dropout
     attn_dropout: float = 0.1  # dropout inside the LRU layer (attention dropout for SASRec/BERT4Rec)
-    # Optimiser (retrieval/training.py make_optimizer): "adamw" is LRURec's paper setting (decoupled
+    # Optimiser (`retrieval.training.make_optimizer`): "adamw" is LRURec's paper setting (decoupled
     # weight decay); "adam" with weight_decay 0 and grad_clip null is recbole's usual one (its
     # weight_decay, when set, is Adam's L2 penalty).
     optimizer: Literal["adamw", "adam"] = "adamw"
@@ -82,7 +87,7 @@ class RetrieverConfig:
     # behaviour). A model trained on windows refuses it when trained (not checked here, so old run
     # directories still load); lrurec/pop ignore it.
     instances_per_epoch: Optional[int] = None
-    # recbole models: what one training row is (retrieval/recbole_models.py). "windows": windows of
+    # recbole models: what one training row is (`retrieval.recbole_models.objective`). "windows": windows of
     # <= max_len of each train sequence, every position once per epoch (sasrec/gru4rec: next-item loss
     # at every position, narm through its attention restated per position; bert4rec: its cloze loss on
     # the windows). "prefixes": one instance per prefix, the model's own calculate_loss (recbole's
@@ -118,21 +123,21 @@ class RetrieverConfig:
 @dataclass
 class RerankerConfig:
     model: str = "tiny-qwen2"  # HF id or local path; or "smollm2-135m-instruct" / "tiny-qwen2"
-    # Model loading (rerank/models.py).
+    # Model loading (`rerank.model.sources.load_model_and_tokenizer`).
     dtype: str = "auto"  # "auto" = bfloat16 on GPU (float16 if unsupported), float32 on CPU
     device: str = "auto"  # "auto" = cuda if available else cpu
     load_in_4bit: bool = False  # NF4 base weights via bitsandbytes (paper: 4-bit); CUDA only
-    # "hf" only: "unsloth" is refused at load (rerank/models.py UNSLOTH_DROPPED says why); the key stays
+    # "hf" only: "unsloth" is refused at load (`rerank.model.sources.UNSLOTH_DROPPED` says why); the key stays
     # so a config naming it gets that reason, not "unknown value".
     backend: Literal["hf", "unsloth"] = "hf"
     model_cache_dir: str = ".cache/models"  # where tiny-qwen2 / smollm2-135m-instruct are built once
-    # Labels (rerank/labels.py): "letters" (A..T), "numbers" (1..20), or "custom" (custom_labels).
+    # Labels (`rerank.prompting.labels`): "letters" (A..T), "numbers" (1..20), or "custom" (custom_labels).
     label_scheme: Literal["letters", "numbers", "custom"] = "letters"
     custom_labels: Optional[list[str]] = None  # label_scheme=custom only: the labels, candidate 1 first
     # Closing sentence of the prompt; {first}/{last} become the first and K-th label. None = the
     # scheme's own ("Answer with only one letter (A-T).").
     answer_instruction: Optional[str] = None
-    # Prompt (rerank/prompts.py).
+    # Prompt (`rerank.prompting.prompts.build_prompt`).
     # Where each candidate's label sits on its line: "before" the title ("(A) Title", paper),
     # "after" it ("Title (A)": under causal attention the label token can then carry the title), or "both".
     label_position: Literal["before", "after", "both"] = "before"
@@ -140,14 +145,14 @@ class RerankerConfig:
     max_history: int = 20  # most recent history items shown (paper: 20)
     title_max_tokens: int = 32  # each title cut to this many tokens (paper: 32)
     max_prompt_tokens: int = 1536  # longer prompts drop history oldest first, never candidates (paper: 1536)
-    # Ranking (rerank/ranker.py).
+    # Ranking (`rerank.inference.ranker.rank_rows`).
     # Prompts per forward pass, sorted by length so a batch wastes little padding; 16 prompts of
     # ~600 tokens fit a 7B model in bf16 with room to spare, and larger batches gain nothing on CPU.
     rank_batch_size: int = 16
     # Candidate orders averaged per user (position-bias control); 1 = the retriever's order only,
     # one pass per user (paper). P > 1 costs P passes: the original order, then seeded shuffles.
     rank_permutations: int = 1
-    # Training (rerank/train.py). Samples (rerank/samples.py): every prefix of each user's TRAIN
+    # Training (`train_adapter`). Samples (`rerank.training.samples.build_samples`): every prefix of each user's TRAIN
     # sequence is a prompt; its candidates are the target + negatives, shuffled.
     # "random": negatives drawn uniformly from items outside the user's history so far (paper);
     # "retriever": the user's candidates_train.jsonl top-K first (hard negatives), topped up at random.
@@ -161,14 +166,14 @@ class RerankerConfig:
     train_max_prefixes_per_user: Optional[int] = None  # only each user's last N prefixes (CPU runs); None = all (paper)
     max_train_samples: Optional[int] = None  # seeded uniform sample of this many prefixes (CPU runs); None = all (paper)
     supervise_end_of_turn: bool = True  # loss on label + end-of-turn token (paper: label + EOS); false = label only
-    # Training loss (rerank/train.py). "vocab": cross-entropy over the whole vocabulary on the
+    # Training loss (`RerankTrainer.compute_loss`). "vocab": cross-entropy over the whole vocabulary on the
     # answer's tokens (paper). "labels": cross-entropy over the K candidate labels' scores, the same
-    # scores the ranker reads (rerank/ranker.py), so every gradient step is about which candidate,
+    # scores the ranker reads (`rerank.inference.ranker.label_scores`), so every gradient step is about which candidate,
     # never about the answer's format.
     loss: Literal["vocab", "labels"] = "vocab"
     # How a candidate is scored (one forward pass either way). "label_tokens": the probability of its
     # label at the answer position (paper). "readout": a trained linear unit on the hidden state at
-    # the end of the candidate's own prompt line (rerank/readout.py), label-free, so it needs no
+    # the end of the candidate's own prompt line (`rerank.model.readout`), label-free, so it needs no
     # binding of content to a symbol; trained with loss "labels" (the same K-way cross-entropy).
     head: Literal["label_tokens", "readout"] = "label_tokens"
     # Label head only: + this x the readout loss of a training-only unit at each candidate's line end
@@ -209,14 +214,14 @@ class RerankerConfig:
     # Which validation NDCG@10 early stopping and the kept adapter follow: "retriever_order" (paper)
     # or "shuffled" (the content signal alone: the position prior is calibration's job).
     best_by: Literal["retriever_order", "shuffled"] = "retriever_order"
-    # Position prior removed at ranking (rerank/calibration.py): "none"; "permuted": each slot's mean
+    # Position prior removed at ranking (`rerank.inference.calibration`): "none"; "permuted": each slot's mean
     # score over validation prompts in seeded shuffled candidate orders (content averages out, the
     # slot's prior stays); "content_free": slot scores of one prompt whose history and candidates
     # are "N/A". The prior is subtracted from each slot's score before orders are averaged.
-    calibration: Literal["none", "permuted", "content_free"] = "none"
+    calibration: CalibrationMethod = "none"
     calibration_users: Optional[int] = 64  # permuted: covered val users scored (None = all)
     calibration_orders: int = 2  # permuted: shuffled orders per user
-    # Fusion with the retriever (rerank/fusion.py): final = z(LLM) + w * z(retriever score), z the
+    # Fusion with the retriever (`rerank.inference.fusion`): final = z(LLM) + w * z(retriever score), z the
     # per-user standardisation over the candidates; w picked on the validation users from
     # fusion_weights (the best val NDCG@10; ties to the smaller w), then applied to test.
     # False = the LLM alone (w = 0).
@@ -228,19 +233,19 @@ class RerankerConfig:
     save_total_limit: int = 3  # checkpoints kept under <run>/checkpoints; the best one always survives (paper: 3)
     dataloader_workers: int = 0  # processes building prompts; 0 = the training process (prompt building is cheap)
     resume: bool = False  # continue from the last checkpoint under <run>/checkpoints (same config and samples)
-    # Stage 1, optional domain-adaptive pre-training (not in the paper; rerank/pretrain.py): causal-LM
+    # Stage 1, optional domain-adaptive pre-training (not in the paper; `pretrain_stage`): causal-LM
     # loss on every token of the users' TRAIN histories rendered as text (windows of max_history
     # items in the prompt's history format), training the LoRA adapter that the reranking fine-tune
     # (stage 2) then continues. 0 = off (paper: fine-tune only).
     pretrain_steps: int = 0
     pretrain_learning_rate: float = 1e-4  # stage-1 peak learning rate (linear decay, no warm-up)
     pretrain_batch_size: int = 8  # history windows per stage-1 optimizer step
-    # Binding warm-up (rerank/warmup.py): optimizer steps on copy prompts (the answer is the candidate
+    # Binding warm-up (`binding_warmup_stage`): optimizer steps on copy prompts (the answer is the candidate
     # whose title closes the history) before the real training, which continues that adapter. 0 = off.
     binding_warmup_steps: int = 0
 
     def validate(self) -> None:
-        if self.dtype not in ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"):
+        if self.dtype != "auto" and self.dtype not in DTYPE_NAMES:
             raise PipelineError(f"reranker.dtype {self.dtype!r} is not one of auto, float32, bfloat16, float16")
         if (self.label_scheme == "custom") != bool(self.custom_labels):
             raise PipelineError(
@@ -255,11 +260,11 @@ class RerankerConfig:
         for name in ("title_max_tokens", "max_prompt_tokens"):
             if getattr(self, name) < 1:
                 raise PipelineError(f"reranker.{name} must be >= 1 (got {getattr(self, name)})")
-        # Ranking (rerank/ranker.py).
+        # Ranking (`rank_rows`).
         for name in ("rank_batch_size", "rank_permutations"):
             if getattr(self, name) < 1:
                 raise PipelineError(f"reranker.{name} must be >= 1 (got {getattr(self, name)})")
-        # Training (rerank/train.py).
+        # Training (`train_adapter`).
         if self.backend == "unsloth":  # at load, not when the model loads (after the retriever has trained)
             raise PipelineError(
                 "reranker.backend 'unsloth' is not supported (unsloth ignores the answer-only loss's logits_to_keep and "
@@ -356,12 +361,12 @@ class AnalysisConfig:
 
 @dataclass
 class ServeConfig:
-    """scripts/serve.py: the HTTP front end (serving/app.py) and what scores behind it."""
+    """scripts/serve.py: the HTTP front end (`serving.app.create_app`) and what scores behind it."""
 
     host: str = "127.0.0.1"  # loopback by default: exposing a model is the operator's choice (--host 0.0.0.0)
     port: int = 8000
     # "local": the run's model in this process; "vllm": a vLLM server's /v1/completions
-    # (serving/vllm_backend.py; single-token labels only), the scale-out path on GPUs.
+    # (`serving.vllm_backend.VLLMScorer`; single-token labels only), the scale-out path on GPUs.
     backend: Literal["local", "vllm"] = "local"
     # Concurrent requests are gathered into one forward pass: at most this many requests ...
     max_batch_size: int = 8
@@ -395,7 +400,7 @@ class ServeConfig:
 
 @dataclass
 class OverfitConfig:
-    """scripts/overfit_check.py (rerank/overfit.py): the learnability check, the reranker section's
+    """scripts/overfit_check.py (`rerank.overfit.run_check`): the learnability check, the reranker section's
     recipe trained on a handful of its own training prompts."""
 
     n_prompts: int = 32  # training prompts fitted (the reranker's max_train_samples during the check)

@@ -1,4 +1,4 @@
-"""Run directories (SPEC.md): config.yaml, run.json (provenance), metrics.json, data files."""
+"""Run directories (docs/design.md, "Run directories"): config.yaml, run.json (provenance), metrics.json, data files."""
 from __future__ import annotations
 
 import datetime as _dt
@@ -32,7 +32,7 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def _git_commit() -> str | None:
+def git_commit() -> str | None:
     try:
         out = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
@@ -130,7 +130,7 @@ class RunDir:
         write_yaml(self.path / CONFIG_YAML, to_dict(cfg))
         self._run = {
             "command": command,
-            "git_commit": _git_commit(),
+            "git_commit": git_commit(),
             "packages": _versions(),
             "python": sys.version.split()[0],
             "machine": _machine(),

@@ -3,7 +3,7 @@ counted by the code the run itself uses, without loading a model or training any
 
 It preprocesses the data (`load_dataset`), builds the reranker's training prompts
 (`rerank.run.training_samples`, the very call training makes), tokenizes them with the model's
-tokenizer (`rerank.collate.TrainingTexts`, the training encoder: prompt + answer label + end of
+tokenizer (`rerank.training.collate.TrainingTexts`, the training encoder: prompt + answer label + end of
 turn) and counts the validation / test prompts where candidates files exist. It prints the figures
 and writes them to <out>/dry_run.json (nothing else; --out need not be empty).
 
@@ -14,7 +14,7 @@ What cannot be counted before the retriever has run is said so, never guessed:
 - retriever/mix negatives come from the retriever's candidates_train(_prefixes).jsonl: the prompt
   count does not depend on the negatives (one prompt per kept prefix), but the token statistics are
   then taken with random negatives in their place, and marked approximate.
-The tokenizer: `rerank.models.load_tokenizer`. A Qwen2/Qwen2.5 hub id that cannot be loaded (no
+The tokenizer: `rerank.model.sources.load_tokenizer`. A Qwen2/Qwen2.5 hub id that cannot be loaded (no
 hub, not cached) falls back to the bundled Qwen2 tokenizer (tiny-qwen2's, the same token ids and
 ChatML template), said in the output; Qwen3 falls back too, marked approximate (its template adds
 an empty think block); other models must load.
@@ -32,6 +32,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from pipeline import rng_streams
 from pipeline.atomic import write_json
 from pipeline.candidates import candidates_path, read_rows
 from pipeline.config import Config, RerankerConfig, to_dict
@@ -44,7 +45,6 @@ OUT_FILE = "dry_run.json"
 # Tokenizing costs ~11 ms a prompt on one CPU core (ML-100K, 20 candidates), so all ~96K prompts of
 # an every-prefix recipe would take ~18 min; 2,000 take ~25 s and pin the mean to ~1%.
 DEFAULT_SAMPLE = 2000
-_SAMPLE_STREAM = 11  # RNG stream of the sample, apart from the samplers' (seed, user, t) streams
 # Hub ids whose tokenizer the bundled Qwen2 one reproduces exactly (token ids and ChatML template).
 _QWEN2 = re.compile(r"^qwen2(\.5)?([-_.]|$)", re.IGNORECASE)
 _QWEN3 = re.compile(r"^qwen3([-_.]|$)", re.IGNORECASE)  # same ids; its template adds <think></think>
@@ -162,7 +162,7 @@ def _token_lengths(samples: list, ds: Any, tokenizer: Any, rcfg: RerankerConfig,
     texts = TrainingTexts(samples, ds.titles, tokenizer, style, rcfg.supervise_end_of_turn, label_tokens(tokenizer, style))
     idx = range(len(samples))
     if sample and len(samples) > sample:
-        idx = sorted(np.random.default_rng([seed, _SAMPLE_STREAM]).choice(len(samples), size=sample, replace=False).tolist())
+        idx = sorted(np.random.default_rng([seed, rng_streams.DRY_RUN_SAMPLE]).choice(len(samples), size=sample, replace=False).tolist())
     lengths = np.array([len(texts[i]["input_ids"]) for i in idx], dtype=np.int64)
     return lengths, len(lengths)
 

@@ -7,7 +7,7 @@ one matmul per layer instead of base + low-rank. `export_merged(RUN, DIR)` write
 
 - the merged weights + config.json + generation_config.json (save_pretrained), and the tokenizer;
 - prompt_style.json: the adapter's prompt format, unchanged;
-- readout.safetensors (reranker.head readout): the trained readout unit (rerank/readout.py);
+- readout.safetensors (reranker.head readout): the trained readout unit (`rerank.model.readout`);
 - config.yaml: RUN/config.yaml with reranker.model = DIR's absolute path, so every script that takes
   reranker.model (or --set reranker.model=DIR) ranks with it and a server finds the run's dataset, and
   reranker.load_in_4bit false: the folder holds full weights, which an NF4 load would re-quantise, rounding
@@ -30,7 +30,7 @@ from pipeline.config import RerankerConfig, load_config, to_dict
 from pipeline.device import resolve_device
 from pipeline.errors import PipelineError
 from pipeline.run_files import CONFIG_YAML, METRICS_JSON, RUN_JSON
-from pipeline.rundir import _git_commit
+from pipeline.rundir import git_commit
 from rerank.load_run import RerankerRun, open_run
 from rerank.model.adapter import merge_lora, resolve_adapter_dir
 from rerank.model.readout import READOUT_MODULE, has_readout, save_readout_unit
@@ -98,7 +98,7 @@ def dequantized(model: PreTrainedModel) -> PreTrainedModel:
 
 def save_merged(merged: PreTrainedModel, directory: Path) -> None:
     """save_pretrained of the merged model; a readout unit (reranker.head readout) goes to its own
-    file (readout.safetensors), which from_pretrained does not know and rerank.models attaches."""
+    file (readout.safetensors), which from_pretrained does not know and `load_model_and_tokenizer` attaches."""
     if not has_readout(merged):
         merged.save_pretrained(directory)
         return
@@ -119,7 +119,7 @@ def export_info(run: RerankerRun, merged: PreTrainedModel) -> dict[str, Any]:
         "base_model": run.cfg.reranker.model,
         "dtype": str(next(merged.parameters()).dtype).replace("torch.", ""),
         "base_weights": "nf4_dequantized" if run.cfg.reranker.load_in_4bit else "original",
-        "git_commit": _git_commit(),  # the code that merged
+        "git_commit": git_commit(),  # the code that merged
         "source_git_commit": _read_json(run.path / RUN_JSON).get("git_commit"),  # the code that trained
         "tie_word_embeddings": bool(getattr(merged.config, "tie_word_embeddings", False)),
         "calibration": run_calibration(run.path),

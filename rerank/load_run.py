@@ -13,10 +13,10 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-import numpy as np
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from pipeline.candidates import candidates_path, is_covered, rankings_path, read_rows
+from pipeline import rng_streams
+from pipeline.candidates import candidates_path, covered_sample, rankings_path, read_rows
 from pipeline.config import Config, load_config
 from pipeline.data import load_dataset
 from pipeline.data.dataset import SplitDataset, titles_by_item
@@ -61,12 +61,7 @@ class RerankerRun:
     def covered_rows(self, split: str, max_users: Optional[int] = None, seed: Optional[int] = None) -> list[dict[str, Any]]:
         """The covered users' rows (the ones the reranker ranks), in file order; with `max_users`, a
         uniform sample of that many seeded by (`seed`, default the run's seed), still in file order."""
-        covered = [row for row in self.rows(split) if is_covered(row)]
-        if max_users is not None and len(covered) > max_users:
-            rng = np.random.default_rng([self.cfg.seed if seed is None else seed, 3])
-            keep = sorted(rng.choice(len(covered), size=max_users, replace=False).tolist())
-            covered = [covered[i] for i in keep]
-        return covered
+        return covered_sample(self.rows(split), max_users, self.cfg.seed if seed is None else seed, rng_streams.ANALYSIS_USERS)
 
     def rankings(self, split: str) -> list[dict[str, Any]]:
         """The run's own rankings rows of `split` (covered users, reranker scores)."""

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from transformers import TrainerCallback
 
+from pipeline import rng_streams
 from pipeline.atomic import write_json
 from pipeline.config import Config
 from pipeline.data import load_dataset
@@ -39,7 +40,6 @@ from rerank.training.stages import train_reranker
 RESULT_FILE = "overfit.json"
 PLOT_FILE = "overfit.png"
 MODES = ("redrawn", "fixed")  # re-drawn candidate orders every epoch / one order per prompt
-_CHECK_STREAM = 11  # the scoring orders' RNG stream, apart from the sampler's and the epochs' draws
 
 
 def sample_rows(samples: Sequence[TrainSample], ds: SplitDataset, epoch: int, seed: int) -> list[dict[str, Any]]:
@@ -47,7 +47,7 @@ def sample_rows(samples: Sequence[TrainSample], ds: SplitDataset, epoch: int, se
     order drawn for `epoch` (seeded by seed, user, position, epoch), unlike any training order."""
     rows = []
     for s in samples:
-        order = np.random.default_rng([seed, s.user, s.position, epoch, _CHECK_STREAM]).permutation(len(s.candidates))
+        order = np.random.default_rng([seed, s.user, s.position, epoch, rng_streams.OVERFIT_ORDERS]).permutation(len(s.candidates))
         rows.append(
             {
                 "user": ds.user_ids[s.user],

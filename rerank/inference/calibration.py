@@ -2,7 +2,7 @@
 
 A reranker reads one score per slot (the label shown in that slot). Part of it is the candidate's
 content, part a prior over the slot itself (e.g. a preference for "A" learnt from prompts where the
-retriever's top candidate, shown first, was often right). `reranker.calibration` (pipeline/config.py):
+retriever's top candidate, shown first, was often right). `reranker.calibration` (`RerankerConfig`):
 
 - "none": scores as the model gives them;
 - "permuted": `calibration_users` covered VALIDATION users (a seeded sample), each shown in
@@ -25,12 +25,13 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
+from pipeline import rng_streams
 from pipeline.candidates import covered_sample
-from pipeline.config import RerankerConfig
+from pipeline.config import CALIBRATION_METHODS, RerankerConfig
 from pipeline.errors import PipelineError
 from rerank.inference.ranker import candidate_orders, score_orders
 
-METHODS = ("none", "permuted", "content_free")
+METHODS = CALIBRATION_METHODS  # named once, in the config
 CONTENT_FREE = "N/A"  # the history item and every candidate of the content-free prompt
 Prior = dict[int, list[float]]  # candidate count K -> the prior of each of its K slots (mean 0)
 
@@ -57,10 +58,9 @@ def prior_from_slot_scores(prompts: Iterable[Sequence[float]]) -> Prior:
 def sample_users(rows: Sequence[Mapping[str, Any]], n: Optional[int], seed: int) -> list[Mapping[str, Any]]:
     """The covered rows (target among the candidates), or a seeded uniform sample of `n` of them
     in file order (a draw of its own, apart from training's validation users)."""
-    return covered_sample(rows, n, seed, _CALIBRATION_STREAM)
+    return covered_sample(rows, n, seed, rng_streams.CALIBRATION_USERS)
 
 
-_CALIBRATION_STREAM = 17
 
 
 def permuted_rows(rows: Sequence[Mapping[str, Any]], orders: int, seed: int) -> list[dict[str, Any]]:

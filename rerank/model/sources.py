@@ -26,7 +26,7 @@ from urllib.parse import urlparse
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from pipeline.config import RerankerConfig
+from pipeline.config import DTYPE_NAMES, RerankerConfig
 from pipeline.device import resolve_device
 from pipeline.errors import PipelineError
 from rerank.model.standins import SMOLLM2, STANDINS, TINY_QWEN2, finish_tokenizer, standin_folder
@@ -196,7 +196,7 @@ def resolve_dtype(dtype: DType, device: str) -> torch.dtype:
             # argument, is_bf16_supported() also says yes on V100/T4, which only emulate it, slowly.
             return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
         return torch.float32  # CPU: bf16 matmuls are slow on most CPUs and lose precision
-    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    names = dict(zip(DTYPE_NAMES, (torch.float32, torch.float32, torch.bfloat16, torch.bfloat16, torch.float16, torch.float16)))
     if dtype not in names:
         raise PipelineError(f"unknown dtype {dtype!r}: use auto, float32, bfloat16 or float16")
     return names[dtype]

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from pipeline import rng_streams
 from pipeline.errors import PipelineError
 from rerank.model.readout import padded_ends
 from rerank.prompting.labels import LabelTokens, encode
@@ -115,12 +116,11 @@ def epoch_order(sample: TrainSample, epoch: int, seed: Optional[int]) -> TrainSa
     the same order (no slot can be memorised with its prompt)."""
     if seed is None or epoch == 0:
         return sample
-    order = np.random.default_rng([seed, sample.user, sample.position, epoch, _EPOCH_STREAM]).permutation(len(sample.candidates))
+    order = np.random.default_rng([seed, sample.user, sample.position, epoch, rng_streams.EPOCH_ORDER]).permutation(len(sample.candidates))
     cands = tuple(sample.candidates[i] for i in order)
     return dataclasses.replace(sample, candidates=cands, target_index=int(np.flatnonzero(order == sample.target_index)[0]))
 
 
-_EPOCH_STREAM = 7  # keeps the epoch draws apart from the sampler's (seed, user, t) streams
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,7 @@ from typing import Any, Literal, Optional, Sequence
 
 import numpy as np
 
+from pipeline import rng_streams
 from pipeline.config import RerankerConfig
 from pipeline.data.dataset import SplitDataset
 from pipeline.errors import PipelineError
@@ -40,7 +41,6 @@ log = logging.getLogger(__name__)
 
 Negatives = Literal["random", "retriever", "mix"]
 USES_RETRIEVER = ("retriever", "mix")  # the negatives that read the retriever's candidates files
-_CAP_STREAM = 1  # RNG stream of the max_samples draw, apart from the per-sample streams
 
 
 @dataclass(frozen=True)
@@ -101,7 +101,7 @@ def build_samples(
 
     prefixes = _prefixes(ds, min_history, max_prefixes_per_user)
     if max_samples is not None and len(prefixes) > max_samples:
-        keep = np.random.default_rng([seed, _CAP_STREAM]).choice(len(prefixes), size=max_samples, replace=False)
+        keep = np.random.default_rng([seed, rng_streams.SAMPLE_CAP]).choice(len(prefixes), size=max_samples, replace=False)
         prefixes = [prefixes[i] for i in sorted(keep.tolist())]
 
     samples = []
@@ -235,7 +235,7 @@ def _hard_negatives(ds: SplitDataset, rows: Sequence[dict[str, Any]]) -> dict[in
 
 def _prefix_negatives(ds: SplitDataset, rows: Sequence[dict[str, Any]]) -> dict[tuple[int, int], list[int]]:
     """(dense user index, position t) -> the retriever's candidates after that prefix (dense ids,
-    retriever order), from candidates_train_prefixes.jsonl rows (pipeline/candidates.py)."""
+    retriever order), from candidates_train_prefixes.jsonl rows (`pipeline.candidates.read_prefix_rows`)."""
     users = {uid: u for u, uid in enumerate(ds.user_ids)}
     items = ds.item_index()
     out: dict[tuple[int, int], list[int]] = {}

@@ -9,6 +9,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from pipeline import rng_streams
 from pipeline.candidates import covered_sample
 from pipeline.errors import PipelineError
 from pipeline.metrics import candidate_rank, metrics_from_ranks
@@ -37,27 +38,25 @@ def shuffled_rows(rows: Sequence[Mapping[str, Any]], seed: int) -> list[dict[str
     what the LLM sees when the retriever's order carries no information."""
     out = []
     for row in rows:
-        order = np.random.default_rng([seed, _SHUFFLE_STREAM, *str(row["user"]).encode()]).permutation(len(row["candidates"]))
+        order = np.random.default_rng([seed, rng_streams.VAL_SHUFFLE, *str(row["user"]).encode()]).permutation(len(row["candidates"]))
         out.append({**row, "candidates": [row["candidates"][i] for i in order], "scores": [row["scores"][i] for i in order]})
     return out
 
 
-_SHUFFLE_STREAM = 3  # apart from the validation users' draw
 
 
 def select_val_rows(rows: Sequence[Mapping[str, Any]], max_users: Optional[int], seed: int) -> list[Mapping[str, Any]]:
     """The covered rows (target among the candidates: the users the reranker sees), a seeded uniform
     sample of `max_users` of them when given, in file order."""
-    return covered_sample(rows, max_users, seed, _VAL_STREAM)
+    return covered_sample(rows, max_users, seed, rng_streams.VAL_USERS)
 
 
-_VAL_STREAM = 2  # the validation users' draw
 
 
 def ranking_scorer(
     tokenizer: PreTrainedTokenizerBase, style: PromptStyle, titles_by_item: Mapping[str, str], batch_size: int
 ) -> ScoreRows:
-    """The ranker (rerank/ranker.py, one pass, the retriever's candidate order) as a ScoreRows."""
+    """The ranker (`rank_rows`, one pass, the retriever's candidate order) as a ScoreRows."""
     from rerank.inference.ranker import rank_rows
 
     def score(model: torch.nn.Module, rows: Sequence[Mapping[str, Any]]) -> list[list[float]]:
