@@ -1,4 +1,4 @@
-"""The candidates / rankings file format (SPEC.md), and the per-prefix train candidates file
+"""The candidates / rankings file format (docs/design.md, "Run directories"), and the per-prefix train candidates file
 (candidates_train_prefixes.jsonl, below), read and written in one place.
 
 One JSON object per line:

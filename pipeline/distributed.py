@@ -4,7 +4,7 @@
     accelerate launch --multi_gpu --num_processes 2 scripts/... --set reranker.device=cpu   # 2 CPU processes, gloo
 
 Training is data parallel through the transformers Trainer (it reads the same accelerate state).
-Ranking splits its batches across the processes (rerank/evaluate.py `rank_split`). Files of the
+Ranking splits its batches across the processes (`rerank.inference.rank_split.rank_split`). Files of the
 run directory are written by the main process only; the others wait at a barrier where a later
 step reads what the main process wrote. Run directories must be on a filesystem every process sees
 (as the Trainer's checkpoints must).

@@ -36,7 +36,7 @@ def metric_keys(ks: Iterable[int]) -> list[str]:
 def per_user_metrics(ranks: Sequence[Optional[int]], ks: Iterable[int] = METRIC_KS) -> dict[str, list[float]]:
     """Each user's Recall/NDCG/MRR@k from its 1-based target rank (None = missed scores 0), in
     user order. The one place the formulas live: `metrics_from_ranks` averages these, and paired
-    significance tests (pipeline/significance.py) resample them user by user."""
+    significance tests (`pipeline.significance.paired_tests`) resample them user by user."""
     ks = list(ks)
     out: dict[str, list[float]] = {}
     for k in ks:
@@ -64,7 +64,7 @@ def full_catalogue_ranks(scores: torch.Tensor, targets: torch.Tensor, masked: to
     that cannot be recommended (padding index, the user's input history). The target itself is
     never masked. Ties go to the lower item index. A non-finite score of an item not masked is
     refused (masked items may hold -inf); the retriever's own check names the fix first
-    (retrieval/evaluate.py masked_scores).
+    (`retrieval.evaluate.masked_scores`).
     """
     bad = ~torch.isfinite(scores) & ~masked
     if bad.any():

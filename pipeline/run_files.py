@@ -1,5 +1,5 @@
 """The names of the files and folders a run directory holds: the contract between the stages, the
-analyses and the server (README, "Run directories"), named once here.
+analyses and the server (docs/design.md, "Run directories"), named once here.
 
 Both stages write `CONFIG_YAML`, `RUN_JSON`, `METRICS_JSON` and `METRICS_MD`; the candidates and
 rankings files are named by `pipeline.candidates`. A retriever run adds `DATASET_STATS`,

@@ -5,8 +5,8 @@ metric (system b - system a), resampled over users with replacement. Percentile 
 p-value from the bootstrap distribution shifted to the null of no difference; seeded and
 vectorised; plus a paired t-test where scipy is installed.
 
-The one implementation: the reranker run's metrics.json (rerank/evaluate.py, reranker vs retriever
-order) and the paper tables (analysis/significance.py, analysis/tables.py) both call it.
+The one implementation: the reranker run's metrics.json (`rerank.evaluation.evidence.bootstrap_vs_retriever`, reranker vs
+retriever order) and the paper tables (the `analysis` package) both call it.
 """
 from __future__ import annotations
 
@@ -68,7 +68,7 @@ def paired_tests(
     confidence: float = CONFIDENCE,
 ) -> dict[str, PairedResult]:
     """Paired bootstrap (and t-test) of reranker - retriever for each of `metrics`; the values are
-    per-user arrays in the same user order (pipeline/metrics.py `per_user_metrics`)."""
+    per-user arrays in the same user order (`pipeline.metrics.per_user_metrics`)."""
     if n_resamples < 1:
         raise PipelineError(f"--resamples must be >= 1 (got {n_resamples})")
     if not 0.0 < confidence < 1.0:

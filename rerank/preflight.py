@@ -8,7 +8,7 @@ before the reranker's first training step, not after minutes of training and ran
   (the longest titles of the catalogue, no history, must fit max_prompt_tokens: otherwise some
   prompt fails when built, during training or ranking) and the position-prior calibration (a
   "permuted" prior exists only for candidate counts that its validation users have).
-Each message names a fix that passes these same checks (tests/test_preflight.py runs them).
+Each message names a fix that passes these same checks (the preflight tests, `test_preflight`, run them).
 """
 from __future__ import annotations
 

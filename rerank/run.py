@@ -8,12 +8,12 @@ Resumable (`resume`, the scripts' --resume): finished stages are kept, interrupt
   trained again); otherwise it continues from the last complete checkpoint under checkpoints/
   (a checkpoint a kill cut short is deleted first), or starts afresh when there is none.
 - A split's ranking is finished when rankings_<split>.jsonl exists; otherwise it continues from
-  rankings_<split>.jsonl.partial (rerank/progress.py) without scoring a finished batch again. The
+  rankings_<split>.jsonl.partial (`PartialRankings`) without scoring a finished batch again. The
   partial file stays until the post-processing (calibration, fusion: `finalise`) has written the
   final file; a kept final file gives back the raw LLM scores and the post-processing is recomputed.
 
 Under `accelerate launch` every process trains (the Trainer's data parallelism) and ranks its
-share of the batches (rerank/distributed.py); only the main process writes files.
+share of the batches (`pipeline.distributed`); only the main process writes files.
 """
 from __future__ import annotations
 
@@ -127,10 +127,10 @@ def check_labels_fit(cfg: Config, rows: Mapping[str, Sequence[Mapping[str, Any]]
 
 
 def training_samples(cfg: Config, ds: SplitDataset, candidates_dir: str | Path) -> list[TrainSample]:
-    """The reranker's training prompts (rerank/samples.py) for `cfg`: random negatives need nothing
+    """The reranker's training prompts (`build_samples`) for `cfg`: random negatives need nothing
     else; retriever/mix negatives read `candidates_dir`'s candidates_train.jsonl and, when the
     retriever wrote it, candidates_train_prefixes.jsonl (per-prefix negatives). Training and
-    `--dry-run` (rerank/dry_run.py) both call this, so they count the same prompts."""
+    `--dry-run` (`rerank.dry_run.dry_run`) both call this, so they count the same prompts."""
     candidates_dir = Path(candidates_dir)
     known = set(ds.item_ids[1:])
     train_rows = prefix_rows = None

@@ -1,5 +1,5 @@
 """Retriever output -> candidates rows and metrics (full catalogue and coverage), and the
-per-prefix train candidates (candidates_train_prefixes.jsonl, pipeline/candidates.py)."""
+per-prefix train candidates (candidates_train_prefixes.jsonl, `pipeline.candidates.write_prefix_rows`)."""
 from __future__ import annotations
 
 from typing import Optional
@@ -56,9 +56,9 @@ def prefix_positions(ds: SplitDataset, u: int, last_n: Optional[int]) -> list[in
 def retrieve_prefixes(
     score_fn: ScoreFn, ds: SplitDataset, top_k: int, last_n: Optional[int] = None, batch_size: int = 256, progress: bool = True
 ) -> list[dict]:
-    """candidates_train_prefixes.jsonl rows (pipeline/candidates.py), one per user: for each kept
+    """candidates_train_prefixes.jsonl rows (`pipeline.candidates.read_prefix_rows`), one per user: for each kept
     prefix t of the user's train sequence (`prefix_positions`), the retriever's top_k after the
-    input items[:t] with that input masked (retrieval/evaluate.py's rule: ties lower item id
+    input items[:t] with that input masked (`retrieval.evaluate.top_k_masked`'s rule: ties lower item id
     first, masked items never candidates), original item ids, retriever order. Scores go through
     `score_fn` in batches of `batch_size` prefixes, so every retriever works."""
     pairs = [(u, t) for u in range(ds.n_users) for t in prefix_positions(ds, u, last_n)]

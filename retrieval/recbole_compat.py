@@ -6,7 +6,7 @@ The rest of the code base imports recbole only through this module:
 
 We use recbole's model classes, its `Config` (for each model's own default hyper-parameters
 and field names) and its batch transforms (BERT4Rec's masking), never its Trainer, datasets
-or dataloaders (about 10x slower than feeding the model classes our own batches; SPEC).
+or dataloaders (about 10x slower than feeding the model classes our own batches, measured on ML-100K).
 
 Workarounds, and why each is needed:
 1. numpy-2 aliases (`np.float_`, `np.complex_`, `np.unicode_`, `np.bool8`), set before recbole

@@ -1,7 +1,7 @@
 """recbole's sequential model classes (SASRec, BERT4Rec, NARM, GRU4Rec) as our retrievers.
 
 The models are recbole 1.2.1's own classes, their layers and weights unchanged; we replace only
-recbole's Trainer and dataloaders (SPEC: ~10x slower) with our shared loop
+recbole's Trainer and dataloaders (measured ~10x slower per epoch) with our shared loop
 (`retrieval.training.fit`), and feed them batches built here. What a training row is
 (`retriever.train_on`; `objective` below), by default (`DEFAULT_TRAIN_ON`):
 
@@ -17,8 +17,8 @@ recbole's Trainer and dataloaders (SPEC: ~10x slower) with our shared loop
   with the model's own `loss_fct` (mean over the positions), target s[t+1]. Both models are
   causal (SASRec's attention mask is lower-triangular over right-padded items, the GRU runs left
   to right), so position t's output is exactly the output of the prefix window[:t+1]: the loss is
-  the mean of recbole's `calculate_loss` over those prefixes (tests/test_recbole_models.py checks
-  it), in one pass instead of one per prefix. recbole's sequential augmentation gives each prefix
+  the mean of recbole's `calculate_loss` over those prefixes
+  (`test_all_position_loss_is_mean_of_recbole_prefix_losses` checks it), in one pass instead of one per prefix. recbole's sequential augmentation gives each prefix
   its last max_len items as context; here a position sees its window's items up to it (as LRURec,
   and SASRec's paper, train).
 - NARM: windows too ("all_positions"), through `narm_per_position_output`. recbole's NARM
@@ -28,7 +28,7 @@ recbole's Trainer and dataloaders (SPEC: ~10x slower) with our shared loop
   computation with one query per position t over the states j <= t (a lower-triangular mask in
   place of recbole's padding mask), written with the model's own modules (item_embedding,
   emb_dropout, gru, a_1, a_2, v_t, ct_dropout, b) and weights: position t's output is exactly
-  recbole's `forward` of the prefix window[:t+1] (tests/test_recbole_models.py checks it, and
+  recbole's `forward` of the prefix window[:t+1] (the same test checks it, and
   the loss against `calculate_loss` over every prefix). It costs sigmoid(A1 h_j + A2 h_t) for
   every pair j <= t (hidden wide), computed in blocks of queries (NARM_QUERY_BLOCK); the config
   header gives the measured epoch time. train_on=prefixes keeps recbole's prefix instances.

@@ -3,7 +3,7 @@
 Resumable: with `resume`, a finished stage (every candidates file, the per-prefix train candidates
 when retriever.prefix_candidates asks for them, and the val/test metrics written) is kept as it
 is; an unfinished one continues training from the last epoch the killed run finished
-(`retrieval/training.py`, `retriever_state.pt`, removed once the stage is finished).
+(`retrieval.training.fit`, `retriever_state.pt`, removed once the stage is finished).
 """
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ folder; written all at once, so a failed export leaves nothing. --set changes ho
 loaded for the merge (reranker.device, reranker.dtype). Writes to --out: the merged weights,
 config.json, the tokenizer, prompt_style.json, config.yaml (the run's, reranker.model = --out) and
 export.json (source run, adapter, base model, git commits, the run's calibration prior).
-See rerank/export.py.
+See `rerank.export.export_merged`.
 """
 from pipeline.cli import parser, run_main
 from pipeline.errors import PipelineError

@@ -4,7 +4,7 @@
         [--set retriever_run=runs/default] [--set overfit.modes=[redrawn]] [--set reranker.label_position=after ...]
 
 Trains cfg.overfit.n_prompts training prompts for cfg.overfit.epochs epochs, once with candidate
-orders re-drawn every epoch and once with fixed orders (rerank/overfit.py), and writes to --out:
+orders re-drawn every epoch and once with fixed orders (`rerank.overfit.run_check`), and writes to --out:
 config.yaml, run.json, overfit.json (per epoch: training loss, top-1 on those prompts in fresh
 orders), overfit.png, and each mode's training under <mode>/. Retriever negatives (train_negatives
 mix/retriever) come from retriever_run's candidates; without retriever_run the retriever is trained

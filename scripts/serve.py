@@ -4,7 +4,7 @@
     python scripts/serve.py --model exports/default      # a merged export (scripts/export_model.py)
     python scripts/serve.py --run runs/default --set serve.backend=vllm --set serve.vllm_url=http://127.0.0.1:8001
 
-Settings: the `serve` section of pipeline/config.py (batching, queue bound, calibration, backend),
+Settings: the `serve` section of the config (`ServeConfig`: batching, queue bound, calibration, backend),
 read from the run's config.yaml (or the export's) with --set overrides; --host/--port win over
 serve.host/serve.port. Binds 127.0.0.1 unless told otherwise.
 """

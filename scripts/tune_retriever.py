@@ -1,4 +1,4 @@
-"""Tune a retriever on validation only: the same coordinate-wise grid for every method (analysis/tuning.py).
+"""Tune a retriever on validation only: the same coordinate-wise grid for every method (`analysis.tuning`).
 
     python scripts/tune_retriever.py --model sasrec --out runs/tune [--jobs 2] [--seeds 0 1 2] [--stages 3] [--dry-run]
 

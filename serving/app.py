@@ -3,7 +3,7 @@
 FastAPI (on uvicorn) because it is the stack the rerank servers we mirror are written in (vLLM's
 and Infinity's OpenAPI front ends): pydantic validates the body and FastAPI publishes the schema at
 /openapi.json and /docs without code of ours. What is ours: turning validation errors into one-line
-4xx messages that name the field and the fix, and the micro-batcher (serving/batcher.py) that lets
+4xx messages that name the field and the fix, and the micro-batcher (`MicroBatcher`) that lets
 concurrent requests share a forward pass.
 """
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """The reranker behind the HTTP API: a request becomes the run's prompt, its label scores, a ranking.
 
 `RerankEngine.prepare` checks a request against the run (item ids of its catalogue, or titles in text
-mode as serving/schema.py defines it; no more documents than labels) and tokenizes its prompt with the
-run's prompt builder (`rerank.prompts.encode_prompt`, the function training and batch ranking use,
+mode as `serving.schema.RerankRequest` defines it; no more documents than labels) and tokenizes its prompt with the
+run's prompt builder (`rerank.prompting.prompts.encode_prompt`, the function training and batch ranking use,
 with the adapter's saved `PromptStyle`): a title reaches it the same way whether the client sent the
 item's id or its title. `score` runs a batch of prepared requests through the `Scorer` (one forward
 pass for the local model) and removes the run's position prior when the run was calibrated. The
@@ -157,7 +157,7 @@ class RerankEngine:
 
     def _given_title(self, text: str, field: str) -> str:
         """A title the client wrote. Blank is refused (the prompt would show an empty line); line breaks
-        and runs of spaces are the prompt builder's to collapse (rerank.prompts.cut_title)."""
+        and runs of spaces are the prompt builder's to collapse (`rerank.prompting.titles.cut_title`)."""
         if not text.strip():
             raise RequestError(422, f"{field}: the title is blank: send the item's title")
         return text

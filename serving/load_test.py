@@ -1,6 +1,6 @@
 """A bounded load test of the HTTP server on loopback: latency, throughput, errors, and correctness.
 
-`run_load_test` starts scripts/serve.py on 127.0.0.1 (serving/launch.py), scores every payload once
+`run_load_test` starts scripts/serve.py on 127.0.0.1 (`serving.launch.ServerProcess`), scores every payload once
 alone (the reference, and the warm-up), then for each concurrency level sends a fixed number of
 valid requests from that many client threads, and finally a burst at the highest level with
 malformed requests mixed into valid ones. Every 200 answer is checked against the reference (same

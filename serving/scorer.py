@@ -1,8 +1,8 @@
 """What turns tokenized prompts into label scores behind the HTTP front end: one interface, two backends.
 
-A `Scorer` takes prompts that end where the answer starts (`rerank.prompts.encode_prompt`) and the
+A `Scorer` takes prompts that end where the answer starts (`rerank.prompting.prompts.encode_prompt`) and the
 `LabelTokens` of their candidate count (`label_tokens(...).for_k(K)`), and returns, per prompt,
-log P(label k | prompt) for each of the K labels: the numbers `rerank.ranker.score_prompts` computes.
+log P(label k | prompt) for each of the K labels: the numbers `rerank.inference.ranker.score_prompts` computes.
 
 - `LocalScorer`: the model in this process (an adapter run or a merged export), one forward pass
   per call through `score_prompts`, so a batch of requests costs one pass.

@@ -4,7 +4,7 @@ The server runs the base model with the run's LoRA adapter (`vllm serve BASE --e
 --lora-modules reranker=RUN/adapter`), so this process needs no model and the GPUs can be replicas
 behind a load balancer. One POST /v1/completions scores a batch of token-id prompts: `max_tokens` 1
 and `logprob_token_ids` (vLLM PR #43463) return, at the answer position, the log-probability over
-the whole vocabulary of every requested label id, the number `rerank.ranker.score_prompts` gives.
+the whole vocabulary of every requested label id, the number `rerank.inference.ranker.score_prompts` gives.
 Only the next token is scored, so label sets scored by more than one token are refused (`check`).
 """
 from __future__ import annotations

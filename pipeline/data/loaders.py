@@ -392,7 +392,7 @@ def load_raw(cfg: DataConfig):
 
 
 def raw_files(cfg: DataConfig) -> list[Path]:
-    """The files a dataset is read from (their content keys the preprocessing cache: pipeline/data/fingerprint.py)."""
+    """The files a dataset is read from (their content keys the preprocessing cache: `pipeline.data.fingerprint.data_fingerprint`)."""
     root = Path(cfg.path) if cfg.path else bundled_ml100k_dir()
     names = {
         "ml-100k": ["ml-100k.inter", "ml-100k.item"],

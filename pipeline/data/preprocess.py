@@ -152,7 +152,7 @@ def dataset_name(cfg: DataConfig) -> str:
 
 
 def _cache_key(cfg: DataConfig) -> str:
-    """The data settings and the raw files' CONTENT (pipeline/data/fingerprint.py): a file rewritten
+    """The data settings and the raw files' CONTENT (`data_fingerprint`): a file rewritten
     with the same size and mtime is a new key, a file touched but unchanged is the same one."""
     settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "cache_dir"}
     blob = json.dumps({"v": CACHE_VERSION, "cfg": settings, "files": data_fingerprint(cfg)}, sort_keys=True)

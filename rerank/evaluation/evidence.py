@@ -48,7 +48,7 @@ def bootstrap_vs_retriever(
     metric: str = BOOTSTRAP_METRIC,
     n_resamples: int = BOOTSTRAP_RESAMPLES,
 ) -> dict[str, Any]:
-    """Paired bootstrap (pipeline/significance.py, per-user resampling, seeded) of the subset
+    """Paired bootstrap (`pipeline.significance.paired_tests`, per-user resampling, seeded) of the subset
     `metric` of each `keys` entry (name -> rankings field with its scores) minus the retriever's
     order, over the rankings' (covered) users: {name: {mean, ci_low, ci_high, p_bootstrap}}. Every
     comparison draws the same resampled users."""

@@ -16,7 +16,7 @@ from pipeline.run_files import TRAIN_SUMMARY
 
 
 def write_plots(run_dir: Path, metrics: Mapping[str, Any]) -> list[Path]:
-    """The run's evidence as PNGs (analysis/plots.py): top1_slots_<split>.png, the LLM-alone top-1
+    """The run's evidence as PNGs (drawn with `pipeline.plotting`): top1_slots_<split>.png, the LLM-alone top-1
     slot histogram, and train_curves.png from train_summary.json when the run trained."""
 
     out = []

@@ -15,7 +15,7 @@ TABLE_METRICS = ("NDCG", "Recall", "MRR")
 def markdown_table(section: Mapping[str, Any], ks: Sequence[int] = TABLE_KS) -> str:
     """Retriever vs reranker on the covered subset and overall (NDCG/Recall/MRR @5 and @10), as
     a markdown table for one split's metrics section. Sections with the LLM-alone entries
-    (`llm_subset`, ...: rerank/run.py) show them side by side, with the fusion weight, the paired
+    (`llm_subset`, ...: `llm_evidence`) show them side by side, with the fusion weight, the paired
     bootstrap intervals and the LLM's top-1 slot figures below the table."""
     cols = [f"{m}@{k}" for k in ks for m in TABLE_METRICS]
     lines = [

@@ -55,7 +55,7 @@ def fused_scores(llm: Sequence[Sequence[float]], retriever: Sequence[Sequence[fl
 
 
 def subset_metric(rankings: Sequence[Mapping[str, Any]], scores: Sequence[Sequence[float]], metric: str = FIT_METRIC) -> float:
-    """`metric` (e.g. NDCG@10) over the rankings' users when ranked by `scores` (pipeline/metrics.py)."""
+    """`metric` (e.g. NDCG@10) over the rankings' users when ranked by `scores` (`pipeline.metrics`)."""
     k = int(metric.split("@")[1])
     ranks = [candidate_rank(s, rk["candidates"], rk["target"]) for rk, s in zip(rankings, scores)]
     return metrics_from_ranks(ranks, [k])[metric]

@@ -1,6 +1,6 @@
 """Ranking progress on disk: <run>/rankings_<split>.jsonl.partial, so a killed ranking resumes.
 
-The ranker scores a split as a fixed list of batches (rerank/evaluate.py `rank_split`: prompts
+The ranker scores a split as a fixed list of batches (`rerank.inference.rank_split.rank_split`: prompts
 sorted by length, cut into `rank_batch_size` batches, the same batches as one uninterrupted pass,
 so the scores are the same to the last bit). The partial file is append-only JSON lines:
 

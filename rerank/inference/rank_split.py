@@ -1,7 +1,7 @@
 """Rerank one split's candidates and measure it: the rankings rows and the split's metrics.json section.
 
-Only covered users (target among the candidates) are sent to the model (SPEC: the others are not
-sent to the LLM); every number comes from pipeline/metrics.py:
+Only covered users (target among the candidates) are sent to the model (docs/design.md, "Stages and
+data flow": the others are not sent to the LLM); every number comes from `pipeline.metrics`:
 - `subset`: the reranker on the covered users (paper Table 3, right);
 - `overall`: coverage-weighted, subset * n_covered / n_users (paper Table 1): for k <= the
   candidate count an uncovered user scores 0 whatever the order;
@@ -50,7 +50,7 @@ def rank_split(
     scores): the candidates-file fields with `scores` = reranker scores in `candidates` order, plus
     "label_scheme".
 
-    `partial`: the split's progress file (rerank/progress.py): batches it already holds are kept,
+    `partial`: the split's progress file (`PartialRankings`): batches it already holds are kept,
     each newly scored batch is appended to it at once, so a killed ranking resumes where it stopped.
     Under `accelerate launch` the batches are shared out among the processes, one per process at a
     time, and every process returns all rows. Either way the batches are exactly those of one

@@ -9,7 +9,7 @@ distribution after each distinct proper prefix. Those prefixes form a trie; each
 internal nodes is fed as a short continuation (a few tokens) on the KV cache of the same pass, one
 cache row per path, and every label's score is the sum of log-probs along its path.
 
-`rank_rows` turns candidates-file rows into prompts (rerank/prompts.py), scores them, and returns
+`rank_rows` turns candidates-file rows into prompts (`rerank.prompting.prompts.encode_prompt`), scores them, and returns
 each row's scores in the order of its `candidates`; `permutations > 1` averages each candidate's
 score over several seeded candidate orders (position-bias control).
 """
@@ -81,7 +81,7 @@ def score_prompts(
     ends: Optional[Sequence[Sequence[int]]] = None,
 ) -> list[list[float]]:
     """log P(label_tokens.scored_ids[i] | prompt) for every prompt (row) and label i (column); for
-    a model with the readout head (rerank/readout.py), its score of candidate i, read at `ends`
+    a model with the readout head (`rerank.model.readout`), its score of candidate i, read at `ends`
     (per prompt, each candidate line's last token: `prompts.encode_prompt_ends`).
 
     `prompts_ids`: token ids of prompts that end where the answer starts (`labels.encode` of

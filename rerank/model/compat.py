@@ -5,7 +5,7 @@ capped it at 5.17, left it (README, GPU). Each is detected by feature, not by ve
 
 - Gradient checkpointing in TrainingArguments: `activation_checkpointing(_kwargs)` in 5.23, where
   `gradient_checkpointing(_kwargs)` is a deprecated alias; 5.17 has only `gradient_checkpointing(_kwargs)`.
-- `logits_to_keep` as a boolean (batch, sequence) mask (the answer-only loss, rerank/train.py): 5.23's
+- `logits_to_keep` as a boolean (batch, sequence) mask (the answer-only loss, `rerank.training.loss`): 5.23's
   causal LMs take it (`modeling_utils.slice_logits_to_keep`) and return (N, vocabulary) logits; 5.17's
   index hidden_states[:, logits_to_keep, :] and fail on a 2-D mask. There the model gets the 1-D index of
   the columns holding any kept position (with left padding, the last few) and the kept rows are taken from

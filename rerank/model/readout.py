@@ -4,15 +4,15 @@ A small LM binds a candidate's content to its label symbol poorly (multiple-choi
 yet whether a candidate is the answer is linearly readable from the hidden state at the end of that
 candidate's line. The readout scores candidate k as w . h(end of line k) + b: the model's last
 hidden state (after its final norm) at the last token of the candidate's prompt line
-(`rerank.prompts.encode_prompt_ends`, measured from the tokenizer's offsets, never assumed), through one
+(`rerank.prompting.prompts.encode_prompt_ends`, measured from the tokenizer's offsets, never assumed), through one
 trained linear unit. Still one forward pass over the same prompt as the label heads; the K scores
 go through the same K-way cross-entropy in training and the same calibration and fusion after.
 
 The unit is a submodule of the base model (`READOUT_MODULE`), trained and saved by peft as a
 `modules_to_save` module, so the adapter folder carries it (adapter_model.safetensors) and
 `PeftModel.from_pretrained` restores it; `adapter_has_readout` tells from adapter_config.json. A
-merged export (rerank/export.py) holds it as `READOUT_FILE` beside the weights, and
-`rerank.models.load_model_and_tokenizer` attaches it again when it loads such a folder.
+merged export (`rerank.export.save_merged`) holds it as `READOUT_FILE` beside the weights, and
+`rerank.model.sources.load_model_and_tokenizer` attaches it again when it loads such a folder.
 """
 from __future__ import annotations
 

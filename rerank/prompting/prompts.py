@@ -52,7 +52,7 @@ def _input_text(history: Sequence[str], candidates: Sequence[str], labels: Seque
 def history_text(history: Sequence[str], tokenizer: PreTrainedTokenizerBase, style: PromptStyle) -> str:
     """A history as the prompt shows it ("User history:" + numbered titles, each cut to
     `title_max_tokens`), with no template around it: the text of domain-adaptive pre-training
-    (rerank/pretrain.py), so stage 1 sees items in exactly the form the reranking prompts use."""
+    (`pretrain_stage`), so stage 1 sees items in exactly the form the reranking prompts use."""
     titles = [cut_title(t, tokenizer, style.title_max_tokens) for t in history]
     lines = [style.history_item_format.format(index=i, title=t) for i, t in enumerate(titles, start=1)]
     return "\n".join([style.history_header, *lines])
@@ -95,7 +95,7 @@ def encode_prompt_ends(
     history: Sequence[str], candidates: Sequence[str], tokenizer: PreTrainedTokenizerBase, style: PromptStyle
 ) -> tuple[list[int], list[int]]:
     """(`encode_prompt(...)`, the index of the token that ends each candidate's line): what the
-    readout head (rerank/readout.py) reads. Measured from the tokenizer's character offsets on the
+    readout head (`rerank.model.readout`) reads. Measured from the tokenizer's character offsets on the
     prompt text (the token holding the line's last character), and checked: that token must lie
     inside the line (it may also hold the newlines after it, never the next line's text)."""
     prompt, user_text, ids = _fit(history, candidates, tokenizer, style)
@@ -214,7 +214,7 @@ def build_training_text(
 def label_tokens(
     tokenizer: PreTrainedTokenizerBase, style: PromptStyle, prompt: Optional[str] = None
 ) -> LabelTokens:
-    """Token ids of every label of the style's scheme at the answer position (see rerank.labels).
+    """Token ids of every label of the style's scheme at the answer position (see `rerank.prompting.labels`).
     Derived on `prompt`, or on a reference prompt of this style: every prompt of a style ends with
     the same generation prompt, so the ids hold for all of them."""
     if prompt is None:

@@ -19,7 +19,7 @@ def supervised_logits(
     predicts = labels[:, 1:] != IGNORE_INDEX  # position p predicts token p + 1
     keep = F.pad(predicts, (0, 1), value=False)  # (B, L) bool: the positions whose logits we need
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    # The boolean mask where this transformers takes one, its columns otherwise (rerank/compat.py).
+    # The boolean mask where this transformers takes one, its columns otherwise (`masked_logits`).
     logits = masked_logits(model, keep, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
     n = int(predicts.sum())
     if logits.dim() != 2 or logits.shape[0] != n:

@@ -7,7 +7,7 @@ consecutive windows of `max_history` items, rendered exactly as a prompt's histo
 (`prompts.history_text`: "User history:" + numbered titles, cut to `title_max_tokens`), followed by
 the EOS token. A LoRA adapter (the same configuration as stage 2) learns the causal-LM loss on every
 token for `pretrain_steps` optimizer steps with the stock Trainer; it is saved to
-<run>/pretrain_adapter and stage 2 (rerank/train.py) continues training that adapter on the
+<run>/pretrain_adapter and stage 2 (`train_adapter`) continues training that adapter on the
 reranking task instead of a fresh one. So the final <run>/adapter holds both stages.
 """
 from __future__ import annotations
@@ -103,7 +103,7 @@ def pretrain_stage(
     """Run stage 1 (or find it finished) and return the stage-1 adapter folder. `model` is left
     without LoRA layers, ready for stage 2 to load the adapter for training."""
     from rerank.model.adapter import add_lora, save_adapter
-    from rerank.model.sources import mixed_precision  # train.py imports this module for stage 2
+    from rerank.model.sources import mixed_precision  # `rerank.training.trainer` imports this module for stage 2
 
     out = Path(out_dir)
     adapter_dir = out / PRETRAIN_ADAPTER_DIR
@@ -126,11 +126,11 @@ def pretrain_stage(
         weight_decay=cfg.weight_decay,
         max_grad_norm=cfg.max_grad_norm,
         optim=cfg.optim,
-        **mixed_precision(on_cuda),  # bf16 only where the GPU has it natively, as stage 2 (train.py)
+        **mixed_precision(on_cuda),  # bf16 only where the GPU has it natively, as stage 2 (`train_adapter`)
         use_cpu=not on_cuda,
         logging_steps=cfg.logging_steps,
         logging_first_step=True,
-        **TRAINING_LOG_ARGS,  # a NaN loss is logged as NaN (rerank/finite_loss.py)
+        **TRAINING_LOG_ARGS,  # a NaN loss is logged as NaN (`FiniteLossCallback`)
         report_to="none",
         save_strategy="no",  # a short stage: an interrupted stage 1 is simply run again
         seed=seed,

@@ -1,14 +1,14 @@
 """LoRA fine-tuning of the reranker with the transformers Trainer (LlamaRec's recipe).
 
-`train_reranker` wraps the base model with a peft LoRA adapter and trains it on the training
-samples (rerank/samples.py, encoded by rerank/collate.py). The loss is the cross-entropy of the
+`train_adapter` wraps the base model with a peft LoRA adapter and trains it on the training
+samples (`build_samples`, encoded by `rerank.training.collate`). The loss is the cross-entropy of the
 answer's supervised tokens only (label + end of turn), and only those positions are projected onto
 the vocabulary: the model's `logits_to_keep` gets a boolean (batch, sequence) mask of the positions
 that predict a supervised token, so the (sequence x vocabulary) logits are never formed (with
-transformers versions that take no boolean mask, the columns holding them: rerank/compat.py).
+transformers versions that take no boolean mask, the columns holding them: `rerank.model.compat.masked_logits`).
 
 Every `eval_steps` optimizer steps (and at the end) the adapter ranks the validation rows (covered
-val users, capped by `val_max_users`) with the ranker (rerank/ranker.py) and logs NDCG/Recall/MRR@k
+val users, capped by `val_max_users`) with the ranker (`rank_rows`) and logs NDCG/Recall/MRR@k
 to TensorBoard (<run>/tensorboard); a checkpoint follows each validation (<run>/checkpoints,
 resumable). Training stops after `patience` validations without a better NDCG@10, the best
 checkpoint is loaded back and saved as <run>/adapter (peft format: adapter_config.json +
@@ -133,7 +133,7 @@ class RerankTrainer(Trainer):
         logits = None
         if self.loss_kind == "labels":
             prompts, mask, target = inputs["prompt_input_ids"], inputs["prompt_attention_mask"], inputs["target_index"]
-            if self.head == "readout":  # the readout head's K scores (rerank/readout.py)
+            if self.head == "readout":  # the readout head's K scores (`readout_scores`)
                 term = F.cross_entropy(readout_scores(model, prompts, mask, inputs["candidate_ends"]), target, reduction="sum")
             else:
                 term = labels_loss_sum(model, prompts, mask, target, self.train_tokens, self.pad_id)
@@ -240,11 +240,11 @@ def train_adapter(
         optim=cfg.optim,
         **mixed_precision(on_cuda),  # autocast in the GPU's half type; fp32 on CPU
         use_cpu=not on_cuda,
-        # gradient checkpointing, under this transformers' argument names (rerank/compat.py)
+        # gradient checkpointing, under this transformers' argument names (`checkpointing_args`)
         **checkpointing_args(cfg.gradient_checkpointing, CHECKPOINTING_KWARGS),
         logging_steps=cfg.logging_steps,
         logging_first_step=True,
-        **TRAINING_LOG_ARGS,  # a NaN loss is logged as NaN (rerank/finite_loss.py)
+        **TRAINING_LOG_ARGS,  # a NaN loss is logged as NaN (`FiniteLossCallback`)
         report_to="none",  # TensorBoard is added below with its folder in the run directory
         eval_strategy="steps" if val else "no",
         eval_steps=cfg.eval_steps,

@@ -5,7 +5,7 @@ head, with the same prompts, loss and candidate-order re-draws, on a task whose 
 the prompt: each training prompt's target is replaced by the item that closes its history (the last
 history line), placed in the target's slot. Matching a candidate's title to text seen before and
 answering with that candidate's label is the binding; whether it carries over to the real task
-(which candidate comes next) is what the learnability check measures (rerank/overfit.py).
+(which candidate comes next) is what the learnability check measures (`rerank.overfit`).
 
 The warm-up adapter is saved in <run>/binding_warmup/adapter; the real training continues it.
 """
@@ -26,7 +26,7 @@ WARMUP_DIR = "binding_warmup"  # the warm-up's own training run inside the reran
 
 def copy_samples(samples: Sequence[TrainSample]) -> list[TrainSample]:
     """Each sample with its target replaced by its last history item, in the target's slot. The
-    negatives never hold an item of the history so far (rerank/samples.py), so the answer is the only
+    negatives never hold an item of the history so far (`build_samples`), so the answer is the only
     candidate whose title the history shows last. Samples without history are dropped."""
     out = [
         dataclasses.replace(s, candidates=(*s.candidates[: s.target_index], s.history[-1], *s.candidates[s.target_index + 1 :]))
