@@ -76,7 +76,7 @@ class VLLMScorer:
             raise PipelineError("the vLLM backend scores label tokens only, not the readout head: use serve.backend=local")
         self.check(label_tokens)  # a multi-token label would silently get its first token's score
         if any(len(p) == 0 for p in prompts):
-            raise PipelineError("an empty prompt cannot be scored: build prompts with rerank.prompts.encode_prompt")
+            raise PipelineError("an empty prompt cannot be scored: build prompts with rerank.prompting.prompts.encode_prompt")
         ids = [seq[0] for seq in label_tokens.scored_ids]
         chunks = [list(range(s, min(s + self.max_prompts, len(prompts)))) for s in range(0, len(prompts), self.max_prompts)]
         out: list[list[float]] = [[] for _ in prompts]

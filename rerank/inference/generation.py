@@ -223,7 +223,7 @@ def generate_rankings(
         raise PipelineError(f"max_new_tokens must be >= 1 (got {max_new_tokens}): pass None for the derived budget")
     pad_id = tokenizer.pad_token_id
     if pad_id is None:
-        raise PipelineError("the tokenizer has no pad token for batched generation: load it with rerank.models")
+        raise PipelineError("the tokenizer has no pad token for batched generation: load it with rerank.model.sources.load_tokenizer")
     gen_style = style_for_mode(style, mode)
     check_parseable(gen_style.scheme.labels)
     tokens = label_tokens(tokenizer, gen_style)  # label ids (token budget) and the terminator

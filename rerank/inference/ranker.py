@@ -95,7 +95,7 @@ def score_prompts(
     if pad_id is None:
         raise PipelineError("no pad token id for batched scoring: pass the tokenizer's pad_token_id")
     if any(len(p) == 0 for p in prompts_ids):
-        raise PipelineError("an empty prompt cannot be scored: build prompts with rerank.prompts.build_prompt")
+        raise PipelineError("an empty prompt cannot be scored: build prompts with rerank.prompting.prompts.build_prompt")
     if has_readout(model) != (ends is not None):
         raise PipelineError(
             "the readout head scores candidates at their line ends: pass ends exactly when the model has a readout "

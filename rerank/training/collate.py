@@ -153,5 +153,5 @@ class LeftPadCollator:
 
 def collator_for(tokenizer: PreTrainedTokenizerBase) -> LeftPadCollator:
     if tokenizer.pad_token_id is None:
-        raise PipelineError("the tokenizer has no pad token: load it with rerank.models (which sets one)")
+        raise PipelineError("the tokenizer has no pad token: load it with rerank.model.sources.load_tokenizer (which sets one)")
     return LeftPadCollator(tokenizer.pad_token_id)
