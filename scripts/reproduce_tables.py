@@ -17,7 +17,9 @@ import argparse
 from pathlib import Path
 
 from analysis.significance import CONFIDENCE, N_RESAMPLES, SEED
-from analysis.tables import SPLIT, build_tables, write_outputs
+from analysis.tables.build import build_tables
+from analysis.tables.read import SPLIT
+from analysis.tables.render import write_outputs
 from pipeline.cli import run_main
 from pipeline.errors import PipelineError
 

@@ -21,6 +21,9 @@ from typing import Any, Optional, Sequence
 
 import pandas as pd
 
+from analysis.tables.cells import mean_std_cell, table
+from analysis.tables.group import Group, mean_and_std, retriever_seeds
+from analysis.tables.read import load_yaml
 from pipeline.errors import PipelineError
 from pipeline.run_files import CONFIG_YAML, METRICS_JSON, RETRIEVER_SUMMARY, RUN_JSON
 
@@ -59,9 +62,7 @@ def run_training(source: Path) -> dict[str, Any]:
     """One retriever run's training facts (NaN / None where the run has none)."""
     summary_file = source / RETRIEVER_SUMMARY
     summary = _read_json(summary_file) if summary_file.is_file() else {}
-    from analysis.tables import _load_yaml  # the tables' reading of config.yaml: one error for a bad file
-
-    cfg = _load_yaml(source / CONFIG_YAML)
+    cfg = load_yaml(source / CONFIG_YAML)
     retriever = cfg.get("retriever") or {}
     has_epochs = "epochs_run" in summary
     patience = retriever.get("patience")
@@ -77,14 +78,10 @@ def run_training(source: Path) -> dict[str, Any]:
     }
 
 
-# analysis.tables imports this module, so its helpers are imported where they are called.
-
-
-def _mean_std(values: Sequence[float]) -> tuple[float, float]:
-    from analysis.tables import mean_std  # one definition of the seed statistics
-
+def finite_mean_and_std(values: Sequence[Any]) -> tuple[float, float]:
+    """`mean_and_std` of the values that are numbers (None and NaN left out); NaN, NaN for none."""
     finite = [float(v) for v in values if v is not None and not math.isnan(float(v))]
-    return mean_std(finite) if finite else (math.nan, math.nan)
+    return mean_and_std(finite) if finite else (math.nan, math.nan)
 
 
 def _joined(values: Sequence[Any]) -> Optional[str]:
@@ -104,11 +101,9 @@ def setting_labels(seeds_list: Sequence[Any]) -> list[str]:
     return labels
 
 
-def convergence(group: Any, split: str) -> pd.DataFrame:
-    """One row per retriever method of `group` (analysis.tables.Group): the training facts of its
+def convergence(group: Group, split: str) -> pd.DataFrame:
+    """One row per retriever method of `group`: the training facts of its
     seed runs (mean, sample std), how many stopped on patience / on the bound, and `split` metrics."""
-    from analysis.tables import retriever_seeds
-
     rows = []
     all_seeds = retriever_seeds(group)
     for seeds, label in zip(all_seeds, setting_labels(all_seeds)):
@@ -116,27 +111,19 @@ def convergence(group: Any, split: str) -> pd.DataFrame:
         row: dict[str, Any] = {"dataset": group.label, "split": split, "method": label,
                                "run": ";".join(str(r.path) for r in seeds.runs), "n": seeds.n}
         for key in ("epochs_run", "best_epoch", "best_val_ndcg10", "train_seconds", "wall_seconds"):
-            row[key], row[f"{key} std"] = _mean_std([f[key] for f in facts])
+            row[key], row[f"{key} std"] = finite_mean_and_std([f[key] for f in facts])
         row["max_epochs"] = _joined([f["max_epochs"] for f in facts])
         row["patience"] = _joined([f["patience"] for f in facts])
         stops = [f["stopped_by"] for f in facts]
         row["stopped by patience"] = stops.count(PATIENCE)
         row["stopped by epoch bound"] = stops.count(BOUND)
         for m in METRICS:
-            row[m], row[f"{m} std"] = _mean_std(seeds.values("retriever", m))
+            row[m], row[f"{m} std"] = finite_mean_and_std(seeds.values("retriever", m))
         rows.append(row)
     return pd.DataFrame(rows)
 
 
-def _cell(mean: Any, std: Any, digits: int) -> str:
-    if pd.isna(mean):
-        return "–"
-    return f"{mean:.{digits}f}" if pd.isna(std) else f"{mean:.{digits}f} ± {std:.{digits}f}"
-
-
 def convergence_markdown(df: pd.DataFrame, label: str) -> str:
-    from analysis.tables import markdown_table
-
     d = df[df["dataset"] == label] if not df.empty else df
     if d.empty:
         return ""
@@ -147,14 +134,14 @@ def convergence_markdown(df: pd.DataFrame, label: str) -> str:
         with_epochs = r["stopped by patience"] + r["stopped by epoch bound"]
         stops = (f"patience {r['stopped by patience']}/{r['n']}" + (f", BOUND {r['stopped by epoch bound']}/{r['n']}"
                  if r["stopped by epoch bound"] else "")) if with_epochs else "–"
-        rows.append([r["method"], str(r["n"]), _cell(r["epochs_run"], r["epochs_run std"], 1),
-                     _cell(r["best_epoch"], r["best_epoch std"], 1), _cell(r["best_val_ndcg10"], r["best_val_ndcg10 std"], 4),
+        rows.append([r["method"], str(r["n"]), mean_std_cell(r["epochs_run"], r["epochs_run std"], 1),
+                     mean_std_cell(r["best_epoch"], r["best_epoch std"], 1), mean_std_cell(r["best_val_ndcg10"], r["best_val_ndcg10 std"], 4),
                      r["max_epochs"] or "–", r["patience"] or "–", stops,
-                     _cell(r["train_seconds"], r["train_seconds std"], 0), _cell(r["wall_seconds"], r["wall_seconds std"], 0),
-                     *(_cell(r[m], r[f"{m} std"], 4) for m in METRICS)])
+                     mean_std_cell(r["train_seconds"], r["train_seconds std"], 0), mean_std_cell(r["wall_seconds"], r["wall_seconds std"], 0),
+                     *(mean_std_cell(r[m], r[f"{m} std"], 4) for m in METRICS)])
     return "\n".join([
         "### Retriever training: how each run ended", "",
-        markdown_table(header, rows, align_right_from=1),
+        table(header, rows, text_columns=1),
         "Mean ± sample std over the method's seed runs. Best val NDCG@10: at the best epoch (the weights kept). Stopped by: early stopping's patience on validation NDCG@10, "
         "or the max_epochs bound (BOUND: still improving, not converged). Wall s: the whole retriever run "
         "(run.json), – for runs that also trained a reranker or were resumed.\n",

@@ -14,7 +14,9 @@ import yaml
 
 from analysis import paper
 from analysis.significance import bootstrap_means, paired_tests, paired_user_values
-from analysis.tables import OUTPUT_FILES, build_tables, not_run, relative_improvement, render, write_outputs
+from analysis.tables.build import build_tables, relative_improvement
+from analysis.tables.group import not_run
+from analysis.tables.render import OUTPUT_FILES, render, write_outputs
 from pipeline.errors import PipelineError
 from pipeline.metrics import metrics_from_ranks, per_user_metrics
 from tests.helpers.runs import L3, L4, RER, RET, ROWS, section, write_run
