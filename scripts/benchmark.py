@@ -8,7 +8,7 @@ Prompts come from `retriever_run`'s candidates_<split>.jsonl when set, else from
 retriever fitted on the config's data. Batch sizes: reranker.rank_batch_size (ranking),
 reranker.train_batch_size (training step), analysis.generation_batch_size (generation).
 Writes to --out: config.yaml, run.json, benchmark.json (per figure: raw numbers, ratio, target,
-pass), benchmark.md (the table, printed). See the `analysis.benchmark` module for what each figure measures.
+pass), benchmark.md (the table, printed). See the `analysis.benchmark` package for what each figure measures.
 """
 from pipeline.atomic import write_json, write_text
 from pipeline.cli import parser, run_main
@@ -29,7 +29,9 @@ def main(argv=None):
                    help="skip the training step's RSS measurement in fresh subprocesses (CPU)")
     args = p.parse_args(argv)
 
-    from analysis.benchmark import BenchmarkSettings, markdown, run_benchmark  # after --help: imports torch
+    from analysis.benchmark.report import markdown  # after --help: the run imports torch
+    from analysis.benchmark.run import run_benchmark
+    from analysis.benchmark.settings import BenchmarkSettings
 
     settings = BenchmarkSettings(
         users=args.users, split=args.split, warmup=args.warmup, repeats=args.repeats,

@@ -1,4 +1,4 @@
-"""scripts/benchmark.py and analysis/benchmark.py: exact padding counts, the floor batches the ranker
+"""scripts/benchmark.py and analysis/benchmark/: exact padding counts, the floor batches the ranker
 does, the peak-memory arithmetic, and the script's outputs on tiny sizes. No timing assertions:
 speed claims come only from the benchmark's own ratios."""
 from __future__ import annotations
@@ -11,14 +11,10 @@ import pytest
 import torch
 
 from analysis import peak_memory
-from analysis.benchmark import (
-    FIGURE_ORDER,
-    arrival_batches,
-    left_pad,
-    length_ordered_batches,
-    padding_tokens,
-)
+from analysis.benchmark.ranking import arrival_batches, padding_tokens
+from analysis.benchmark.settings import FIGURE_ORDER
 from rerank.inference import ranker
+from rerank.inference.ranker import length_ordered_batches, pad_left
 from rerank.prompting.labels import LETTERS
 from rerank.prompting.prompts import label_tokens
 from rerank.prompting.style import make_style
@@ -46,7 +42,7 @@ def test_padding_counts_on_a_hand_built_batch():
     assert padding_tokens(lengths, [[0, 1, 2, 3, 4]]) == 15
     # the padded tensors hold exactly that many pad positions, on the left
     for batch in length_ordered_batches(lengths, 2) + arrival_batches(5, 2):
-        ids, mask = left_pad([[1] * lengths[i] for i in batch], pad_id=0, device="cpu")
+        ids, mask = pad_left([[1] * lengths[i] for i in batch], pad_id=0, device="cpu")
         assert int((mask == 0).sum()) == padding_tokens(lengths, [batch])
         assert bool((mask[:, -1] == 1).all())  # every prompt ends at the last column
         assert torch.equal(ids, mask)  # tokens (1) where the mask is 1, pad id (0) elsewhere
