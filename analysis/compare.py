@@ -23,6 +23,7 @@ import yaml
 from pipeline.candidates import candidates_path, rankings_path, raw_scores, read_rows
 from pipeline.config import Config, variant_config
 from pipeline.errors import PipelineError
+from pipeline.markdown import markdown_table
 from pipeline.run_files import CONFIG_YAML, METRICS_JSON
 from pipeline.rundir import RunDir
 from rerank.training.pretrain import PRETRAIN_SUMMARY
@@ -185,9 +186,7 @@ def comparison_table(
 
 
 def markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
+    return markdown_table(header, rows) + "\n"
 
 
 def csv_text(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:

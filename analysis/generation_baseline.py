@@ -13,6 +13,7 @@ from typing import Any, Mapping, Sequence
 
 from pipeline.atomic import write_json, write_jsonl, write_text
 from pipeline.config import Config
+from pipeline.markdown import markdown_table
 from pipeline.metrics import candidate_rank, metrics_from_ranks
 from rerank.evaluation.metrics import RERANK_KS
 from rerank.inference.generation import GeneratedRanking, accounting, generate_rankings
@@ -96,30 +97,26 @@ def markdown(result: Mapping[str, Any]) -> str:
         f"# Generation vs one-pass ranking: {result['model']} ({result['label_scheme']}), "
         f"{result['n_users']} covered {result['split']} users",
         "",
-        "| method | " + " | ".join(cols) + " | s/user | time vs one-pass |",
-        "|---" * (len(cols) + 3) + "|",
-        "| Retriever order | " + " | ".join(f"{result['retriever']['metrics'][c]:.4f}" for c in cols) + " | - | - |",
-        "| One-pass ranker | " + " | ".join(f"{one['metrics'][c]:.4f}" for c in cols)
-        + f" | {one['seconds_per_user']:.4f} | 1.0x |",
+    ]
+    quality = [
+        ["Retriever order", *(f"{result['retriever']['metrics'][c]:.4f}" for c in cols), "-", "-"],
+        ["One-pass ranker", *(f"{one['metrics'][c]:.4f}" for c in cols), f"{one['seconds_per_user']:.4f}", "1.0x"],
     ]
     for mode, sec in result["generation"].items():
-        lines.append(
-            f"| Generate ({mode}) | " + " | ".join(f"{sec['metrics'][c]:.4f}" for c in cols)
-            + f" | {sec['seconds_per_user']:.4f} | {sec['speed_ratio']:.1f}x |"
-        )
-    lines += [
-        "",
-        "| mode | answered | complete | users with invalid | invalid pieces | users with duplicates | "
-        "duplicate labels | truncated | mean labels | mean new tokens |",
-        "|---" * 10 + "|",
-    ]
+        quality.append([f"Generate ({mode})", *(f"{sec['metrics'][c]:.4f}" for c in cols), f"{sec['seconds_per_user']:.4f}",
+                        f"{sec['speed_ratio']:.1f}x"])
+    lines.append(markdown_table(["method", *cols, "s/user", "time vs one-pass"], quality))
+    accounting = []
     for mode, sec in result["generation"].items():
         a = sec["accounting"]
-        lines.append(
-            f"| {mode} | {a['answered']:.2%} | {a['complete']:.2%} | {a['users_with_invalid']} | {a['invalid_pieces']} | "
-            f"{a['users_with_duplicates']} | {a['duplicate_labels']} | {a['truncated']} | "
-            f"{a['mean_labels_parsed']:.1f} | {a['mean_new_tokens']:.1f} |"
-        )
+        accounting.append([
+            mode, f"{a['answered']:.2%}", f"{a['complete']:.2%}", a["users_with_invalid"], a["invalid_pieces"],
+            a["users_with_duplicates"], a["duplicate_labels"], a["truncated"], f"{a['mean_labels_parsed']:.1f}",
+            f"{a['mean_new_tokens']:.1f}",
+        ])
+    header = ["mode", "answered", "complete", "users with invalid", "invalid pieces", "users with duplicates",
+              "duplicate labels", "truncated", "mean labels", "mean new tokens"]
+    lines += ["", markdown_table(header, accounting)]
     lines += [
         "",
         "Generated rankings: the parsed labels first, in the model's order; unnamed candidates after them in "

@@ -1,3 +1,4 @@
+# Over 350 lines on purpose: one command (`python -m analysis.gpu_check`), its steps and their checks read top to bottom.
 """The GPU path a researcher runs, checked end to end on one machine (scripts/gpu_check.sh).
 
     python -m analysis.gpu_check --out runs/gpu_check
@@ -36,6 +37,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from pipeline.markdown import markdown_table
 from pipeline.run_files import CONFIG_YAML, METRICS_JSON, RUN_JSON
 
 REPO = Path(__file__).resolve().parents[1]
@@ -309,15 +311,15 @@ def markdown(report: dict[str, Any]) -> str:
         "packages: " + ", ".join(f"{k} {v}" for k, v in pk.items() if v) + "; not installed: "
         + (", ".join(k for k, v in pk.items() if not v) or "none"),
         "",
-        "| step | status | seconds | details |",
-        "|---|---|---:|---|",
     ]
+    rows = []
     for name, s in report["steps"].items():
         details = s.get("error") or s.get("reason") or "; ".join(
             f"{k} {v}" for k, v in s.items() if k not in ("status", "seconds", "log", "folder") and v is not None
         )
         details = details.replace("|", "/")  # a table cell
-        lines.append(f"| {name} | {s['status']} | {s.get('seconds', '')} | {details} |")
+        rows.append([name, s["status"], s.get("seconds", ""), details])
+    lines.append(markdown_table(["step", "status", "seconds", "details"], rows, "llrl"))
     if not report["ok"]:
         verdict = "FAILED: see the failed steps (and their logs)"
     elif report["on_cuda"]:

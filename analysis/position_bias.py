@@ -28,6 +28,7 @@ import numpy as np
 
 from pipeline.atomic import write_json, write_text
 from pipeline.errors import PipelineError
+from pipeline.markdown import markdown_table
 from pipeline.metrics import candidate_rank, metrics_from_ranks, per_user_metrics
 from pipeline.significance import paired_tests
 from rerank.evaluation.metrics import RERANK_KS
@@ -202,32 +203,23 @@ def to_markdown(result: Mapping[str, Any], title: str = "Position bias") -> str:
         "users whose ground truth sat in that slot (for the averaged condition, its slot in retriever order); "
         "picks = share of all users whose top-1 candidate sat in that slot.",
         "",
-        "| condition | " + " | ".join(SUMMARY_METRICS) + " |",
-        "|---" * (len(SUMMARY_METRICS) + 1) + "|",
+        markdown_table(["condition", *SUMMARY_METRICS],
+                       [[sec["description"], *(f"{sec['overall'][m]:.4f}" for m in SUMMARY_METRICS)] for sec in conds.values()]),
     ]
-    for c, sec in conds.items():
-        lines.append(f"| {sec['description']} | " + " | ".join(f"{sec['overall'][m]:.4f}" for m in SUMMARY_METRICS) + " |")
+    chance = [[sec["description"], m, f"{v['mean']:.4f}", f"{v['chance']:.4f}", f"{v['ci_low']:+.4f}..{v['ci_high']:+.4f}"]
+              for sec in conds.values() for m, v in sec.get("vs_chance", {}).items()]
     lines += ["", "Against a uniformly random ranking (paired bootstrap 95% interval of the difference):", "",
-              "| condition | metric | model | chance | interval |", "|---|---|---|---|---|"]
-    for c, sec in conds.items():
-        for m, v in sec.get("vs_chance", {}).items():
-            lines.append(f"| {sec['description']} | {m} | {v['mean']:.4f} | {v['chance']:.4f} | {v['ci_low']:+.4f}..{v['ci_high']:+.4f} |")
+              markdown_table(["condition", "metric", "model", "chance", "interval"], chance)]
     r, sh, av = conds["retriever_order"]["slots"], conds["shuffled"]["slots"], conds["averaged"]["slots"]
-    lines += [
-        "",
-        "| slot | n (retriever) | acc retriever | acc averaged | n (shuffled) | acc shuffled "
-        "| picks retriever | picks shuffled | picks averaged |",
-        "|---" * 9 + "|",
-    ]
 
     def acc(s: Mapping[str, Any]) -> str:
         return "-" if s["accuracy"] is None else f"{s['accuracy']:.3f}"
 
-    for a, b, m in zip(r, sh, av):
-        lines.append(
-            f"| {a['label']} | {a['n']} | {acc(a)} | {acc(m)} | {b['n']} | {acc(b)} "
-            f"| {a['pick_share']:.3f} | {b['pick_share']:.3f} | {m['pick_share']:.3f} |"
-        )
+    slots = [[a["label"], a["n"], acc(a), acc(m), b["n"], acc(b), f"{a['pick_share']:.3f}", f"{b['pick_share']:.3f}",
+              f"{m['pick_share']:.3f}"] for a, b, m in zip(r, sh, av)]
+    header = ["slot", "n (retriever)", "acc retriever", "acc averaged", "n (shuffled)", "acc shuffled", "picks retriever",
+              "picks shuffled", "picks averaged"]
+    lines += ["", markdown_table(header, slots)]
     return "\n".join(lines) + "\n"
 
 

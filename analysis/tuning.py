@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from pipeline.config import load_config
+from pipeline.markdown import markdown_table
 from pipeline.run_files import RETRIEVER_SUMMARY, RUN_JSON
 
 VAL_KEY = "best_val_NDCG@10"
@@ -91,21 +92,19 @@ def best_point(points: Sequence[Point], out: Path, model: str) -> Point:
 
 def grid_table(model: str, stages: Sequence[tuple[str, Sequence[Point]]], out: Path, chosen: Optional[Point]) -> str:
     """Markdown: every point's validation NDCG@10 (seed 0), epochs and seconds; the chosen one marked."""
-    lines = [f"# {model}: tuning on validation NDCG@10 (seed 0)", "",
-             "| stage | batch | optimiser | dropout | lr | val NDCG@10 | best epoch / run | train s |",
-             "|---|---:|---|---:|---:|---:|---|---:|"]
+    rows = []
     for stage, points in stages:
         for p in points:
             run = run_dir(out, model, p)
             s = val_score(run)
             summary = _summary(run) if s is not None else {}
             mark = " **chosen**" if chosen == p else ""
-            lines.append(
-                f"| {stage} | {p.batch_size} | {p.optimizer} | {p.dropout:g} | {p.lr:g} | "
-                f"{'–' if s is None else f'{s:.4f}'}{mark} | {summary.get('best_epoch', '–')} / {summary.get('epochs_run', '–')} | "
-                f"{summary.get('train_seconds', '–')} |"
-            )
-    return "\n".join(lines) + "\n"
+            rows.append([
+                stage, p.batch_size, p.optimizer, f"{p.dropout:g}", f"{p.lr:g}", f"{'–' if s is None else f'{s:.4f}'}{mark}",
+                f"{summary.get('best_epoch', '–')} / {summary.get('epochs_run', '–')}", summary.get("train_seconds", "–"),
+            ])
+    header = ["stage", "batch", "optimiser", "dropout", "lr", "val NDCG@10", "best epoch / run", "train s"]
+    return "\n".join([f"# {model}: tuning on validation NDCG@10 (seed 0)", "", markdown_table(header, rows, "lrlrrrlr")]) + "\n"
 
 
 def _summary(run: Path) -> dict:

@@ -17,6 +17,7 @@ from pipeline.candidates import candidates_path, prefix_candidates_path, write_p
 from pipeline.config import Config
 from pipeline.data import CANDIDATE_SPLITS, SPLITS, load_dataset
 from pipeline.data.preprocess import stats_markdown
+from pipeline.markdown import markdown_table
 from pipeline.run_files import DATASET_STATS, METRICS_JSON, METRICS_MD, RETRIEVER_SUMMARY
 from pipeline.rundir import RunDir
 from retrieval.candidates import retrieve, retrieve_prefixes
@@ -79,8 +80,5 @@ def retriever_finished(run_dir: str | Path, prefix_candidates: Optional[int] = 0
 
 def retriever_table(metrics: dict, model: str, ks=(5, 10, 20)) -> str:
     cols = [f"{m}@{k}" for k in ks for m in ("NDCG", "Recall", "MRR")]
-    lines = [f"| {model} split | " + " | ".join(cols) + " | coverage |", "|---" * (len(cols) + 2) + "|"]
-    for split, sec in metrics.items():
-        vals = " | ".join(f"{sec['retriever'][c]:.4f}" for c in cols)
-        lines.append(f"| {split} | {vals} | {sec['coverage']:.4f} |")
-    return "\n".join(lines) + "\n"
+    rows = [[split, *(f"{sec['retriever'][c]:.4f}" for c in cols), f"{sec['coverage']:.4f}"] for split, sec in metrics.items()]
+    return markdown_table([f"{model} split", *cols, "coverage"], rows) + "\n"

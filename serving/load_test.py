@@ -16,6 +16,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
+from pipeline.markdown import markdown_table
 from serving.launch import ServerProcess, post_json
 
 # Bodies a client gets wrong: each must be answered 4xx (one line) while valid requests keep working.
@@ -159,15 +160,15 @@ def markdown(result: Mapping[str, Any]) -> str:
         f"{result['batch_stats']['requests']} requests in {result['batch_stats']['batches']} forward passes "
         f"(largest {result['batch_stats']['largest_batch']}). Loopback only (127.0.0.1).",
         "",
-        "| level | concurrency | requests | ok | errors | wrong scores | malformed (4xx) | p50 ms | p95 ms | p99 ms | req/s |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    rows = []
     for lv in result["levels"]:
         mal = f"{lv['malformed']} ({lv['malformed_4xx']})" if lv["malformed"] else "0"
         rps = f"{lv['throughput_rps']:.2f}" if lv["throughput_rps"] is not None else "-"
-        lines.append(
-            f"| {lv['level']} | {lv['concurrency']} | {lv['requests']} | {lv['ok']} | {lv['errors']} | {lv['wrong_scores']} | {mal} "
-            f"| {lv['p50_ms']:.0f} | {lv['p95_ms']:.0f} | {lv['p99_ms']:.0f} | {rps} |"
-        )
+        rows.append([lv["level"], lv["concurrency"], lv["requests"], lv["ok"], lv["errors"], lv["wrong_scores"], mal,
+                     f"{lv['p50_ms']:.0f}", f"{lv['p95_ms']:.0f}", f"{lv['p99_ms']:.0f}", rps])
+    header = ["level", "concurrency", "requests", "ok", "errors", "wrong scores", "malformed (4xx)", "p50 ms", "p95 ms", "p99 ms",
+              "req/s"]
+    lines.append(markdown_table(header, rows, "l" + "r" * 10))
     lines += ["", f"wrong scores: a 200 answer whose scores differ from the request's reference answer (alone) by more than rel {result['tolerance']:g}."]
     return "\n".join(lines) + "\n"

@@ -20,6 +20,7 @@ from pipeline.data.dataset import SplitDataset
 from pipeline.data.fingerprint import data_fingerprint
 from pipeline.data.loaders import REPAIRS, load_raw
 from pipeline.errors import PipelineError
+from pipeline.markdown import markdown_table
 
 CACHE_VERSION = 3  # bump when preprocessing changes, so stale caches are not reused
 
@@ -138,12 +139,10 @@ def dataset_stats(ds: SplitDataset) -> dict:
 
 
 def stats_markdown(stats: dict) -> str:
-    head = "| Dataset | Users | Items | Interactions | Avg. length | Density |"
-    row = (
-        f"| {stats['dataset']} | {stats['users']:,} | {stats['items']:,} | {stats['interactions']:,} "
-        f"| {stats['avg_length']} | {stats['density']} |"
-    )
-    return "\n".join([head, "|---|---:|---:|---:|---:|---:|", row])
+    header = ["Dataset", "Users", "Items", "Interactions", "Avg. length", "Density"]
+    row = [stats["dataset"], f"{stats['users']:,}", f"{stats['items']:,}", f"{stats['interactions']:,}", stats["avg_length"],
+           stats["density"]]
+    return markdown_table(header, [row], "lrrrrr")
 
 
 def dataset_name(cfg: DataConfig) -> str:

@@ -5,6 +5,7 @@ from typing import Any, Mapping, Sequence
 
 from pipeline.config import Config
 from pipeline.data import SPLITS
+from pipeline.markdown import markdown_table as pipeline_markdown_table
 
 TABLE_KS = (5, 10)  # the paper's tables report @5 and @10
 
@@ -18,12 +19,6 @@ def markdown_table(section: Mapping[str, Any], ks: Sequence[int] = TABLE_KS) -> 
     (`llm_subset`, ...: `llm_evidence`) show them side by side, with the fusion weight, the paired
     bootstrap intervals and the LLM's top-1 slot figures below the table."""
     cols = [f"{m}@{k}" for k in ks for m in TABLE_METRICS]
-    lines = [
-        f"coverage {section['coverage']:.4f} ({section['n_covered']}/{section['n_users']} users)",
-        "",
-        "| | " + " | ".join(cols) + " |",
-        "|---" * (len(cols) + 1) + "|",
-    ]
     calibrated = "llm_raw_subset" in section
     llm_name = "LLM calibrated" if calibrated else "LLM alone"
     table = [("Retriever (subset)", "retriever_subset")]
@@ -35,8 +30,12 @@ def markdown_table(section: Mapping[str, Any], ks: Sequence[int] = TABLE_KS) -> 
     if "llm_overall" in section:
         table.append((f"{llm_name} (overall)", "llm_overall"))
     table.append(("Reranker (overall)", "overall"))
-    for name, key in table:
-        lines.append(f"| {name} | " + " | ".join(f"{section[key][c]:.4f}" for c in cols) + " |")
+    rows = [[name, *(f"{section[key][c]:.4f}" for c in cols)] for name, key in table]
+    lines = [
+        f"coverage {section['coverage']:.4f} ({section['n_covered']}/{section['n_users']} users)",
+        "",
+        pipeline_markdown_table(["", *cols], rows),
+    ]
     notes = _evidence_notes(section, llm_name)
     return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
 
