@@ -10,6 +10,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from analysis.benchmark.settings import ARCHITECTURES, BenchmarkSettings
+from pipeline import rng_streams
 from pipeline.candidates import candidates_path, read_rows
 from pipeline.config import Config
 from pipeline.data.dataset import SplitDataset
@@ -43,7 +44,7 @@ def benchmark_rows(cfg: Config, ds: SplitDataset, settings: BenchmarkSettings) -
     if not rows:
         raise PipelineError(f"no {settings.split} rows with candidates to benchmark: check the data / retriever_run")
     if len(rows) > settings.users:
-        keep = np.random.default_rng([cfg.seed, 4]).choice(len(rows), size=settings.users, replace=False)
+        keep = np.random.default_rng([cfg.seed, rng_streams.BENCHMARK_USERS]).choice(len(rows), size=settings.users, replace=False)
         rows = [rows[i] for i in sorted(keep.tolist())]
     return rows, source
 

@@ -11,7 +11,6 @@ from rerank.evaluation.metrics import split_metrics
 
 BOOTSTRAP_METRIC = "NDCG@10"  # metrics.json `bootstrap`: subset NDCG@10 against the retriever's order
 
-
 BOOTSTRAP_RESAMPLES = 2000
 
 

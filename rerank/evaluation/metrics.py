@@ -1,4 +1,12 @@
-"""A split's metrics.json section: the reranker on the covered users and over all users, beside the retriever's order."""
+"""A split's metrics.json section (`split_metrics`); every number comes from `pipeline.metrics`:
+- `subset`: the reranker on the covered users (paper Table 3, right);
+- `overall`: coverage-weighted, subset * n_covered / n_users (paper Table 1): for k <= the
+  candidate count an uncovered user scores 0 whatever the order;
+- `retriever_subset`: the retriever's order on the covered users (paper Table 3, left);
+- `retriever`: the retriever's order over all users, ranks within its candidates. For k <= the
+  candidate count this equals the full-catalogue metric; the caller may put the retriever run's
+  own metrics.json section (full catalogue, also k = 50) in its place.
+"""
 from __future__ import annotations
 
 from typing import Any, Mapping, Optional, Sequence

@@ -1,14 +1,9 @@
-"""Rerank one split's candidates and measure it: the rankings rows and the split's metrics.json section.
+"""Rerank one split's candidates: the rankings rows, resumable and shared out among processes.
 
 Only covered users (target among the candidates) are sent to the model (docs/design.md, "Stages and
-data flow": the others are not sent to the LLM); every number comes from `pipeline.metrics`:
-- `subset`: the reranker on the covered users (paper Table 3, right);
-- `overall`: coverage-weighted, subset * n_covered / n_users (paper Table 1): for k <= the
-  candidate count an uncovered user scores 0 whatever the order;
-- `retriever_subset`: the retriever's order on the covered users (paper Table 3, left);
-- `retriever`: the retriever's order over all users, ranks within its candidates. For k <= the
-  candidate count this equals the full-catalogue metric; the caller may put the retriever run's
-  own metrics.json section (full catalogue, also k = 50) in its place.
+data flow": the others are not sent to the LLM). Each batch of scores is checked (finite, not all
+tied) before the progress file keeps it. The split's metrics section is `split_metrics`
+(`rerank.evaluation.metrics`).
 """
 from __future__ import annotations
 

@@ -78,7 +78,6 @@ def add_lora(model: PreTrainedModel, cfg: RerankerConfig, seed: int, init_adapte
 
 _LOAD_DTYPES = "_rerank_load_dtypes"  # attribute of a kbit base: [(parameter, dtype as loaded)]
 
-
 # Non-reentrant checkpointing works through frozen inputs (LoRA) without an input-grad hook; the Trainer's and
 # peft's kbit preparation get the same.
 CHECKPOINTING_KWARGS = {"use_reentrant": False}

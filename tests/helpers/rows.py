@@ -19,5 +19,4 @@ ROWS = [
     candidates_row("d", ["i9", "i8", "i7", "i6", "i5"], "i5"),
 ]
 
-
 CFG = load_config(None).reranker

@@ -1,4 +1,4 @@
-"""Merged model export (rerank/export.py, scripts/export_model.py): the merged folder ranks like the
+"""Merged model export (`rerank.export`, scripts/export_model.py): the merged folder ranks like the
 adapter it came from, loads as a plain HF model, carries the adapter's prompt style, the run's config
 and calibration; tied embeddings and the all-linear top-layer LoRA layout merge and round-trip
 exactly; bad input stops with one line and leaves no folder."""

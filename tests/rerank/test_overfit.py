@@ -1,4 +1,4 @@
-"""The learnability check (rerank/overfit.py, scripts/overfit_check.py)."""
+"""The learnability check (`rerank.overfit`, scripts/overfit_check.py)."""
 from __future__ import annotations
 
 import json

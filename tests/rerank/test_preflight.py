@@ -1,4 +1,4 @@
-"""Fail before spending (rerank/preflight.py): settings that cannot work stop the run before the
+"""Fail before spending (`rerank.preflight`): settings that cannot work stop the run before the
 retriever trains or before the first training step, and the fix each message suggests passes."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""serving/batcher.py in-process (no model): concurrent submissions share one call of the batch
+"""`serving.batcher` in-process (no model): concurrent submissions share one call of the batch
 function, each caller gets its own result, a full queue refuses at once, a failing batch fails only
 its own callers."""
 import asyncio

@@ -1,4 +1,4 @@
-"""serving/vllm_backend.py against a stub vLLM server that computes REAL log-probs with tiny-qwen2, so
+"""`serving.vllm_backend` against a stub vLLM server that computes REAL log-probs with tiny-qwen2, so
 VLLMScorer's scores must equal the local backend's on the same prompts."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Position-prior calibration (rerank/calibration.py) and its place in a run (rerank/run.py
+"""Position-prior calibration (`rerank.inference.calibration`) and its place in a run (`rerank.run`
 rank_splits: prior from val only, rankings/metrics fields, resume to the same bytes)."""
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""Fusion with the retriever (rerank/fusion.py): the standardisation, the two extremes of w, the
-choice of w on validation users only (rerank/run.py finalise)."""
+"""Fusion with the retriever (`rerank.inference.fusion`): the standardisation, the two extremes of w, the
+choice of w on validation users only (`rerank.run` finalise)."""
 from __future__ import annotations
 
 import math

@@ -1,4 +1,4 @@
-"""Generation-based ranking (rerank/generation.py, scripts/generation_baseline.py): the answer parser on
+"""Generation-based ranking (`rerank.inference.generation`, scripts/generation_baseline.py): the answer parser on
 hand-written strings, scores that reproduce the parsed order, real `generate` on the tiny model
 (forced to known answers by a forward hook, so the accounting is tested, not the random model), and
 the script on the smoke run."""

@@ -1,4 +1,4 @@
-"""One-pass ranking (rerank/ranker.py): scores equal plain forward / teacher-forced log-probs."""
+"""One-pass ranking (`rerank.inference.ranker`): scores equal plain forward / teacher-forced log-probs."""
 from __future__ import annotations
 
 import pytest

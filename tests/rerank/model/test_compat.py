@@ -1,4 +1,4 @@
-"""rerank/compat.py: the transformers API differences between the CPU and the GPU set give the same results."""
+"""`rerank.model.compat`: the transformers API differences between the CPU and the GPU set give the same results."""
 import dataclasses
 
 import pytest

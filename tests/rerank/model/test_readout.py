@@ -1,4 +1,4 @@
-"""The label-free readout head (rerank/readout.py): positions, scores, loss, save/load."""
+"""The label-free readout head (`rerank.model.readout`): positions, scores, loss, save/load."""
 from __future__ import annotations
 
 import pytest

@@ -1,4 +1,4 @@
-"""Label schemes and their token ids at the answer position (rerank/labels.py)."""
+"""Label schemes and their token ids at the answer position (`rerank.prompting.labels`)."""
 from __future__ import annotations
 
 import typing

@@ -1,4 +1,4 @@
-"""The one prompt format for training and inference (rerank/prompts.py)."""
+"""The one prompt format for training and inference (`rerank.prompting.prompts`)."""
 from __future__ import annotations
 
 import copy

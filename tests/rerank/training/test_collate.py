@@ -1,4 +1,4 @@
-"""Training examples (rerank/collate.py): only the answer's label tokens (+ end of turn) carry loss,
+"""Training examples (`rerank.training.collate`): only the answer's label tokens (+ end of turn) carry loss,
 the training tokens start with exactly the inference prompt's tokens, left-padded batches."""
 from __future__ import annotations
 

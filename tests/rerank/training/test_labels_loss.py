@@ -1,4 +1,4 @@
-"""The "labels" training loss (rerank/train.py), per-epoch candidate orders (rerank/collate.py) and
+"""The "labels" training loss (`rerank.training.trainer`), per-epoch candidate orders (`rerank.training.collate`) and
 the LoRA layer selection (all-linear, lora_layers), on tiny-qwen2 with the real Qwen2 tokenizer."""
 from __future__ import annotations
 

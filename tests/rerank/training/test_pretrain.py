@@ -1,4 +1,4 @@
-"""Stage-1 domain-adaptive pre-training (rerank/pretrain.py): texts built from TRAIN histories only,
+"""Stage-1 domain-adaptive pre-training (`rerank.training.pretrain`): texts built from TRAIN histories only,
 in the prompt's history format, every token supervised; stage 2 starts from the stage-1 adapter."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Training samples (rerank/samples.py): train prefixes only, negatives, determinism, caps."""
+"""Training samples (`rerank.training.samples`): train prefixes only, negatives, determinism, caps."""
 from __future__ import annotations
 
 from types import SimpleNamespace

@@ -1,4 +1,4 @@
-"""LoRA training (rerank/train.py) with tiny-qwen2: the answer-only loss, training, saving and
+"""LoRA training (`rerank.training.trainer`) with tiny-qwen2: the answer-only loss, training, saving and
 loading the adapter, early stopping on validation NDCG@10, resuming, determinism."""
 from __future__ import annotations
 
