@@ -5,15 +5,13 @@ from typing import Any, Mapping, Sequence
 
 from pipeline.config import Config
 from pipeline.data import SPLITS
-from pipeline.markdown import markdown_table as pipeline_markdown_table
+from pipeline.markdown import markdown_table
 
 TABLE_KS = (5, 10)  # the paper's tables report @5 and @10
-
-
 TABLE_METRICS = ("NDCG", "Recall", "MRR")
 
 
-def markdown_table(section: Mapping[str, Any], ks: Sequence[int] = TABLE_KS) -> str:
+def results_table(section: Mapping[str, Any], ks: Sequence[int] = TABLE_KS) -> str:
     """Retriever vs reranker on the covered subset and overall (NDCG/Recall/MRR @5 and @10), as
     a markdown table for one split's metrics section. Sections with the LLM-alone entries
     (`llm_subset`, ...: `llm_evidence`) show them side by side, with the fusion weight, the paired
@@ -34,7 +32,7 @@ def markdown_table(section: Mapping[str, Any], ks: Sequence[int] = TABLE_KS) -> 
     lines = [
         f"coverage {section['coverage']:.4f} ({section['n_covered']}/{section['n_users']} users)",
         "",
-        pipeline_markdown_table(["", *cols], rows),
+        markdown_table(["", *cols], rows),
     ]
     notes = _evidence_notes(section, llm_name)
     return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
@@ -85,5 +83,5 @@ def results_markdown(metrics: dict, cfg: Config) -> str:
     parts = [f"# {cfg.retriever.model} -> {cfg.reranker.model} ({cfg.reranker.label_scheme}), {cfg.data.dataset}"]
     for split in SPLITS:
         if split in metrics:
-            parts += ["", f"## {split}", "", markdown_table(metrics[split])]
+            parts += ["", f"## {split}", "", results_table(metrics[split])]
     return "\n".join(parts) + "\n"

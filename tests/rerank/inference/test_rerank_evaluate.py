@@ -12,7 +12,7 @@ from pipeline.errors import PipelineError
 from pipeline.metrics import coverage_weighted
 from rerank.evaluation import evidence
 from rerank.evaluation.metrics import split_metrics
-from rerank.evaluation.report import markdown_table
+from rerank.evaluation.report import results_table
 from rerank.inference import rank_split as rank_split_module
 from rerank.inference.rank_split import rank_split
 from rerank.model.sources import load_model_and_tokenizer
@@ -91,9 +91,9 @@ def test_split_metrics_refuses_rankings_of_other_rows():
         split_metrics([], [])
 
 
-def test_markdown_table_shows_retriever_and_reranker_subset_and_overall():
+def test_results_table_shows_retriever_and_reranker_subset_and_overall():
     rankings = [{**ROWS[i], "scores": RERANKER[ROWS[i]["user"]]} for i in (0, 1, 3)]
-    table = markdown_table(split_metrics(ROWS, rankings))
+    table = results_table(split_metrics(ROWS, rankings))
     lines = table.strip().split("\n")
     assert lines[0] == "coverage 0.7500 (3/4 users)"
     assert lines[2] == "| | NDCG@5 | Recall@5 | MRR@5 | NDCG@10 | Recall@10 | MRR@10 |"
@@ -191,7 +191,7 @@ def test_llm_evidence_and_the_side_by_side_table():
     assert ev["llm_raw_top1_slots"]["counts"] == [3, 0, 0, 0, 0] and ev["llm_raw_top1_slots"]["max_share"] == 1.0
     assert set(ev["bootstrap"]) >= {"final_minus_retriever", "llm_minus_retriever", "llm_raw_minus_retriever"}
     sec.update(ev, fusion={"w": 0.5, "grid": {"0.0": 0.4, "0.5": 0.6}}, calibration={"method": "permuted", "prior": {"5": [0.4, 0.1, 0.0, -0.2, -0.3]}})
-    lines = markdown_table(sec).split("\n")
+    lines = results_table(sec).split("\n")
     assert [ln.split(" | ")[0] for ln in lines[4:11]] == [
         "| Retriever (subset)", "| LLM raw (subset)", "| LLM calibrated (subset)", "| Reranker (subset)",
         "| Retriever (overall)", "| LLM calibrated (overall)", "| Reranker (overall)",
