@@ -37,7 +37,8 @@ def train_reranker(
     summary (`train_adapter`: the best adapter in <out_dir>/adapter, <out_dir>/train_summary.json),
     which records the earlier stages' adapters."""
     out = Path(out_dir)
-    check_start(out, cfg, train_samples)  # fail before a stage spends time
+    if cfg.pretrain_steps > 0 or cfg.binding_warmup_steps > 0:
+        check_start(out, cfg, train_samples)  # train_adapter's own checks, before an earlier stage spends time
     pretrained = pretrain_stage(model, tokenizer, style, ds, cfg, out, seed) if cfg.pretrain_steps > 0 else None
     warmed = (
         binding_warmup_stage(model, tokenizer, style, ds, train_samples, cfg, out, seed, pretrained)
