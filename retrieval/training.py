@@ -5,8 +5,8 @@ loss on a batch, and scores the full catalogue. The loop does the rest, the same
 the configured optimiser (`make_optimizer`), gradient clipping unless
 retriever.grad_clip is null, validation NDCG@10 every `eval_every` epochs, early stopping after
 `patience` evaluations without improvement of its mean over the last `smooth_window` ones, the best
-single epoch of the best window kept (in memory and as
-`retriever.pt`), TensorBoard logs under `out_dir/tb`.
+single epoch of the best window kept (`retrieval.stopping`; in memory and as `retriever.pt`),
+TensorBoard logs under `out_dir/tb`.
 
 Resumable: after every epoch the loop's whole state (weights, optimizer, best weights, history,
 every RNG the epoch drew from) goes to `out_dir/retriever_state.pt`, so `fit(..., resume=True)`
@@ -33,6 +33,7 @@ from pipeline.data import SplitDataset
 from pipeline.errors import PipelineError
 from pipeline.run_files import RETRIEVER_TENSORBOARD
 from retrieval.evaluate import evaluate
+from retrieval.stopping import SmoothedStopping
 
 EARLY_STOP_METRIC = "NDCG@10"  # validation metric for early stopping (paper)
 STATE_FILE = "retriever_state.pt"  # the loop's state after its last finished epoch (for resume)
@@ -105,18 +106,18 @@ def fit(model: TrainableRetriever, ds: SplitDataset, cfg: RetrieverConfig, seed:
         with torch.no_grad():
             return model.score(inputs)
 
-    best, best_epoch, best_state, bad, step = -1.0, 0, None, 0, 0
+    rule = SmoothedStopping(cfg.smooth_window, cfg.patience)  # its `recent` payloads: each validation's weights
+    best_epoch, best_state, step = 0, None, 0
     history, first, seconds_before, stopped = [], 1, 0.0, False
-    recent: list[tuple[int, float, dict]] = []  # (epoch, val metric, weights) of the last smooth_window validations
     if resume and state_path.is_file():
         # weights_only=False: the file holds python's RNG state (tuples) and numpy's (arrays);
         # it is our own file, written below, never downloaded.
         state = torch.load(state_path, map_location="cpu", weights_only=False)
         model.module.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
-        best, best_epoch, best_state, bad, step = state["best"], state["best_epoch"], state["best_state"], state["bad"], state["step"]
+        rule.best, rule.bad, rule.recent = state["best"], state["bad"], state.get("recent", [])
+        best_epoch, best_state, step = state["best_epoch"], state["best_state"], state["step"]
         history, seconds_before, stopped = state["history"], state["train_seconds"], state["stopped"]
-        recent = state.get("recent", [])
         first = state["epoch"] + 1
         set_rng_states(state["rng"], rng)
         print(f"retriever: resumed after epoch {state['epoch']} from {state_path}")
@@ -128,9 +129,9 @@ def fit(model: TrainableRetriever, ds: SplitDataset, cfg: RetrieverConfig, seed:
         """The loop's state after `epoch`, atomically (a kill mid-save keeps the previous epoch's)."""
         state = {
             "epoch": epoch, "model": model.module.state_dict(), "optimizer": opt.state_dict(),
-            "best": best, "best_epoch": best_epoch, "best_state": best_state, "bad": bad, "step": step,
+            "best": rule.best, "best_epoch": best_epoch, "best_state": best_state, "bad": rule.bad, "step": step,
             "history": history, "train_seconds": time.time() - t0, "stopped": stopped, "rng": rng_states(rng),
-            "recent": recent,
+            "recent": rule.recent,
         }
         with atomic_open(state_path, "wb") as f:
             torch.save(state, f)
@@ -162,16 +163,12 @@ def fit(model: TrainableRetriever, ds: SplitDataset, cfg: RetrieverConfig, seed:
         writer.add_scalar("val/Recall@20", val["Recall@20"], epoch)
         history.append({"epoch": epoch, "loss": total / max(n, 1), **val})
         epochs.set_postfix(loss=f"{total / max(n, 1):.3f}", ndcg10=f"{val[EARLY_STOP_METRIC]:.4f}")
-        recent = [*recent, (epoch, val[EARLY_STOP_METRIC], copy.deepcopy(model.module.state_dict()))][-cfg.smooth_window:]
-        smoothed = sum(v for _, v, _ in recent) / len(recent)
-        if smoothed > best:  # the window's mean improved: keep its best single epoch
-            best, bad = smoothed, 0
-            best_epoch, _, best_state = max(recent, key=lambda r: (r[1], -r[0]))  # ties: the earlier epoch
+        improved = rule.observe(epoch, val[EARLY_STOP_METRIC], copy.deepcopy(model.module.state_dict()))
+        if improved is not None:  # the window's mean improved: keep its best single epoch
+            best_epoch, _, best_state = improved
             with atomic_open(out_dir / "retriever.pt", "wb") as f:  # a kill never leaves half a file
                 torch.save(best_state, f)
-        else:
-            bad += 1
-            stopped = bad >= cfg.patience
+        stopped = rule.stopped
         save_state(epoch)
         if stopped:
             break
@@ -179,12 +176,12 @@ def fit(model: TrainableRetriever, ds: SplitDataset, cfg: RetrieverConfig, seed:
     if best_state is not None:
         model.module.load_state_dict(best_state)
     model.module.eval()
-    kept = next((h[EARLY_STOP_METRIC] for h in history if h["epoch"] == best_epoch), best)
+    kept = next((h[EARLY_STOP_METRIC] for h in history if h["epoch"] == best_epoch), rule.best)
     return {
         "epochs_run": epoch,
         "best_epoch": best_epoch,
         f"best_val_{EARLY_STOP_METRIC}": kept,  # the kept epoch's own value
-        f"best_smoothed_val_{EARLY_STOP_METRIC}": best,  # the stopping rule's (= the above when smooth_window is 1)
+        f"best_smoothed_val_{EARLY_STOP_METRIC}": rule.best,  # the stopping rule's (= the above when smooth_window is 1)
         "smooth_window": cfg.smooth_window,
         "optimizer_steps": step,
         "train_seconds": round(time.time() - t0, 1),

@@ -11,7 +11,7 @@ import pandas as pd
 
 from analysis import paper
 from analysis.significance import CONFIDENCE, N_RESAMPLES, SEED, paired_tests, paired_user_values
-from analysis.tables.convergence import convergence
+from analysis.tables.convergence import convergence, kept_curves
 from analysis.tables.group import Group, Seeds, group_runs, mean_and_std, not_run, reranker_seeds, retriever_seeds
 from analysis.tables.read import PAPER_METRICS, SPLIT, load_runs
 from pipeline.candidates import rankings_path, read_rows
@@ -38,7 +38,8 @@ class Tables:
     table3: pd.DataFrame
     significance: pd.DataFrame
     settings: dict[str, Any]
-    convergence: pd.DataFrame  # how each retriever's training ended (analysis/tables/convergence.py)
+    convergence: pd.DataFrame  # how each retriever's training ended (analysis.tables.convergence)
+    kept_curves: pd.DataFrame  # each retriever seed run's validation curve around its kept epoch
 
 
 def relative_improvement(before: Optional[float], after: Optional[float]) -> Optional[float]:
@@ -184,6 +185,7 @@ def build_tables(
               [significance(g, split, n_resamples, seed, confidence) for g in groups])
     t1, t3, sig = (_concat(f) for f in frames)
     conv = _concat([convergence(g, split) for g in groups])
+    curves = _concat([kept_curves(g, split) for g in groups])
     settings = {
         "split": split, "runs": [str(Path(p)) for p in paths],
         "bootstrap": {"resamples": n_resamples, "seed": seed, "confidence": confidence,
@@ -191,4 +193,4 @@ def build_tables(
                       "unit": "user (paired: the same users for reranker and retriever)"},
         "paper": {"title": paper.PAPER, "url": paper.PAPER_URL, "numbers_from": paper.NUMBERS_SOURCE},
     }
-    return Tables(split, groups, t1, t3, sig, settings, conv)
+    return Tables(split, groups, t1, t3, sig, settings, conv, curves)

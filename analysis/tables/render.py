@@ -10,13 +10,13 @@ import pandas as pd
 from analysis import paper
 from analysis.tables.build import Tables, relative_improvement
 from analysis.tables.cells import MISSING, mean_std_cell, number_cell, p_cell, pct_cell, run_cell, table
-from analysis.tables.convergence import convergence_markdown
+from analysis.tables.convergence import convergence_markdown, kept_curves_markdown
 from analysis.tables.group import Group, not_run
 from analysis.tables.read import PAPER_METRICS
 from pipeline.atomic import write_text
 
 OUTPUT_FILES = ("table1.md", "table1.csv", "table3.md", "table3.csv", "significance.json", "significance.csv",
-                "convergence.md", "convergence.csv", "tables.md")
+                "convergence.md", "convergence.csv", "kept_curves.csv", "tables.md")
 
 
 def _group_intro(group: Group) -> str:
@@ -120,9 +120,10 @@ def render(tables: Tables) -> dict[str, str]:
         p1, p3 = table1_markdown(tables.table1, g), table3_markdown(tables.table3, g)
         ps = significance_markdown(tables.significance, g, conf)
         pc = convergence_markdown(tables.convergence, g.label)
+        pk = kept_curves_markdown(tables.kept_curves, g.label)
         t1 += [intro, p1]
         t3 += [intro, p3]
-        conv += [intro, pc or "No retriever run on this dataset.\n"]
+        conv += [intro, pc or "No retriever run on this dataset.\n"] + ([pk] if pk else [])
         both += [intro, p1] + ([pc] if pc else []) + [p3] + ([ps] if ps else [])
     sig = tables.significance.astype(object).where(tables.significance.notna(), None)
     return {
@@ -134,6 +135,7 @@ def render(tables: Tables) -> dict[str, str]:
         "significance.json": json.dumps({**tables.settings, "tests": sig.to_dict("records")}, indent=2) + "\n",
         "convergence.md": "\n".join(conv),
         "convergence.csv": tables.convergence.to_csv(index=False),
+        "kept_curves.csv": tables.kept_curves.to_csv(index=False),
         "tables.md": "\n".join(both),
     }
 

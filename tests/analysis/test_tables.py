@@ -349,7 +349,8 @@ def test_script_prints_seed_means(seed_runs, tmp_path):
 
 def _summary(run: Path, epochs_run: int, best_epoch: int, train_seconds: float, start: str, end: str, best_val: float = 0.1) -> None:
     """retriever_summary.json and run.json as train_retriever.py writes them (validation every epoch)."""
-    history = [{"epoch": e, "NDCG@10": best_val if e == best_epoch else 0.05} for e in range(1, epochs_run + 1)]
+    # a curve the stopping rule (window 1) produces: rising to best_val at best_epoch, then below it
+    history = [{"epoch": e, "NDCG@10": best_val * e / best_epoch if e <= best_epoch else 0.05} for e in range(1, epochs_run + 1)]
     (run / "retriever_summary.json").write_text(json.dumps(
         {"epochs_run": epochs_run, "best_epoch": best_epoch, "best_val_NDCG@10": best_val, "train_seconds": train_seconds,
          "history": history}))
@@ -379,8 +380,18 @@ def test_convergence_table_epochs_stops_and_times(seed_runs, tmp_path):
     popularity = conv.loc["Popularity"]
     assert math.isnan(popularity["epochs_run"]) and popularity["stopped by patience"] == 0
     texts = render(t)
-    assert "| LRURec | 3 | 20.7 ± 9.0 | 17.0 ± 11.1 | 0.1200 ± 0.0100 | 30 | 5 | patience 2/3, BOUND 1/3 | 120 ± 72 | 150 ± 79 |" in texts["convergence.md"]
-    assert "| Popularity | 1 | – | – | – | – | – | – |" in texts["convergence.md"]
+    # kept - neighbours: seed 0: 0.11 - (0.11 * 14/15 + 0.05) / 2 = 0.0287; seed 2 (best at 29 of 30): 0.13 - (0.13 * 28/29 + 0.05) / 2
+    margins = [0.11 - (0.11 * 14 / 15 + 0.05) / 2, 0.12 - (0.12 * 6 / 7 + 0.05) / 2, 0.13 - (0.13 * 28 / 29 + 0.05) / 2]
+    assert lru["max_kept_margin"] == pytest.approx(max(margins))
+    assert (f"| LRURec | 3 | 20.7 ± 9.0 | 17.0 ± 11.1 | 0.1200 ± 0.0100 | 30 | 5 | 1 | patience 2/3, BOUND 1/3 | {max(margins):+.4f} | 120 ± 72 | 150 ± 79 |"
+            in texts["convergence.md"])
+    assert "| Popularity | 1 | – | – | – | – | – | – | – | – |" in texts["convergence.md"]
+    # each seed's curve around its kept epoch: seed 0 kept 15, two validations either side
+    row = f"| LRURec | {lrus[0].name} | {0.11 * 13 / 15:.4f} @13 | {0.11 * 14 / 15:.4f} @14 | **0.1100** @15 | 0.0500 @16 | 0.0500 @17 |"
+    assert f"{row} {margins[0]:+.4f} |" in texts["convergence.md"]
+    assert f"| **0.1300** @29 | 0.0500 @30 | – |" in texts["convergence.md"]  # the bound: one validation after the kept one
+    curves = t.kept_curves.set_index("run")
+    assert curves.loc[str(lrus[1]), "kept_epoch"] == 7 and curves.loc[str(lrus[1]), "epoch -2"] == 5
     assert "### Retriever training: how each run ended" in texts["tables.md"]
     assert texts["convergence.csv"].splitlines()[0].startswith("dataset,split,method,run,n,epochs_run")
 

@@ -295,3 +295,8 @@ def test_smoothed_stopping_does_not_stop_on_a_spike(window, stopped_at, kept, tm
     saved = torch.load(tmp_path / "retriever.pt")
     assert all(torch.equal(saved[k], weights[kept][k]) for k in saved)  # the kept epoch's weights, not the last
     assert all(torch.equal(v, weights[kept][k]) for k, v in r.module.state_dict().items())
+    # the tables replay the same rule over the recorded curve and must reach the loop's outcome
+    from retrieval.stopping import replay
+
+    again = replay([(h["epoch"], h["NDCG@10"]) for h in summary["history"]], window, 4)
+    assert (again.stopped_at, again.kept_epoch) == (stopped_at, kept)
