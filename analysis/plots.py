@@ -255,6 +255,43 @@ def plot_run(run_dir: str | Path, out_dir: str | Path) -> list[Path]:
 
 
 # ----------------------------------------------------------------------------------------
+# Retriever seed runs side by side (reproduce_tables.py): the curves behind the convergence table
+
+
+def retriever_curves_figure(runs: Sequence[tuple[str, Path, Mapping[str, Any]]], title: str = "") -> Figure:
+    """One column per retriever method: validation NDCG@10 (top) and training loss (bottom) per epoch,
+    one line per seed run, the kept epoch starred. `runs`: (method, run path, retriever_summary.json)."""
+    methods = list(dict.fromkeys(label for label, _, _ in runs))
+    fig = new_figure(max(3.6 * len(methods) + 0.4, 6.0), 6.4)
+    axes = fig.subplots(2, max(len(methods), 1), squeeze=False)
+    for col, method in enumerate(methods):
+        val_ax, loss_ax = axes[0][col], axes[1][col]
+        for label, path, summary in runs:
+            if label != method:
+                continue
+            hist = summary.get("history", [])
+            epochs = [h["epoch"] for h in hist if "NDCG@10" in h]
+            line, = val_ax.plot(epochs, [h["NDCG@10"] for h in hist if "NDCG@10" in h], lw=1, label=path.name)
+            kept = [h for h in hist if h["epoch"] == summary["best_epoch"] and "NDCG@10" in h]
+            if kept:
+                val_ax.plot([kept[0]["epoch"]], [kept[0]["NDCG@10"]], marker="*", ms=11, color=line.get_color())
+            loss_ax.plot([h["epoch"] for h in hist if "loss" in h], [h["loss"] for h in hist if "loss" in h], lw=1,
+                         color=line.get_color())
+        val_ax.set_title(f"{method}: validation NDCG@10")
+        val_ax.legend(fontsize=7)
+        loss_ax.set_title(f"{method}: training loss")
+        loss_ax.set_xlabel("epoch")
+        for ax in (val_ax, loss_ax):
+            ax.grid(alpha=0.3)
+    if not methods:
+        axes[0][0].text(0.5, 0.5, "no retriever run with a training curve", ha="center", va="center",
+                        transform=axes[0][0].transAxes)
+    if title:
+        fig.suptitle(title + " (star: the epoch whose weights are kept)")
+    return fig
+
+
+# ----------------------------------------------------------------------------------------
 # A reranker run's own evidence (rerank/run.py writes these into its run directory)
 
 

@@ -10,18 +10,24 @@ sample std over the n runs (the Run column lists them as "n=3: a, b, c"; the CSV
 `<metric> std` columns); two runs of one method with the same seed are refused.
 scripts/run_table1.py runs every retriever for 3 seeds and the reranker on each LRURec seed, then
 this script. Writes to --out: table1.md/.csv, table3.md/.csv, significance.json/.csv (paired
-bootstrap over users of reranker - retriever, covered subset and overall, per run) and tables.md
-(all of it, grouped by dataset). Nothing is written when a run cannot be read.
+bootstrap over users of reranker - retriever, covered subset and overall, per run), convergence.md/.csv
+and kept_curves.csv (how each retriever's training ended, its curve around the kept epoch),
+retriever_curves.png (every retriever seed's validation NDCG@10 and training loss per epoch; one PNG per
+dataset when there are several) and tables.md (all of it, grouped by dataset). Nothing is written when a run cannot be read.
 """
 import argparse
+import re
 from pathlib import Path
 
 from analysis.significance import CONFIDENCE, N_RESAMPLES, SEED
+from analysis.plots import retriever_curves_figure
 from analysis.tables.build import build_tables
+from analysis.tables.convergence import seed_summaries
 from analysis.tables.read import SPLIT
 from analysis.tables.render import write_outputs
 from pipeline.cli import run_main
 from pipeline.errors import PipelineError
+from pipeline.plotting import save_png
 
 
 def main(argv=None):
@@ -39,8 +45,14 @@ def main(argv=None):
             raise PipelineError(f"--out {args.out} is inside run directory {run}: analyses never write into the runs they read; pick another directory")
     tables = build_tables(args.runs, args.split, args.resamples, args.seed, CONFIDENCE)
     texts = write_outputs(tables, args.out)
+    pngs = []
+    for g in tables.groups:  # each dataset's retriever curves, when it has any
+        runs = seed_summaries(g)
+        if runs:
+            name = "retriever_curves.png" if len(tables.groups) == 1 else f"retriever_curves_{re.sub(r'[^A-Za-z0-9.-]+', '_', g.label).strip('_')}.png"
+            pngs.append(save_png(retriever_curves_figure(runs, g.label), Path(args.out) / name).name)
     print(texts["tables.md"])
-    print(f"wrote {', '.join(texts)} to {args.out}")
+    print(f"wrote {', '.join([*texts, *pngs])} to {args.out}")
 
 
 if __name__ == "__main__":

@@ -158,25 +158,33 @@ def convergence(group: Group, split: str) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def kept_curves(group: Group, split: str) -> pd.DataFrame:
-    """One row per retriever seed run of `group`: its kept epoch, the validation NDCG@10 of up to
-    AROUND validations on each side of it (columns -2..+2, with their epochs), and the margin."""
-    rows = []
+def seed_summaries(group: Group) -> list[tuple[str, Path, dict]]:
+    """(method label, run path, retriever_summary.json) of every retriever seed run of `group` that
+    has a training curve (popularity and older runs have none), methods in table order."""
+    out = []
     all_seeds = retriever_seeds(group)
     for seeds, label in zip(all_seeds, setting_labels(all_seeds)):
         for r in seeds.runs:
             summary_file = Path(r.retriever_source) / RETRIEVER_SUMMARY
             summary = _read_json(summary_file) if summary_file.is_file() else {}
-            if "best_epoch" not in summary:
-                continue  # popularity and older runs: no curve
-            kept = summary["best_epoch"]
-            row: dict[str, Any] = {"dataset": group.label, "split": split, "method": label, "run": str(r.path),
-                                   "kept_epoch": kept, "kept_margin": kept_margin(summary)}
-            around = around_kept(summary)
-            at = [e for e, _ in around].index(kept) if around else 0
-            for i, (epoch, value) in enumerate(around):
-                row[f"epoch {i - at:+d}"], row[f"val {i - at:+d}"] = epoch, value
-            rows.append(row)
+            if "best_epoch" in summary:
+                out.append((label, Path(r.path), summary))
+    return out
+
+
+def kept_curves(group: Group, split: str) -> pd.DataFrame:
+    """One row per retriever seed run of `group`: its kept epoch, the validation NDCG@10 of up to
+    AROUND validations on each side of it (columns -2..+2, with their epochs), and the margin."""
+    rows = []
+    for label, path, summary in seed_summaries(group):
+        kept = summary["best_epoch"]
+        row: dict[str, Any] = {"dataset": group.label, "split": split, "method": label, "run": str(path),
+                               "kept_epoch": kept, "kept_margin": kept_margin(summary)}
+        around = around_kept(summary)
+        at = [e for e, _ in around].index(kept) if around else 0
+        for i, (epoch, value) in enumerate(around):
+            row[f"epoch {i - at:+d}"], row[f"val {i - at:+d}"] = epoch, value
+        rows.append(row)
     return pd.DataFrame(rows)
 
 

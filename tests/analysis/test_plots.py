@@ -2,7 +2,6 @@
 run's TensorBoard event files agree with its JSON summaries."""
 import json
 import shutil
-import struct
 
 import pytest
 
@@ -17,14 +16,8 @@ from analysis.plots import (
 )
 from analysis.position_bias import position_bias
 from pipeline.errors import PipelineError
+from tests.helpers.png import png_size
 from tests.helpers.scripts import run_script
-
-
-def png_size(path):
-    """(width, height) of a PNG file, from its header; fails on anything else."""
-    data = path.read_bytes()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR", f"{path} is not a PNG"
-    return struct.unpack(">II", data[16:24])
 
 
 def test_curves_from_the_smoke_runs_event_files(smoke_run):

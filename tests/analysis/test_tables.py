@@ -14,11 +14,14 @@ import yaml
 
 from analysis import paper
 from analysis.significance import bootstrap_means, paired_tests, paired_user_values
+from analysis.plots import retriever_curves_figure
 from analysis.tables.build import build_tables, relative_improvement
+from analysis.tables.convergence import seed_summaries
 from analysis.tables.group import not_run
 from analysis.tables.render import OUTPUT_FILES, render, write_outputs
 from pipeline.errors import PipelineError
 from pipeline.metrics import metrics_from_ranks, per_user_metrics
+from tests.helpers.png import png_size
 from tests.helpers.runs import L3, L4, RER, RET, ROWS, section, write_run
 from tests.helpers.scripts import REPO, run_script
 
@@ -222,7 +225,7 @@ def test_smoke_run_tables(smoke_run, tmp_path):
     out = tmp_path / "tables"
     proc = run_script("scripts/reproduce_tables.py", "--runs", str(run_dir), "--out", str(out), "--resamples", "2000")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert sorted(p.name for p in out.iterdir()) == sorted(OUTPUT_FILES)
+    assert sorted(p.name for p in out.iterdir()) == sorted([*OUTPUT_FILES, "retriever_curves.png"])  # the script adds the PNG
     assert sorted(p.relative_to(run_dir) for p in run_dir.rglob("*")) == before  # read only
     test = json.loads((run_dir / "metrics.json").read_text())["test"]
     t1 = (out / "table1.md").read_text()
@@ -392,6 +395,16 @@ def test_convergence_table_epochs_stops_and_times(seed_runs, tmp_path):
     assert f"| **0.1300** @29 | 0.0500 @30 | – |" in texts["convergence.md"]  # the bound: one validation after the kept one
     curves = t.kept_curves.set_index("run")
     assert curves.loc[str(lrus[1]), "kept_epoch"] == 7 and curves.loc[str(lrus[1]), "epoch -2"] == 5
+    # the curves behind it, one column per method: 3 seed lines and 3 stars (the kept epochs) on validation
+    fig = retriever_curves_figure(seed_summaries(t.groups[0]))
+    val_ax = fig.get_axes()[0]
+    assert len(fig.get_axes()) == 2 and val_ax.get_title() == "LRURec: validation NDCG@10"
+    stars = [(list(line.get_xdata()), list(line.get_ydata())) for line in val_ax.get_lines() if line.get_marker() == "*"]
+    assert stars == [([15], [0.11]), ([7], [0.12]), ([29], [0.13])]
+    out = tmp_path / "tables_out"
+    proc = run_script("scripts/reproduce_tables.py", "--runs", *map(str, [*lrus, pop]), "--out", str(out), "--resamples", "10")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert png_size(out / "retriever_curves.png")[0] > 600 and (out / "kept_curves.csv").is_file()
     assert "### Retriever training: how each run ended" in texts["tables.md"]
     assert texts["convergence.csv"].splitlines()[0].startswith("dataset,split,method,run,n,epochs_run")
 
