@@ -15,6 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
+EARLY_STOP_METRIC = "NDCG@10"  # the validation metric the rule reads (paper), in the loop and in the tables
+
 
 @dataclass
 class SmoothedStopping:

@@ -33,9 +33,8 @@ from pipeline.data import SplitDataset
 from pipeline.errors import PipelineError
 from pipeline.run_files import RETRIEVER_TENSORBOARD
 from retrieval.evaluate import evaluate
-from retrieval.stopping import SmoothedStopping
+from retrieval.stopping import EARLY_STOP_METRIC, SmoothedStopping
 
-EARLY_STOP_METRIC = "NDCG@10"  # validation metric for early stopping (paper)
 STATE_FILE = "retriever_state.pt"  # the loop's state after its last finished epoch (for resume)
 
 

@@ -29,11 +29,10 @@ from analysis.tables.group import Group, mean_and_std, retriever_seeds
 from analysis.tables.read import load_yaml
 from pipeline.errors import PipelineError
 from pipeline.run_files import CONFIG_YAML, METRICS_JSON, RETRIEVER_SUMMARY, RUN_JSON
-from retrieval.stopping import replay
+from retrieval.stopping import EARLY_STOP_METRIC, replay
 
 METRICS = ("NDCG@10", "Recall@20")  # issue-level headline: ranking quality and the reranker's coverage
 PATIENCE, BOUND = "patience", "epoch bound"
-STOP_METRIC = "NDCG@10"  # the validation metric the stopping rule reads (retrieval.training.EARLY_STOP_METRIC)
 AROUND = 2  # validations shown on each side of the kept epoch
 
 
@@ -45,7 +44,12 @@ def _read_json(path: Path) -> Any:
 
 
 def _curve(summary: dict) -> list[tuple[int, float]]:
-    return [(h["epoch"], h[STOP_METRIC]) for h in summary.get("history", []) if STOP_METRIC in h]
+    return [(h["epoch"], h[EARLY_STOP_METRIC]) for h in summary.get("history", []) if EARLY_STOP_METRIC in h]
+
+
+def _kept_at(curve: list[tuple[int, float]], summary: dict) -> Optional[int]:
+    """The kept epoch's index in `curve` (None: not validated, or no curve)."""
+    return next((i for i, (e, _) in enumerate(curve) if e == summary.get("best_epoch")), None)
 
 
 def stopped_by(summary: dict, patience: int, smooth_window: int = 1) -> Optional[str]:
@@ -60,7 +64,7 @@ def stopped_by(summary: dict, patience: int, smooth_window: int = 1) -> Optional
 def around_kept(summary: dict, n: int = AROUND) -> list[tuple[int, float]]:
     """The (epoch, validation NDCG@10) of the kept epoch and of up to `n` validations on each side."""
     curve = _curve(summary)
-    at = next((i for i, (e, _) in enumerate(curve) if e == summary.get("best_epoch")), None)
+    at = _kept_at(curve, summary)
     return [] if at is None else curve[max(at - n, 0):at + n + 1]
 
 
@@ -68,7 +72,7 @@ def kept_margin(summary: dict) -> float:
     """The kept epoch's validation NDCG@10 minus the mean of the validations just before and after it
     (those that exist): near 0 on a plateau, large for a one-epoch spike; NaN without neighbours."""
     curve = _curve(summary)
-    at = next((i for i, (e, _) in enumerate(curve) if e == summary.get("best_epoch")), None)
+    at = _kept_at(curve, summary)
     if at is None:
         return math.nan
     neighbours = [v for _, v in curve[max(at - 1, 0):at] + curve[at + 1:at + 2]]
@@ -104,7 +108,6 @@ def run_training(source: Path) -> dict[str, Any]:
         "smooth_window": window if has_epochs else None,
         "stopped_by": stopped_by(summary, patience, window) if has_epochs and isinstance(patience, int) else None,
         "kept_margin": kept_margin(summary),
-        "around_kept": around_kept(summary),
         "train_seconds": summary.get("train_seconds", math.nan),
         "wall_seconds": math.nan if (wall := wall_seconds(source)) is None else wall,
     }
