@@ -1,4 +1,5 @@
-"""PNG plots of run directories: metrics per k, position bias, training/validation curves, and the
+"""PNG plots of run directories: metrics per k, position bias, training/validation curves, every
+retriever seed's curves side by side (`retriever_curves_figure`, for reproduce_tables.py), and the
 evidence a reranker run writes into its own directory (rerank/run.py `write_plots`):
 top1_slots_<split>.png (`plot_top1_slots`) and train_curves.png (`plot_train_summary`).
 
@@ -25,6 +26,7 @@ from matplotlib.figure import Figure
 from pipeline.errors import PipelineError
 from pipeline.plotting import new_figure, save_png
 from pipeline.run_files import METRICS_JSON, RERANKER_TENSORBOARD, RETRIEVER_SUMMARY, RETRIEVER_TENSORBOARD
+from retrieval.stopping import EARLY_STOP_METRIC
 
 METRICS = ("NDCG", "Recall", "MRR")
 # metrics.json entry -> (legend name, colour, line style): retriever grey, reranker blue;
@@ -270,14 +272,14 @@ def retriever_curves_figure(runs: Sequence[tuple[str, Path, Mapping[str, Any]]],
             if label != method:
                 continue
             hist = summary.get("history", [])
-            epochs = [h["epoch"] for h in hist if "NDCG@10" in h]
-            line, = val_ax.plot(epochs, [h["NDCG@10"] for h in hist if "NDCG@10" in h], lw=1, label=path.name)
-            kept = [h for h in hist if h["epoch"] == summary["best_epoch"] and "NDCG@10" in h]
+            curve = [(h["epoch"], h[EARLY_STOP_METRIC]) for h in hist if EARLY_STOP_METRIC in h]
+            line, = val_ax.plot([e for e, _ in curve], [v for _, v in curve], lw=1, label=path.name)
+            kept = [(e, v) for e, v in curve if e == summary["best_epoch"]]
             if kept:
-                val_ax.plot([kept[0]["epoch"]], [kept[0]["NDCG@10"]], marker="*", ms=11, color=line.get_color())
+                val_ax.plot([kept[0][0]], [kept[0][1]], marker="*", ms=11, color=line.get_color())
             loss_ax.plot([h["epoch"] for h in hist if "loss" in h], [h["loss"] for h in hist if "loss" in h], lw=1,
                          color=line.get_color())
-        val_ax.set_title(f"{method}: validation NDCG@10")
+        val_ax.set_title(f"{method}: validation {EARLY_STOP_METRIC}")
         val_ax.legend(fontsize=7)
         loss_ax.set_title(f"{method}: training loss")
         loss_ax.set_xlabel("epoch")
