@@ -21,6 +21,12 @@ user uses the candidates_train.jsonl row (the top-K for the user's LAST train it
 history masked). Each file must be this dataset's train split: a candidates_train row's target is
 the user's last train item, a prefix file's target at position t is the user's train item t.
 
+`covered_only` keeps just the prefixes whose target is in that prefix's own retriever list, so a
+training prompt holds what a val/test prompt does (covered users only: the target among the
+retriever's top-K). Without it, a prefix the retriever missed shows the target among the
+retriever's favourites, the one candidate the retriever did not propose: a shortcut a model learns
+and val/test never reward.
+
 Deterministic: a sample's candidates depend only on (seed, user, t), never on which other samples
 are kept, so capping with `max_samples` / `max_prefixes_per_user` does not change the samples kept.
 """
@@ -71,6 +77,7 @@ def build_samples(
     retriever_rows: Optional[Sequence[dict[str, Any]]] = None,  # candidates_train.jsonl rows ("retriever", "mix")
     prefix_rows: Optional[Sequence[dict[str, Any]]] = None,  # candidates_train_prefixes.jsonl rows: preferred when given
     retriever_ratio: float = 0.5,  # "mix" only: share of the K-1 negatives from the retriever
+    covered_only: bool = False,  # only prefixes whose target is in their own prefix_rows list
 ) -> list[TrainSample]:
     """The training samples of `ds`, ordered by (user, position)."""
     if n_candidates < 2:
@@ -100,6 +107,8 @@ def build_samples(
         n_hard = n_candidates - 1 if negatives == "retriever" else 0
 
     prefixes = _prefixes(ds, min_history, max_prefixes_per_user)
+    if covered_only:  # before the cap, so max_samples counts kept prompts
+        prefixes = _covered(ds, prefixes, per_prefix)
     if max_samples is not None and len(prefixes) > max_samples:
         keep = np.random.default_rng([seed, rng_streams.SAMPLE_CAP]).choice(len(prefixes), size=max_samples, replace=False)
         prefixes = [prefixes[i] for i in sorted(keep.tolist())]
@@ -140,6 +149,23 @@ def build_samples(
     return samples
 
 
+def _covered(
+    ds: SplitDataset, prefixes: Sequence[tuple[int, int]], per_prefix: Optional[dict[tuple[int, int], list[int]]]
+) -> list[tuple[int, int]]:
+    """The prefixes whose target the retriever put in that prefix's own candidates (what makes a
+    val/test user covered). A prefix the prefix file lacks cannot be judged and is dropped."""
+    if per_prefix is None:
+        raise PipelineError(
+            "reranker.train_covered_only needs candidates_train_prefixes.jsonl: run the retriever with "
+            "retriever.prefix_candidates != 0, or set train_covered_only=false"
+        )
+    kept = [(u, t) for u, t in prefixes if ds.train_sequence(u)[t] in per_prefix.get((u, t), ())]
+    if not kept:
+        raise PipelineError("no training prefix has its target among the retriever's candidates: set train_covered_only=false")
+    log.info("train_covered_only: %d of %d prefixes have their target among the retriever's candidates", len(kept), len(prefixes))
+    return kept
+
+
 def samples_from_config(
     ds: SplitDataset,
     cfg: RerankerConfig,
@@ -163,6 +189,7 @@ def samples_from_config(
         max_samples=cfg.max_train_samples,
         retriever_rows=retriever_rows if uses else None,
         prefix_rows=prefix_rows if uses else None,
+        covered_only=cfg.train_covered_only,
         **mix,
     )
 

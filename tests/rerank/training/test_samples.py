@@ -128,7 +128,7 @@ def test_samples_from_config():
     ds = make_ds()
     cfg = SimpleNamespace(
         train_candidates=4, train_negatives="random", max_history=2, train_min_history=2,
-        train_max_prefixes_per_user=3, max_train_samples=None,
+        train_max_prefixes_per_user=3, max_train_samples=None, train_covered_only=False,
     )
     got = samples_from_config(ds, cfg, seed=5)
     assert got == build_samples(ds, n_candidates=4, seed=5, history_len=2, min_history=2, max_prefixes_per_user=3)
@@ -280,7 +280,7 @@ def test_samples_from_config_passes_the_mix_ratio_and_prefix_rows():
     train_rows = _train_rows(ds, {u: [1, 2, 3, 4] for u in range(ds.n_users)})
     cfg = SimpleNamespace(
         train_candidates=6, train_negatives="mix", retriever_negative_ratio=0.2, max_history=3, train_min_history=1,
-        train_max_prefixes_per_user=None, max_train_samples=None,
+        train_max_prefixes_per_user=None, max_train_samples=None, train_covered_only=False,
     )
     got = samples_from_config(ds, cfg, seed=1, retriever_rows=train_rows, prefix_rows=prefix_rows)
     assert got == build_samples(
@@ -292,3 +292,37 @@ def test_samples_from_config_passes_the_mix_ratio_and_prefix_rows():
     assert samples_from_config(ds, cfg, seed=1, retriever_rows=train_rows, prefix_rows=prefix_rows) == build_samples(
         ds, n_candidates=6, seed=1, history_len=3
     )
+
+
+def test_covered_only_keeps_the_prefixes_whose_target_the_retriever_listed():
+    """train_covered_only: a training prompt holds what a val/test prompt does, the target among its
+    prefix's retriever list; a prefix the retriever missed (odd t here) would show the target as the
+    one candidate the retriever did not propose."""
+    ds = make_ds()
+    lists = lambda u, t: [i for i in _own_list(ds, u, t) if t % 2 == 0 or i != ds.train_sequence(u)[t]]  # noqa: E731
+    rows = _prefix_rows(ds, lists)
+    kw = dict(n_candidates=4, negatives="retriever", seed=3, prefix_rows=rows)
+    every = build_samples(ds, **kw)
+    covered = build_samples(ds, covered_only=True, **kw)
+    assert covered == [s for s in every if s.position % 2 == 0]  # the same prompts, the missed prefixes dropped
+    assert any(s.position % 2 for s in every)
+    for s in covered:
+        seen = set(ds.train_sequence(s.user)[: s.position])
+        listed = [i for i in lists(s.user, s.position) if i not in seen]
+        assert s.target in listed and sorted(s.candidates) == sorted(listed[:4])  # exactly the retriever's top usable 4
+    capped = build_samples(ds, covered_only=True, max_samples=5, **kw)  # the cap counts kept prompts
+    assert len(capped) == 5 and all(s.position % 2 == 0 for s in capped)
+    mixed = build_samples(ds, covered_only=True, **{**kw, "negatives": "mix"})
+    assert [(s.user, s.position) for s in mixed] == [(s.user, s.position) for s in covered]
+    with pytest.raises(PipelineError, match="candidates_train_prefixes.jsonl"):
+        build_samples(ds, n_candidates=4, negatives="retriever", covered_only=True, retriever_rows=_train_rows(ds, {u: [1] for u in range(ds.n_users)}))
+    with pytest.raises(PipelineError, match="no training prefix"):
+        build_samples(ds, covered_only=True, **{**kw, "prefix_rows": _prefix_rows(ds, lambda u, t: [N_TRAIN_ITEMS + 2 * ds.n_users])})
+
+
+def test_covered_only_needs_retriever_candidates():
+    from pipeline.config import load_config
+
+    with pytest.raises(PipelineError, match="train_covered_only"):
+        load_config(None, ["reranker.train_covered_only=true"])  # the default negatives are random
+    assert load_config(None, ["reranker.train_covered_only=true", "reranker.train_negatives=mix"]).reranker.train_covered_only
