@@ -426,6 +426,29 @@ class OverfitConfig:
 
 
 @dataclass
+class ProbeConfig:
+    """scripts/probe_states.py (`analysis.state_probe`): a linear unit fitted on the frozen model's
+    candidate-line states of training prompts, scored on held-out users' prompts and on val."""
+
+    n_prompts: int = 1200  # training prompts (the reranker section's samples): ~20 min of forwards on 2 cores
+    held_out: float = 0.25  # share of their users whose prompts score the probe instead of fitting it
+    val_max_users: Optional[int] = None  # covered val users scored, shuffled order (None = all)
+    weight_decay: float = 1e-3  # L2 on the unit's weights (standardised states)
+    steps: int = 300  # full-batch Adam steps
+
+    def validate(self) -> None:
+        for name in ("n_prompts", "steps"):
+            if getattr(self, name) < 1:
+                raise PipelineError(f"probe.{name} must be >= 1 (got {getattr(self, name)})")
+        if not 0.0 < self.held_out < 1.0:
+            raise PipelineError(f"probe.held_out must be in (0, 1) (got {self.held_out})")
+        if self.weight_decay < 0:
+            raise PipelineError(f"probe.weight_decay must be >= 0 (got {self.weight_decay})")
+        if self.val_max_users is not None and self.val_max_users < 1:
+            raise PipelineError(f"probe.val_max_users must be >= 1 or null (got {self.val_max_users})")
+
+
+@dataclass
 class Config:
     seed: int = 0  # every RNG (python, numpy, torch) is seeded from this
     data: DataConfig = field(default_factory=DataConfig)
@@ -434,6 +457,7 @@ class Config:
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     overfit: OverfitConfig = field(default_factory=OverfitConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
     # train_reranker.py: the retriever run directory whose candidates_<split>.jsonl are reranked.
     # run_experiment.py writes both stages into --out and ignores this.
     retriever_run: Optional[str] = None
