@@ -8,6 +8,8 @@ the FROZEN model's states of some users' training prompts, and score it on
   propose, a shortcut no val/test prompt offers, since those are covered users only);
 - the covered validation users, their candidates in a seeded shuffled order (what the reranker's
   content signal is scored on), with a paired bootstrap interval against chance.
+With the retriever's per-prefix lists it fits twice from the same states: on every training prompt
+("all") and on the covered ones only ("covered", what `reranker.train_covered_only` keeps).
 One forward pass per prompt and no fine-tuning, so it runs in minutes where a training run takes
 an hour. A probe above chance on held-out uncovered prompts and at chance on covered ones means the
 training prompts teach the shortcut (`reranker.train_covered_only` removes it); at chance on both
@@ -126,26 +128,37 @@ def run_probe(cfg: Config, out: str | Path, candidates_dir: str | Path) -> dict[
     held = set(users[: round(p.held_out * len(users))])
     fit = [i for i, s in enumerate(samples) if s.user not in held]
     test = [i for i, s in enumerate(samples) if s.user in held]
-    probe = fit_probe(train_states[fit], [samples[i].target_index for i in fit], p.weight_decay, p.steps, cfg.seed)
-
     val_prompts, val_targets = _shuffled_val(candidates_dir, ds, cfg.seed, p.val_max_users)
     val_states = line_end_states(model, tokenizer, style, val_prompts, rcfg.rank_batch_size)
+    covered = uncovered = None
+    if listed is not None:  # the retriever wrote per-prefix lists: split the prompts by coverage
+        covered, uncovered = split_by_coverage(samples, test, listed)
 
-    def part(rows: Sequence[int]) -> dict[str, Any]:
-        return summary(probe_scores(probe, train_states[rows]), [samples[i].target_index for i in rows])
+    def scored(probe: Mapping[str, torch.Tensor], fitted: Sequence[int]) -> dict[str, Any]:
+        def part(rows: Sequence[int]) -> dict[str, Any]:
+            return summary(probe_scores(probe, train_states[rows]), [samples[i].target_index for i in rows])
 
+        parts = {"fitted": part(fitted), "held_out": part(test)}
+        if covered is not None:
+            parts["held_out_covered"], parts["held_out_uncovered"] = part(covered), part(uncovered)
+        parts["val_shuffled"] = summary(probe_scores(probe, val_states), val_targets)
+        return parts
+
+    # "all": the training prompts as the reranker section builds them; "covered": only those whose
+    # target the retriever listed (what reranker.train_covered_only keeps), from the same states.
+    fits = {"all": fit}
+    if listed is not None:
+        fits["covered"] = split_by_coverage(samples, fit, listed)[0]
     result: dict[str, Any] = {
         "n_prompts": len(samples),
-        "fitted_prompts": len(fit),
         "train_negatives": rcfg.train_negatives,
         "train_covered_only": rcfg.train_covered_only,
-        "fitted": part(fit),
-        "held_out": part(test),
-        "val_shuffled": summary(probe_scores(probe, val_states), val_targets),
+        "fits": {
+            name: {"n_fitted": len(rows), **scored(fit_probe(train_states[rows], [samples[i].target_index for i in rows], p.weight_decay, p.steps, cfg.seed), rows)}
+            for name, rows in fits.items()
+            if rows
+        },
     }
-    if listed is not None:  # the retriever wrote per-prefix lists: split the held-out prompts by coverage
-        covered, uncovered = split_by_coverage(samples, test, listed)
-        result["held_out_covered"], result["held_out_uncovered"] = part(covered), part(uncovered)
     write_json(Path(out) / RESULT_FILE, result)
     write_text(Path(out) / REPORT_FILE, to_markdown(result))
     return result
@@ -196,18 +209,21 @@ def to_markdown(result: Mapping[str, Any]) -> str:
     parts = [("fitted", "fitted (in-sample)"), ("held_out", "held-out users' training prompts"),
              ("held_out_covered", "  of which covered"), ("held_out_uncovered", "  of which uncovered"),
              ("val_shuffled", "covered val users, shuffled order")]
-    rows = []
-    for key, name in parts:
-        r = result.get(key)
-        if not r or not r.get("n"):
-            continue
-        m = r["NDCG@10"]
-        rows.append([name, str(r["n"]), f"{m['mean']:.4f}", f"{m['chance']:.4f}", f"{m['mean'] - m['chance']:+.4f} [{m['ci_low']:+.4f}, {m['ci_high']:+.4f}]",
-                     f"{r['Recall@1']['mean']:.3f}"])
-    head = (f"# State probe\n\nA linear unit on the frozen model's candidate-line states, fitted on {result['fitted_prompts']} of "
-            f"{result['n_prompts']} training prompts ({result['train_negatives']} negatives"
-            f"{', covered prefixes only' if result['train_covered_only'] else ''}).\n\n")
-    return head + markdown_table(["prompts", "n", "NDCG@10", "chance", "difference [95% interval]", "top-1"], rows, "lrrrrr") + "\n"
+    negatives = f"{result['train_negatives']} negatives{', covered prefixes only' if result['train_covered_only'] else ''}"
+    lines = ["# State probe", "", f"A linear unit on the frozen model's candidate-line states of {result['n_prompts']} training prompts ({negatives}).", ""]
+    for name, fit in result["fits"].items():
+        rows = []
+        for key, label in parts:
+            r = fit.get(key)
+            if not r or not r.get("n"):
+                continue
+            m = r["NDCG@10"]
+            rows.append([label, str(r["n"]), f"{m['mean']:.4f}", f"{m['chance']:.4f}",
+                         f"{m['mean'] - m['chance']:+.4f} [{m['ci_low']:+.4f}, {m['ci_high']:+.4f}]", f"{r['Recall@1']['mean']:.3f}"])
+        what = "every training prompt" if name == "all" else "the covered training prompts only"
+        lines += [f"## Fitted on {what} ({fit['n_fitted']})", "",
+                  markdown_table(["prompts", "n", "NDCG@10", "chance", "difference [95% interval]", "top-1"], rows, "lrrrrr"), ""]
+    return "\n".join(lines)
 
 
 def load_result(out_dir: str | Path) -> dict[str, Any]:

@@ -82,10 +82,12 @@ def test_script_on_the_smoke_run(smoke_run, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((out / "probe.json").read_text())
-    assert result["n_prompts"] == 24 and result["fitted_prompts"] + result["held_out"]["n"] == 24
-    assert "held_out_covered" not in result  # the smoke retriever wrote no per-prefix lists to judge coverage by
+    fit = result["fits"]["all"]
+    assert result["n_prompts"] == 24 and fit["n_fitted"] + fit["held_out"]["n"] == 24
+    # the smoke retriever wrote no per-prefix lists to judge coverage by
+    assert list(result["fits"]) == ["all"] and "held_out_covered" not in fit
     covered = [r for r in map(json.loads, (run / "candidates_val.jsonl").read_text().splitlines()) if r["target"] in r["candidates"]]
-    assert result["val_shuffled"]["n"] == len(covered)
+    assert fit["val_shuffled"]["n"] == len(covered)
     assert "covered val users, shuffled order" in (out / "probe.md").read_text() and "State probe" in proc.stdout
 
 
