@@ -42,7 +42,7 @@ from rerank.model.sources import load_from_config
 from rerank.prompting.prompts import encode_prompt_ends
 from rerank.prompting.style import PromptStyle, style_from_config
 from rerank.run import training_samples
-from rerank.training.samples import TrainSample
+from rerank.training.samples import TrainSample, prefix_lists
 
 RESULT_FILE = "probe.json"
 REPORT_FILE = "probe.md"
@@ -165,26 +165,18 @@ def run_probe(cfg: Config, out: str | Path, candidates_dir: str | Path) -> dict[
 
 
 def split_by_coverage(
-    samples: Sequence[TrainSample], indices: Sequence[int], listed: Mapping[tuple[int, int], set[int]]
+    samples: Sequence[TrainSample], indices: Sequence[int], listed: Mapping[tuple[int, int], Sequence[int]]
 ) -> tuple[list[int], list[int]]:
     """`indices` split into the samples whose target the retriever listed for their prefix and the
     rest (a prefix without a list counts as uncovered)."""
-    covered = [i for i in indices if samples[i].target in listed.get((samples[i].user, samples[i].position), ())]
-    return covered, [i for i in indices if i not in set(covered)]
+    hit = {i: samples[i].target in listed.get((samples[i].user, samples[i].position), ()) for i in indices}
+    return [i for i in indices if hit[i]], [i for i in indices if not hit[i]]
 
 
-def _prefix_lists(candidates_dir: str | Path, ds: SplitDataset) -> Optional[dict[tuple[int, int], set[int]]]:
+def _prefix_lists(candidates_dir: str | Path, ds: SplitDataset) -> Optional[dict[tuple[int, int], list[int]]]:
     """(dense user, position) -> the retriever's items for that prefix; None without a prefix file."""
     path = prefix_candidates_path(candidates_dir)
-    if not path.is_file():
-        return None
-    users = {uid: u for u, uid in enumerate(ds.user_ids)}
-    items = ds.item_index()
-    out = {}
-    for row in read_prefix_rows(path, set(ds.item_ids[1:])):
-        for t, cands in zip(row["positions"], row["candidates"]):
-            out[(users[row["user"]], t)] = {items[i] for i in cands}
-    return out
+    return prefix_lists(ds, read_prefix_rows(path, set(ds.item_ids[1:]))) if path.is_file() else None
 
 
 def _shuffled_val(

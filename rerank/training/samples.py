@@ -96,7 +96,7 @@ def build_samples(
         if retriever_rows is not None:
             hard = _hard_negatives(ds, retriever_rows)
         if prefix_rows is not None:
-            per_prefix = _prefix_negatives(ds, prefix_rows)
+            per_prefix = prefix_lists(ds, prefix_rows)
     elif retriever_rows is not None or prefix_rows is not None:
         raise PipelineError("retriever rows were given but negatives is 'random': set train_negatives=retriever or drop them")
     if negatives == "mix":
@@ -260,7 +260,7 @@ def _hard_negatives(ds: SplitDataset, rows: Sequence[dict[str, Any]]) -> dict[in
     return out
 
 
-def _prefix_negatives(ds: SplitDataset, rows: Sequence[dict[str, Any]]) -> dict[tuple[int, int], list[int]]:
+def prefix_lists(ds: SplitDataset, rows: Sequence[dict[str, Any]]) -> dict[tuple[int, int], list[int]]:
     """(dense user index, position t) -> the retriever's candidates after that prefix (dense ids,
     retriever order), from candidates_train_prefixes.jsonl rows (`pipeline.candidates.read_prefix_rows`)."""
     users = {uid: u for u, uid in enumerate(ds.user_ids)}
