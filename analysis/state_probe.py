@@ -37,7 +37,7 @@ from pipeline.data.dataset import SplitDataset
 from pipeline.markdown import markdown_table
 from pipeline.metrics import candidate_rank
 from rerank.inference.ranker import candidate_orders, length_ordered_batches, pad_left
-from rerank.model.readout import padded_ends
+from rerank.model.readout import line_end_hidden, padded_ends
 from rerank.model.sources import load_from_config
 from rerank.prompting.prompts import encode_prompt_ends
 from rerank.prompting.style import PromptStyle, style_from_config
@@ -57,14 +57,11 @@ def line_end_states(
     encoded = [encode_prompt_ends(h, c, tokenizer, style) for h, c in prompts]
     out: Optional[np.ndarray] = None
     device = next(model.parameters()).device
-    decoder = model.get_decoder()
     with torch.no_grad():
         for batch in tqdm(length_ordered_batches([len(ids) for ids, _ in encoded], batch_size), desc="probe states", leave=False):
             ids, mask = pad_left([encoded[i][0] for i in batch], tokenizer.pad_token_id, device)
             ends = padded_ends([encoded[i][1] for i in batch], [len(encoded[i][0]) for i in batch], ids.shape[1], device)
-            positions = (mask.cumsum(1) - 1).clamp(min=0)
-            hidden = decoder(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).last_hidden_state
-            picked = hidden.gather(1, ends[:, :, None].expand(-1, -1, hidden.shape[-1])).float().cpu().numpy()
+            picked = line_end_hidden(model, ids, mask, ends).float().cpu().numpy()
             if out is None:
                 out = np.zeros((len(prompts), *picked.shape[1:]), dtype=np.float32)
             out[batch] = picked
@@ -72,15 +69,14 @@ def line_end_states(
     return out
 
 
-def fit_probe(states: np.ndarray, targets: Sequence[int], weight_decay: float, steps: int, seed: int) -> dict[str, torch.Tensor]:
+def fit_probe(states: np.ndarray, targets: Sequence[int], weight_decay: float, steps: int) -> dict[str, torch.Tensor]:
     """A linear unit on standardised states (mean and std of the fitted states), trained with the
-    K-way cross-entropy, full batch; `weight_decay`: L2 on the weights."""
+    K-way cross-entropy, full batch from zero (deterministic: no seed); `weight_decay`: L2 on the weights."""
     x = torch.as_tensor(states)
     flat = x.reshape(-1, x.shape[-1])
     mean, std = flat.mean(0), flat.std(0) + 1e-4  # + eps: a constant coordinate stays finite
     x = (x - mean) / std
     y = torch.as_tensor(list(targets))
-    torch.manual_seed(seed)
     w = torch.zeros(x.shape[-1], requires_grad=True)  # a bias is the same for every candidate: no effect on the K-way choice
     opt = torch.optim.Adam([w], lr=LEARNING_RATE)
     for _ in range(steps):
@@ -154,7 +150,7 @@ def run_probe(cfg: Config, out: str | Path, candidates_dir: str | Path) -> dict[
         "train_negatives": rcfg.train_negatives,
         "train_covered_only": rcfg.train_covered_only,
         "fits": {
-            name: {"n_fitted": len(rows), **scored(fit_probe(train_states[rows], [samples[i].target_index for i in rows], p.weight_decay, p.steps, cfg.seed), rows)}
+            name: {"n_fitted": len(rows), **scored(fit_probe(train_states[rows], [samples[i].target_index for i in rows], p.weight_decay, p.steps), rows)}
             for name, rows in fits.items()
             if rows
         },

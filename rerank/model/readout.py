@@ -71,12 +71,17 @@ def readout_scores(
             f"the readout head reads the decoder's hidden states, which {type(model).__name__} does not expose: "
             "train it in one process (no accelerate launch), or use reranker.head=label_tokens"
         )
+    unit = getattr(model, name)
+    return unit(line_end_hidden(model, input_ids, mask, ends).float()).squeeze(-1)
+
+
+def line_end_hidden(model: Any, input_ids: torch.Tensor, mask: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """(B, K, D): the decoder's last hidden state (after its final norm) at each candidate line's last
+    token of left-padded prompts; `ends` as in `readout_scores`. What the readout unit reads."""
     positions = (mask.cumsum(1) - 1).clamp(min=0)  # real tokens only, as the label heads count them
     out = model.get_decoder()(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=False)
-    hidden = out.last_hidden_state  # (B, L, D), after the final norm
-    picked = hidden.gather(1, ends[:, :, None].expand(-1, -1, hidden.shape[-1]))  # (B, K, D)
-    unit = getattr(model, name)
-    return unit(picked.float()).squeeze(-1)
+    hidden = out.last_hidden_state  # (B, L, D)
+    return hidden.gather(1, ends[:, :, None].expand(-1, -1, hidden.shape[-1]))
 
 
 def padded_ends(ends: Sequence[Sequence[int]], lengths: Sequence[int], width: int, device: torch.device) -> torch.Tensor:
