@@ -144,7 +144,9 @@ def run_probe(cfg: Config, out: str | Path, candidates_dir: str | Path) -> dict[
     # target the retriever listed (what reranker.train_covered_only keeps), from the same states.
     fits = {"all": fit}
     if listed is not None:
-        fits["covered"] = split_by_coverage(samples, fit, listed)[0]
+        covered_fit = split_by_coverage(samples, fit, listed)[0]
+        if covered_fit != fit:  # with train_covered_only every prompt is covered: the same fit twice
+            fits["covered"] = covered_fit
     result: dict[str, Any] = {
         "n_prompts": len(samples),
         "train_negatives": rcfg.train_negatives,
