@@ -9,7 +9,8 @@ the FROZEN model's states of some users' training prompts, and score it on
 - the covered validation users, their candidates in a seeded shuffled order (what the reranker's
   content signal is scored on), with a paired bootstrap interval against chance.
 With the retriever's per-prefix lists it fits twice from the same states: on every training prompt
-("all") and on the covered ones only ("covered", what `reranker.train_covered_only` keeps).
+("all") and on the covered ones only ("covered", what `reranker.train_covered_only` keeps), when
+they differ.
 One forward pass per prompt and no fine-tuning, so it runs in minutes where a training run takes
 an hour. A probe above chance on held-out uncovered prompts and at chance on covered ones means the
 training prompts teach the shortcut (`reranker.train_covered_only` removes it); at chance on both
