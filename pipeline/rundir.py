@@ -18,11 +18,12 @@ from pipeline.data.fingerprint import changed_file, data_fingerprint
 from pipeline.errors import PipelineError
 from pipeline.run_files import CONFIG_YAML, METRICS_JSON, RUN_JSON
 
-# Config keys a resumed run may change: how to continue, not what is computed. The analysis and
-# overfit sections are read by the analysis scripts and the learnability check only (a comparison
-# re-run with one more variant resumes its directory; each variant's own run directory is checked
-# in full).
-_RESUME_KEYS = {("reranker", "resume"), ("analysis",), ("overfit",)}
+# Config keys a resumed run may change: how to continue, not what is computed. The analysis, overfit
+# and probe sections are read by the analysis scripts, the learnability check and the state probe
+# only (a comparison re-run with one more variant resumes its directory; each variant's own run
+# directory is checked in full, and a finished reranker run made before a config grew a probe
+# section is still that variant).
+_RESUME_KEYS = {("reranker", "resume"), ("analysis",), ("overfit",), ("probe",)}
 
 # Versions recorded in run.json: what decides the numbers a run produces.
 _PACKAGES = ("torch", "transformers", "peft", "trl", "accelerate", "recbole", "numpy", "pandas")

@@ -145,6 +145,8 @@ def test_run_directory_refuses_a_second_fresh_run_and_another_config_on_resume(t
 
     with pytest.raises(PipelineError, match=r"another config \(reranker.rank_batch_size: 8 there, 1 now\)"):
         RunDir(tmp_path / "run").start(load_config(SMOKE, ["reranker.rank_batch_size=1"]), resume=True)
+    # The sections only analysis scripts read may differ (a comparison keeps a variant run made before).
+    RunDir(tmp_path / "run").check(load_config(SMOKE, ["probe.steps=7", "overfit.epochs=2", "analysis.split=val"]), resume=True)
     # Nothing to resume yet: --resume starts the run.
     assert (RunDir(tmp_path / "new").start(cfg, resume=True) / "config.yaml").is_file()
 
