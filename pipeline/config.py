@@ -186,6 +186,11 @@ class RerankerConfig:
     # (a second forward pass), so the model learns to put each candidate's content score at the end of
     # its line, where the label head can copy it from; the unit is dropped after training. 0 = off.
     readout_aux_weight: float = 0.0
+    # The decoder layer (1..L) whose output at the line ends the auxiliary unit reads; None = the last.
+    # A middle layer puts the content score where the layers above it can still attend to it from the
+    # answer position and copy the label beside it (the last layer's states feed nothing after them).
+    # Needs LoRA at and below that layer (lora_layers > L - layer).
+    readout_aux_layer: Optional[int] = None
     vocab_loss_weight: float = 0.0  # loss "labels" only: + this x the "vocab" loss (a second forward pass when > 0)
     # Re-draw each training prompt's candidate order every epoch (seeded by sample and epoch): the
     # target's slot stays uniform over the labels, so no position prior can be learned from repeats.
@@ -316,6 +321,11 @@ class RerankerConfig:
             raise PipelineError(f"reranker.readout_aux_weight must be >= 0 (got {self.readout_aux_weight})")
         if self.readout_aux_weight > 0 and (self.head != "label_tokens" or self.loss != "labels"):
             raise PipelineError("reranker.readout_aux_weight helps a label head trained with the K-way loss: set reranker.head=label_tokens and reranker.loss=labels")
+        if self.readout_aux_layer is not None and (self.readout_aux_layer < 1 or self.readout_aux_weight == 0):
+            raise PipelineError(
+                f"reranker.readout_aux_layer ({self.readout_aux_layer}) is a decoder layer >= 1 read by the auxiliary unit: "
+                "set reranker.readout_aux_weight > 0 with it, or leave it null"
+            )
         if self.head == "readout" and self.pretrain_steps > 0:  # its adapter has no readout unit to continue
             raise PipelineError("reranker.head readout does not continue a pre-training stage's adapter: set reranker.pretrain_steps=0")
         if self.vocab_loss_weight > 0 and self.loss != "labels":

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 
@@ -62,25 +62,47 @@ def adapter_has_readout(adapter_dir: str | Path) -> bool:
 
 
 def readout_scores(
-    model: Any, input_ids: torch.Tensor, mask: torch.Tensor, ends: torch.Tensor, name: str = READOUT_MODULE
+    model: Any, input_ids: torch.Tensor, mask: torch.Tensor, ends: torch.Tensor, name: str = READOUT_MODULE,
+    layer: Optional[int] = None,
 ) -> torch.Tensor:
     """(B, K) readout scores of left-padded prompts; `ends` (B, K): the column of each candidate
-    line's last token in the padded batch (`padded_ends`). With grad in training, without at ranking."""
+    line's last token in the padded batch (`padded_ends`). With grad in training, without at ranking.
+    `layer`: read that decoder layer's output instead of the last one (`line_end_hidden`)."""
     if not hasattr(model, "get_decoder"):  # e.g. DistributedDataParallel: its gradients sync only through its own forward
         raise PipelineError(
             f"the readout head reads the decoder's hidden states, which {type(model).__name__} does not expose: "
             "train it in one process (no accelerate launch), or use reranker.head=label_tokens"
         )
     unit = getattr(model, name)
-    return unit(line_end_hidden(model, input_ids, mask, ends).float()).squeeze(-1)
+    return unit(line_end_hidden(model, input_ids, mask, ends, layer).float()).squeeze(-1)
 
 
-def line_end_hidden(model: Any, input_ids: torch.Tensor, mask: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+def line_end_hidden(
+    model: Any, input_ids: torch.Tensor, mask: torch.Tensor, ends: torch.Tensor, layer: Optional[int] = None
+) -> torch.Tensor:
     """(B, K, D): the decoder's last hidden state (after its final norm) at each candidate line's last
-    token of left-padded prompts; `ends` as in `readout_scores`. What the readout unit reads."""
+    token of left-padded prompts; `ends` as in `readout_scores`. What the readout unit reads.
+    `layer` (1..number of layers): the output of that decoder layer (counted from 1, the first
+    layer's output) through the same final norm, so a unit reads every layer on one scale; None or
+    the last layer = the last hidden state."""
     positions = (mask.cumsum(1) - 1).clamp(min=0)  # real tokens only, as the label heads count them
-    out = model.get_decoder()(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=False)
-    hidden = out.last_hidden_state  # (B, L, D)
+    decoder = model.get_decoder()
+    n_layers = len(decoder.layers)
+    if layer is not None and not 1 <= layer <= n_layers:
+        raise PipelineError(f"readout layer {layer} is outside the model's layers 1..{n_layers}: choose one of them")
+    middle = layer is not None and layer < n_layers
+    captured = []
+    hook = decoder.layers[layer - 1].register_forward_hook(lambda mod, args, output: captured.append(output)) if middle else None
+    try:
+        out = decoder(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=False)
+    finally:
+        if hook is not None:
+            hook.remove()
+    if middle:  # a layer's own output, taken by a hook: no reliance on how hidden_states are indexed
+        layer_out = captured[0][0] if isinstance(captured[0], tuple) else captured[0]
+        hidden = decoder.norm(layer_out)
+    else:
+        hidden = out.last_hidden_state  # (B, L, D)
     return hidden.gather(1, ends[:, :, None].expand(-1, -1, hidden.shape[-1]))
 
 

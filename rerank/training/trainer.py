@@ -82,10 +82,11 @@ class RerankTrainer(Trainer):
         val_shuffled_seed: Optional[int] = None,
         head: str = "label_tokens",
         readout_aux_weight: float = 0.0,
+        readout_aux_layer: Optional[int] = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
-        self.head, self.readout_aux_weight = head, readout_aux_weight
+        self.head, self.readout_aux_weight, self.readout_aux_layer = head, readout_aux_weight, readout_aux_layer
         self.score_rows = score_rows
         self.val_rows = list(val_rows)
         # The same users, candidates in a seeded shuffled order: the content signal with the
@@ -140,7 +141,7 @@ class RerankTrainer(Trainer):
                 term = labels_loss_sum(model, prompts, mask, target, self.train_tokens, self.pad_id)
             loss = loss + self._mean(term, counts.get("prompts"), target.numel())
             if self.readout_aux_weight > 0:  # the training-only unit beside a label head
-                aux = readout_scores(model, prompts, mask, inputs["candidate_ends"], name=AUX_MODULE)
+                aux = readout_scores(model, prompts, mask, inputs["candidate_ends"], name=AUX_MODULE, layer=self.readout_aux_layer)
                 aux_term = F.cross_entropy(aux, target, reduction="sum")
                 loss = loss + self.readout_aux_weight * self._mean(aux_term, counts.get("prompts"), target.numel())
         if self.loss_kind == "vocab" or self.vocab_loss_weight > 0:
@@ -218,6 +219,7 @@ def train_adapter(
     in the summary. `model` gets the LoRA layers in place and holds the best adapter afterwards
     (call `model.eval()` before ranking with it)."""
     out = Path(out_dir)
+    _check_aux_layer(cfg, model.config.num_hidden_layers)
     resume_from = check_start(out, cfg, train_samples)
     val = select_val_rows(val_rows, cfg.val_max_users, seed)
     if not val:
@@ -298,6 +300,7 @@ def train_adapter(
         val_shuffled_seed=seed if cfg.val_shuffled else None,
         head=cfg.head,
         readout_aux_weight=cfg.readout_aux_weight,
+        readout_aux_layer=cfg.readout_aux_layer,
     )
     result = trainer.train(resume_from_checkpoint=resume_from)
     restore_load_dtypes(model)  # a 4-bit base: ranked as --resume loads it
@@ -349,6 +352,21 @@ class EpochCallback(TrainerCallback):
 
     def on_epoch_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.dataset.epoch = int(state.epoch + 1e-6) if state.epoch else 0
+
+
+def _check_aux_layer(cfg: RerankerConfig, n_layers: int) -> None:
+    """reranker.readout_aux_layer must be one of the model's layers, with LoRA at or below it: a unit
+    reading states no adapter can change learns a probe of the frozen model, and teaches nothing."""
+    layer = cfg.readout_aux_layer
+    if layer is None:
+        return
+    if layer > n_layers:
+        raise PipelineError(f"reranker.readout_aux_layer {layer} is beyond the model's {n_layers} layers: choose 1..{n_layers}")
+    if cfg.lora_layers is not None and n_layers - cfg.lora_layers >= layer:
+        raise PipelineError(
+            f"reranker.readout_aux_layer {layer} reads states below every LoRA layer (the top {cfg.lora_layers} of {n_layers}): "
+            f"set reranker.lora_layers >= {n_layers - layer + 1}, or a higher readout_aux_layer"
+        )
 
 
 def _train_candidate_count(samples: Sequence[TrainSample]) -> int:

@@ -219,3 +219,70 @@ def test_the_auxiliary_readout_trains_beside_a_label_head_and_leaves_no_trace(tm
     assert not adapter_has_readout(tmp_path / "run" / "adapter")
     with pytest.raises(PipelineError, match="readout_aux_weight"):
         load_config(None, ["reranker.readout_aux_weight=1", "reranker.head=readout", "reranker.loss=labels"])
+
+
+def test_a_middle_layer_is_that_layers_output_through_the_final_norm():
+    """line_end_hidden(layer=l): the state a model cut after its l-th layer would end with (its own
+    final norm), at every candidate line's end, with left padding; the last layer = the default."""
+    import copy
+
+    from rerank.model.readout import line_end_hidden, padded_ends
+
+    model = _readout_model()
+    style = make_style(tok(), LETTERS, max_history=4)
+    prompts = [encode_prompt_ends(titles(n, "h "), titles(4, f"c{n} "), tok(), style) for n in (1, 3)]
+    width = max(len(ids) for ids, _ in prompts)
+    pad = tok().pad_token_id
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p, _ in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p, _ in prompts])
+    ends = padded_ends([e for _, e in prompts], [len(p) for p, _ in prompts], width, ids.device)
+    cut = copy.deepcopy(model)
+    cut.get_decoder().layers = cut.get_decoder().layers[:1]
+    n_layers = len(model.get_decoder().layers)
+    with torch.no_grad():
+        middle = line_end_hidden(model, ids, mask, ends, layer=1)
+        want = line_end_hidden(cut, ids, mask, ends)
+        assert torch.allclose(middle, want, atol=1e-5)
+        assert torch.equal(line_end_hidden(model, ids, mask, ends, layer=n_layers), line_end_hidden(model, ids, mask, ends))
+        assert not torch.allclose(middle, line_end_hidden(model, ids, mask, ends), atol=1e-3)
+    with pytest.raises(PipelineError, match="outside the model's layers"):
+        line_end_hidden(model, ids, mask, ends, layer=n_layers + 1)
+
+
+def test_the_auxiliary_unit_reads_its_layer_and_needs_lora_there(tmp_path):
+    """reranker.readout_aux_layer: the aux loss term reads that layer; a layer no LoRA layer reaches,
+    one beyond the model, or one without the aux weight stop at start with the fix."""
+    from rerank.model.readout import AUX_MODULE, attach_readout
+    from rerank.training.stages import train_reranker
+
+    ds = make_ds()
+    samples = build_samples(ds, n_candidates=6, seed=0, max_samples=4)
+    style = make_style(tok(), LETTERS, max_history=3)
+    texts = TrainingTexts(samples, ds.titles, tok(), style, readout=True)
+    batch = collator_for(tok())([texts[i] for i in range(4)])
+    model = add_lora(fresh_model(), cfg(loss="labels", lora_target_modules="all-linear"), seed=0).eval()
+    attach_readout(model.get_base_model(), name=AUX_MODULE)
+    args = (batch["prompt_input_ids"], batch["prompt_attention_mask"], batch["candidate_ends"])
+    with torch.no_grad():
+        for p in getattr(model, AUX_MODULE).parameters():
+            p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(2)))
+        trainer = labels_trainer(tmp_path, model, label_tokens(tok(), style).for_k(6))
+        trainer.readout_aux_weight = 0.0
+        labels_only = trainer.compute_loss(model, batch).item()
+        trainer.readout_aux_weight, trainer.readout_aux_layer = 1.0, 1
+        aux = F.cross_entropy(readout_scores(model, *args, name=AUX_MODULE, layer=1), batch["target_index"]).item()
+        last = F.cross_entropy(readout_scores(model, *args, name=AUX_MODULE), batch["target_index"]).item()
+        assert aux != pytest.approx(last, rel=1e-4)
+        assert trainer.compute_loss(model, batch).item() == pytest.approx(labels_only + aux, rel=1e-5)
+
+    def train(**kw):
+        return train_reranker(fresh_model(), tok(), style, ds, samples, [], cfg(loss="labels", readout_aux_weight=1.0, **kw),
+                              tmp_path / f"run{len(kw)}{kw.get('lora_layers')}{kw.get('readout_aux_layer')}", seed=0)
+
+    with pytest.raises(PipelineError, match=r"readout_aux_layer 1 reads states below every LoRA layer .*lora_layers >= 2"):
+        train(readout_aux_layer=1, lora_layers=1)
+    with pytest.raises(PipelineError, match="beyond the model's 2 layers"):
+        train(readout_aux_layer=3)
+    assert train(readout_aux_layer=1, lora_layers=2)["global_step"] == 1
+    with pytest.raises(PipelineError, match="set reranker.readout_aux_weight > 0 with it"):
+        load_config(None, ["reranker.readout_aux_layer=2"])
