@@ -43,7 +43,7 @@ from rerank.model.sources import load_from_config
 from rerank.prompting.prompts import encode_prompt_ends
 from rerank.prompting.style import PromptStyle, style_from_config
 from rerank.run import training_samples
-from rerank.training.samples import TrainSample, prefix_lists
+from rerank.training.samples import TrainSample, prefix_lists, target_listed
 
 RESULT_FILE = "probe.json"
 REPORT_FILE = "probe.md"
@@ -168,7 +168,7 @@ def split_by_coverage(
 ) -> tuple[list[int], list[int]]:
     """`indices` split into the samples whose target the retriever listed for their prefix and the
     rest (a prefix without a list counts as uncovered)."""
-    hit = {i: samples[i].target in listed.get((samples[i].user, samples[i].position), ()) for i in indices}
+    hit = {i: target_listed(listed, samples[i].user, samples[i].position, samples[i].target) for i in indices}
     return [i for i in indices if hit[i]], [i for i in indices if not hit[i]]
 
 

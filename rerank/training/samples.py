@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Literal, Optional, Sequence
+from typing import Any, Literal, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -149,6 +149,13 @@ def build_samples(
     return samples
 
 
+def target_listed(per_prefix: Mapping[tuple[int, int], Sequence[int]], user: int, t: int, target: int) -> bool:
+    """The coverage rule of a training prefix (`prefix_lists` keys and dense ids): its target is among
+    the retriever's candidates for that very prefix, as every val/test prompt's is. A prefix without
+    a list is not covered."""
+    return target in per_prefix.get((user, t), ())
+
+
 def _covered(
     ds: SplitDataset, prefixes: Sequence[tuple[int, int]], per_prefix: Optional[dict[tuple[int, int], list[int]]]
 ) -> list[tuple[int, int]]:
@@ -159,7 +166,7 @@ def _covered(
             "reranker.train_covered_only needs candidates_train_prefixes.jsonl: run the retriever with "
             "retriever.prefix_candidates != 0, or set train_covered_only=false"
         )
-    kept = [(u, t) for u, t in prefixes if ds.train_sequence(u)[t] in per_prefix.get((u, t), ())]
+    kept = [(u, t) for u, t in prefixes if target_listed(per_prefix, u, t, ds.train_sequence(u)[t])]
     if not kept:
         raise PipelineError("no training prefix has its target among the retriever's candidates: set train_covered_only=false")
     log.info("train_covered_only: %d of %d prefixes have their target among the retriever's candidates", len(kept), len(prefixes))
