@@ -188,11 +188,9 @@ def test_a_readout_run_end_to_end_and_ranked_again_from_its_adapter(smoke_run, t
     assert [r["llm_scores"] for r in read_rows(again / "rankings_test.jsonl")] == [r["llm_scores"] for r in rows]
 
 
-def test_the_auxiliary_readout_trains_beside_a_label_head_and_leaves_no_trace(tmp_path):
-    """reranker.readout_aux_weight: the loss is the label loss + w x the auxiliary unit's readout loss;
-    after training the unit is gone, the adapter holds no readout, and the run ranks by its labels."""
+def _aux_setup():
+    """4 training prompts of 6 candidates, their batch, and a LoRA model with an auxiliary unit."""
     from rerank.model.readout import AUX_MODULE, attach_readout
-    from rerank.training.stages import train_reranker
 
     ds = make_ds()
     samples = build_samples(ds, n_candidates=6, seed=0, max_samples=4)
@@ -201,6 +199,16 @@ def test_the_auxiliary_readout_trains_beside_a_label_head_and_leaves_no_trace(tm
     batch = collator_for(tok())([texts[i] for i in range(4)])
     model = add_lora(fresh_model(), cfg(loss="labels", lora_target_modules="all-linear"), seed=0).eval()
     attach_readout(model.get_base_model(), name=AUX_MODULE)
+    return ds, samples, style, batch, model
+
+
+def test_the_auxiliary_readout_trains_beside_a_label_head_and_leaves_no_trace(tmp_path):
+    """reranker.readout_aux_weight: the loss is the label loss + w x the auxiliary unit's readout loss;
+    after training the unit is gone, the adapter holds no readout, and the run ranks by its labels."""
+    from rerank.model.readout import AUX_MODULE
+    from rerank.training.stages import train_reranker
+
+    ds, samples, style, batch, model = _aux_setup()
     with torch.no_grad():
         for p in getattr(model, AUX_MODULE).parameters():
             p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(2)))
@@ -252,16 +260,10 @@ def test_a_middle_layer_is_that_layers_output_through_the_final_norm():
 def test_the_auxiliary_unit_reads_its_layer_and_needs_lora_there(tmp_path):
     """reranker.readout_aux_layer: the aux loss term reads that layer; a layer no LoRA layer reaches,
     one beyond the model, or one without the aux weight stop at start with the fix."""
-    from rerank.model.readout import AUX_MODULE, attach_readout
+    from rerank.model.readout import AUX_MODULE
     from rerank.training.stages import train_reranker
 
-    ds = make_ds()
-    samples = build_samples(ds, n_candidates=6, seed=0, max_samples=4)
-    style = make_style(tok(), LETTERS, max_history=3)
-    texts = TrainingTexts(samples, ds.titles, tok(), style, readout=True)
-    batch = collator_for(tok())([texts[i] for i in range(4)])
-    model = add_lora(fresh_model(), cfg(loss="labels", lora_target_modules="all-linear"), seed=0).eval()
-    attach_readout(model.get_base_model(), name=AUX_MODULE)
+    ds, samples, style, batch, model = _aux_setup()
     args = (batch["prompt_input_ids"], batch["prompt_attention_mask"], batch["candidate_ends"])
     with torch.no_grad():
         for p in getattr(model, AUX_MODULE).parameters():
