@@ -18,14 +18,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
+import numpy as np
 import yaml
 
 from pipeline.candidates import candidates_path, rankings_path, raw_scores, read_rows
 from pipeline.config import Config, variant_config
 from pipeline.errors import PipelineError
 from pipeline.markdown import markdown_table
+from pipeline.metrics import candidate_rank, per_user_metrics
 from pipeline.run_files import CONFIG_YAML, METRICS_JSON
 from pipeline.rundir import RunDir
+from pipeline.significance import paired_tests
 from rerank.training.pretrain import PRETRAIN_SUMMARY
 
 RETRIEVER_DIR = "retriever"
@@ -106,9 +109,10 @@ class VariantResult:
     config: dict[str, Any]
     metrics: dict[str, Any]  # metrics.json[SPLIT]
     train: dict[str, Any]  # train_summary.json
-    mass: Optional[list[float]]  # valid_label_mass per ranked user; None when scores are averaged
+    mass: Optional[list[float]]  # valid_label_mass per ranked user; None when scores are averaged or no log-probs
     k: int  # candidates per ranked prompt (the labels in use are the scheme's first k)
     pretrain: Optional[dict[str, Any]] = None  # pretrain_summary.json of a two-stage run
+    llm_ranks: Optional[dict[str, Optional[int]]] = None  # user -> the target's rank by the LLM alone (`llm_rank`)
 
     @property
     def train_seconds(self) -> Optional[float]:
@@ -153,12 +157,46 @@ def load_variant(name: str, path: Path) -> VariantResult:
     rankings = read_rows(rankings_path(path, SPLIT))
     if not rankings:
         raise PipelineError(f"{rankings_path(path, SPLIT)} is empty: no covered users were ranked; check the candidates")
-    mass = valid_label_mass(rankings) if config["reranker"]["rank_permutations"] == 1 else None
+    # Label-token scores are log-probs; a readout head's are not, and averaged orders' are not either.
+    log_probs = config["reranker"].get("head", "label_tokens") == "label_tokens" and config["reranker"]["rank_permutations"] == 1
+    mass = valid_label_mass(rankings) if log_probs else None
     train = json.loads((path / "train_summary.json").read_text())
     k = max(len(row["candidates"]) for row in rankings)
     pre = path / PRETRAIN_SUMMARY
     pretrain = json.loads(pre.read_text()) if pre.is_file() else None
-    return VariantResult(name, path, config, metrics[SPLIT], train, mass, k, pretrain)
+    llm_ranks = {rk["user"]: llm_rank(rk) for rk in rankings}
+    return VariantResult(name, path, config, metrics[SPLIT], train, mass, k, pretrain, llm_ranks)
+
+
+def llm_rank(row: dict[str, Any]) -> Optional[int]:
+    """The target's rank by the LLM alone: `llm_scores` (calibrated, before fusion) when the run
+    fused, else the final `scores` (then the LLM's own)."""
+    return candidate_rank(row.get("llm_scores", row["scores"]), row["candidates"], row["target"])
+
+
+def llm_vs_first(results: Sequence["VariantResult"], metric: str = "NDCG@10") -> dict[str, dict[str, Any]]:
+    """Paired bootstrap (`pipeline.significance.paired_tests`) of each later variant's LLM-alone
+    subset `metric` minus the first variant's, over the users both ranked: {name: {n, mean_diff,
+    ci_low, ci_high}}. The label comparison's own question (e.g. numbers vs letters), apart from
+    fusion with the retriever, which hides the LLM when its weight is large."""
+    if not results or results[0].llm_ranks is None:
+        return {}
+    k = int(metric.split("@")[1])
+    first = results[0].llm_ranks
+    out = {}
+    for r in results[1:]:
+        users = [u for u in first if r.llm_ranks is not None and u in r.llm_ranks]
+        if not users:
+            continue
+        a = per_user_metrics([first[u] for u in users], [k])[metric]
+        b = per_user_metrics([r.llm_ranks[u] for u in users], [k])[metric]
+        res = paired_tests({metric: np.asarray(a)}, {metric: np.asarray(b)}, [metric])[metric]
+        out[r.name] = {"n": res.n, "mean_diff": res.mean_diff, "ci_low": res.ci_low, "ci_high": res.ci_high}
+    return out
+
+
+def _interval(mean: float, low: float, high: float) -> str:
+    return f"{mean:+.4f} [{low:+.4f}, {high:+.4f}]"
 
 
 def comparison_table(
@@ -169,19 +207,32 @@ def comparison_table(
     """(header, rows) of the comparison: the variant's `extra` columns, then the covered-subset
     metrics (paper Table 3), overall NDCG@10 (paper Table 1), best validation NDCG@10 and training
     time. With `retriever_row`, the retriever's own order on the same users comes first."""
+    first = results[0].name if results else ""
     header = ["variant", *[h for h, _ in extra], *[f"{c} (subset)" for c in TABLE_COLUMNS],
-              "NDCG@10 (overall)", "best val NDCG@10", "train s"]
+              "NDCG@10 (overall)", "LLM alone NDCG@10 (subset)", "LLM alone - retriever [95%]",
+              "final - retriever [95%]", f"LLM alone - {first} [95%]", "best val NDCG@10", "train s"]
     rows = []
     if retriever_row and results:
         m = results[0].metrics
         rows.append(["retriever order", *["" for _ in extra], *[f"{m['retriever_subset'][c]:.4f}" for c in TABLE_COLUMNS],
-                     f"{m['retriever']['NDCG@10']:.4f}", "", ""])
+                     f"{m['retriever']['NDCG@10']:.4f}", "", "", "", "", "", ""])
+    vs_first = llm_vs_first(results)
     for r in results:
-        best = (r.train.get("best_metric") or {}).get("NDCG@10")
+        best = next(iter((r.train.get("best_metric") or {}).values()), None)  # the metric best_by kept
         secs = r.train_seconds
+        boot = r.metrics.get("bootstrap") or {}
+        llm = r.metrics.get("llm_subset", r.metrics["subset"])["NDCG@10"]
+
+        def cell(key):
+            b = boot.get(key)
+            return "" if not b else _interval(b["mean"], b["ci_low"], b["ci_high"])
+
+        vf = vs_first.get(r.name)
         rows.append([r.name, *[f(r) for _, f in extra], *[f"{r.metrics['subset'][c]:.4f}" for c in TABLE_COLUMNS],
-                     f"{r.metrics['overall']['NDCG@10']:.4f}", "" if best is None else f"{best:.4f}",
-                     "" if secs is None else f"{secs:.0f}"])
+                     f"{r.metrics['overall']['NDCG@10']:.4f}", f"{llm:.4f}",
+                     cell("llm_minus_retriever") if "llm_minus_retriever" in boot else cell("final_minus_retriever"),
+                     cell("final_minus_retriever"), "" if vf is None else _interval(vf["mean_diff"], vf["ci_low"], vf["ci_high"]),
+                     "" if best is None else f"{best:.4f}", "" if secs is None else f"{secs:.0f}"])
     return header, rows
 
 

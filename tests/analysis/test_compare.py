@@ -91,3 +91,23 @@ def test_training_variants_table(smoke_run, tmp_path):
     assert json.loads((tmp_path / "t" / "two_stage" / "pretrain_summary.json").read_text())["global_step"] == 2
     table = (tmp_path / "t" / "compare_training.md").read_text()
     assert "| hard | retriever | 0 |" in table and "| two_stage | random | 2 |" in table
+
+
+def test_llm_alone_vs_the_first_variant_is_paired_over_shared_users():
+    """The label comparison's own question: each variant's LLM-alone NDCG@10 minus the first's, per
+    user, over the users both ranked (hand-computed mean); a readout's scores are no log-probs."""
+    from pathlib import Path
+
+    from analysis.compare import VariantResult, llm_rank, llm_vs_first
+
+    def variant(name, ranks):
+        return VariantResult(name, Path(name), {}, {}, {}, None, 20, llm_ranks=ranks)
+
+    first = variant("letters", {"u1": 1, "u2": 2, "u3": None})
+    other = variant("numbers", {"u1": 1, "u2": 1, "u3": 3, "u4": 1})  # u4: not ranked by the first
+    got = llm_vs_first([first, other])["numbers"]
+    want = ((1 - 1) + (1 - 1 / math.log2(3)) + (1 / math.log2(4) - 0)) / 3
+    assert got["n"] == 3 and got["mean_diff"] == pytest.approx(want)
+    assert got["ci_low"] <= got["mean_diff"] <= got["ci_high"]
+    row = {"candidates": ["a", "b", "c"], "target": "c", "scores": [3.0, 2.0, 1.0], "llm_scores": [0.0, 1.0, 2.0]}
+    assert llm_rank(row) == 1 and llm_rank({k: v for k, v in row.items() if k != "llm_scores"}) == 3
