@@ -185,7 +185,7 @@ def llm_vs_first(results: Sequence["VariantResult"], metric: str = "NDCG@10") ->
     first = results[0].llm_ranks
     out = {}
     for r in results[1:]:
-        users = [u for u in first if r.llm_ranks is not None and u in r.llm_ranks]
+        users = [u for u in first if u in (r.llm_ranks or {})]
         if not users:
             continue
         a = per_user_metrics([first[u] for u in users], [k])[metric]
@@ -230,7 +230,7 @@ def comparison_table(
         vf = vs_first.get(r.name)
         rows.append([r.name, *[f(r) for _, f in extra], *[f"{r.metrics['subset'][c]:.4f}" for c in TABLE_COLUMNS],
                      f"{r.metrics['overall']['NDCG@10']:.4f}", f"{llm:.4f}",
-                     cell("llm_minus_retriever") if "llm_minus_retriever" in boot else cell("final_minus_retriever"),
+                     cell("llm_minus_retriever") or cell("final_minus_retriever"),  # no fusion: the final score is the LLM's
                      cell("final_minus_retriever"), "" if vf is None else _interval(vf["mean_diff"], vf["ci_low"], vf["ci_high"]),
                      "" if best is None else f"{best:.4f}", "" if secs is None else f"{secs:.0f}"])
     return header, rows
