@@ -35,6 +35,7 @@ from transformers import (
     TrainingArguments,
 )
 from transformers.integrations import TensorBoardCallback
+from transformers.trainer_pt_utils import nested_gather
 from transformers.trainer_utils import get_last_checkpoint
 
 from pipeline.atomic import write_json
@@ -104,6 +105,10 @@ class RerankTrainer(Trainer):
         # (num_items_in_batch), so the loss is the mean over the whole optimizer step, as the stock
         # causal-LM loss is.
         self.model_accepts_loss_kwargs = True
+        # Each loss term's share of the steps since the last log, logged apart from their sum
+        # ("loss") when there are several (labels + aux, labels + vocab): the sum hides which fits.
+        self._term_totals: dict[str, torch.Tensor] = {}
+        self._terms_logged_at = 0
 
     def autocast_smart_context_manager(self, cache_enabled: Optional[bool] = True) -> contextlib.AbstractContextManager:
         """The accelerator's autocast (bf16/fp16 on CUDA; none on CPU) around the whole loss. accelerate wraps
@@ -139,16 +144,34 @@ class RerankTrainer(Trainer):
                 term = F.cross_entropy(readout_scores(model, prompts, mask, inputs["candidate_ends"]), target, reduction="sum")
             else:
                 term = labels_loss_sum(model, prompts, mask, target, self.train_tokens, self.pad_id)
-            loss = loss + self._mean(term, counts.get("prompts"), target.numel())
+            term = self._mean(term, counts.get("prompts"), target.numel())
+            loss = loss + self._keep_term("labels", term, model)
             if self.readout_aux_weight > 0:  # the training-only unit beside a label head
                 aux = readout_scores(model, prompts, mask, inputs["candidate_ends"], name=AUX_MODULE, layer=self.readout_aux_layer)
-                aux_term = F.cross_entropy(aux, target, reduction="sum")
-                loss = loss + self.readout_aux_weight * self._mean(aux_term, counts.get("prompts"), target.numel())
+                aux_term = self._mean(F.cross_entropy(aux, target, reduction="sum"), counts.get("prompts"), target.numel())
+                loss = loss + self.readout_aux_weight * self._keep_term("aux", aux_term, model)
         if self.loss_kind == "vocab" or self.vocab_loss_weight > 0:
             logits, targets = supervised_logits(model, inputs["input_ids"], inputs["attention_mask"], inputs["labels"])
-            term = self._mean(F.cross_entropy(logits.float(), targets, reduction="sum"), counts.get("tokens"), targets.numel())
+            term = self._keep_term("vocab", self._mean(F.cross_entropy(logits.float(), targets, reduction="sum"), counts.get("tokens"), targets.numel()), model)
             loss = loss + (term if self.loss_kind == "vocab" else self.vocab_loss_weight * term)
         return (loss, {"logits": logits}) if return_outputs else loss
+
+    def _keep_term(self, name: str, term: torch.Tensor, model: torch.nn.Module) -> torch.Tensor:
+        """Add `term` (this micro-batch's share of the step's mean, unweighted) to its running total."""
+        if model.training:
+            self._term_totals[name] = self._term_totals.get(name, 0.0) + term.detach()
+        return term
+
+    def log(self, logs: dict[str, float], start_time: Optional[float] = None) -> None:
+        """The Trainer's log, plus loss_<term> (mean per step since the last one) when the loss has
+        several terms."""
+        if "loss" in logs and self._term_totals:
+            steps = max(self.state.global_step - self._terms_logged_at, 1)
+            if len(self._term_totals) > 1:
+                for name, total in self._term_totals.items():
+                    logs[f"loss_{name}"] = nested_gather(total, self.args.parallel_mode).mean().item() / steps
+            self._term_totals, self._terms_logged_at = {}, self.state.global_step
+        super().log(logs, start_time)
 
     def _mean(self, total: torch.Tensor, count: Optional[torch.Tensor | int], local: int) -> torch.Tensor:
         """`total` over the optimizer step's `count` (or this batch's `local` when none is given)."""

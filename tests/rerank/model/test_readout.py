@@ -229,6 +229,34 @@ def test_the_auxiliary_readout_trains_beside_a_label_head_and_leaves_no_trace(tm
         load_config(None, ["reranker.readout_aux_weight=1", "reranker.head=readout", "reranker.loss=labels"])
 
 
+def test_each_loss_term_is_logged_apart_from_their_sum(tmp_path):
+    """With the aux unit the logged "loss" is labels + w x aux; loss_labels and loss_aux are each term's
+    mean per optimizer step since the last log (unweighted), so a log shows which of them fits.
+    A loss of one term logs no extra keys."""
+    from rerank.model.readout import AUX_MODULE
+
+    ds, samples, style, batch, model = _aux_setup()
+    trainer = labels_trainer(tmp_path, model, label_tokens(tok(), style).for_k(6))
+    trainer.readout_aux_weight = 0.5
+    with torch.no_grad():
+        labels_only = labels_trainer(tmp_path, model, label_tokens(tok(), style).for_k(6)).compute_loss(model, batch).item()
+        aux = F.cross_entropy(readout_scores(model, batch["prompt_input_ids"], batch["prompt_attention_mask"],
+                                             batch["candidate_ends"], name=AUX_MODULE), batch["target_index"]).item()
+        model.training = True  # the top module only: its LoRA dropout stays off, so the terms are exact
+        for _ in range(2):  # two optimizer steps of one micro-batch each
+            trainer.compute_loss(model, batch)
+        trainer.state.global_step = 2
+        trainer.log({"loss": 1.0})
+        logged = trainer.state.log_history[-1]
+        assert logged["loss_labels"] == pytest.approx(labels_only, rel=1e-5)
+        assert logged["loss_aux"] == pytest.approx(aux, rel=1e-5)
+        trainer.readout_aux_weight = 0.0
+        trainer.compute_loss(model, batch)
+        trainer.state.global_step = 3
+        trainer.log({"loss": 1.0})
+        assert not any(k.startswith("loss_") for k in trainer.state.log_history[-1])
+
+
 def test_a_middle_layer_is_that_layers_output_through_the_final_norm():
     """line_end_hidden(layer=l): the state a model cut after its l-th layer would end with (its own
     final norm), at every candidate line's end, with left padding; the last layer = the default."""
