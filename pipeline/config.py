@@ -139,7 +139,7 @@ class RerankerConfig:
     answer_instruction: Optional[str] = None
     # Prompt (`rerank.prompting.prompts.build_prompt`).
     # Where each candidate's label sits on its line: "before" the title ("(A) Title", paper),
-    # "after" it ("Title (A)": under causal attention the label token can then carry the title), or "both".
+    # "after" it ("- Title (A)": under causal attention the label token can then carry the title), or "both".
     label_position: Literal["before", "after", "both"] = "before"
     prompt_template: Literal["auto", "chat", "alpaca"] = "auto"  # auto: the tokenizer's chat template if any, else Alpaca-style
     max_history: int = 20  # most recent history items shown (paper: 20)

@@ -23,9 +23,11 @@ STYLE_FILE = "prompt_style.json"  # saved beside a model / adapter
 # title (LlamaRec's "(A) Title") is read before the title exists, so its state carries nothing of
 # the title; written AFTER it, the label token's state can carry the title's content, and the answer
 # becomes "copy the label that follows the matching content". "both" writes it on each side.
+# "after" starts its line with "- " so the title follows a space, as in the history's "1. Title":
+# line-initial, "Toy" is "T"+"oy" where the history has " Toy", and the copy has nothing to match.
 CANDIDATE_FORMATS = {
     "before": "({label}) {title}",
-    "after": "{title} ({label})",
+    "after": "- {title} ({label})",
     "both": "({label}) {title} ({label})",
 }
 

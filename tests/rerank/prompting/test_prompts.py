@@ -206,13 +206,32 @@ def test_label_position_moves_only_the_label(tok_name):
         for i in range(3):
             assert build_training_text(history, cands, i, tok, style) == prompts[position] + "ABC"[i] + "<|im_end|>\n"
     assert _candidate_lines(prompts["before"]) == ["(A) Se7en (1995)", "(B) Fargo (1996)", "(C) Babe (1995)"]
-    assert _candidate_lines(prompts["after"]) == ["Se7en (1995) (A)", "Fargo (1996) (B)", "Babe (1995) (C)"]
+    assert _candidate_lines(prompts["after"]) == ["- Se7en (1995) (A)", "- Fargo (1996) (B)", "- Babe (1995) (C)"]
     assert _candidate_lines(prompts["both"]) == ["(A) Se7en (1995) (A)", "(B) Fargo (1996) (B)", "(C) Babe (1995) (C)"]
     outside = {p: prompts[p].replace("\n".join(_candidate_lines(prompts[p])), "<POOL>") for p in prompts}
     assert outside["before"] == outside["after"] == outside["both"]  # the rest of the prompt is the same text
     assert load_config(None).reranker.label_position == "before"  # the paper's "(A) Title"
     with pytest.raises(PipelineError, match="label_position"):
         load_config(None, ["reranker.label_position=middle"])
+
+
+@pytest.mark.parametrize("tok_name", ["qwen", "smollm2"])
+@pytest.mark.parametrize("position", ["before", "after", "both"])
+def test_a_title_is_the_same_tokens_in_the_history_and_the_candidates(tok_name, position):
+    """A candidate's title is the same token ids as that title in the history (its space-led BPE
+    form), whatever the label placement: matching a candidate to the history, or copying the label
+    beside the matching content, needs the two to be the same tokens. Line-initial "Toy" is
+    "T"+"oy" in SmolLM2, " Toy" elsewhere."""
+    from rerank.prompting.prompts import encode_prompt
+
+    tok = TOKENIZERS[tok_name]()
+    style = style_from_config(load_config(None, [f"reranker.label_position={position}"]).reranker, tok)
+    titles_ = ["Toy Story (1995)", "Alien (1979)", "Usual Suspects, The (1995)"]
+    ids = encode_prompt(titles_, titles_[::-1], tok, style)
+    for title in titles_:
+        want = encode(tok, " " + title)[:-1]  # a line-final ")" merges with the newline in Qwen (")\n")
+        hits = [i for i in range(len(ids) - len(want) + 1) if ids[i : i + len(want)] == want]
+        assert len(hits) == 2, (title, [tok.decode([i]) for i in ids])  # once in the history, once in the pool
 
 
 @pytest.mark.parametrize("make_tok", [qwen_tokenizer, smollm2_tokenizer])
