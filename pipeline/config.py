@@ -138,7 +138,7 @@ class RerankerConfig:
     # scheme's own ("Answer with only one letter (A-T).").
     answer_instruction: Optional[str] = None
     # Prompt (`rerank.prompting.prompts.build_prompt`).
-    # Where each candidate's label sits on its line: "before" the title ("(A) Title", paper),
+    # Where each candidate's label sits on its line: "before" the title ("A) Title", the paper's place),
     # "after" it ("- Title (A)": under causal attention the label token can then carry the title), or "both".
     label_position: Literal["before", "after", "both"] = "before"
     prompt_template: Literal["auto", "chat", "alpaca"] = "auto"  # auto: the tokenizer's chat template if any, else Alpaca-style

@@ -154,11 +154,13 @@ def dry_run_tokenizer(rcfg: RerankerConfig) -> tuple[Any, dict[str, Any]]:
 def _token_lengths(samples: list, ds: Any, tokenizer: Any, rcfg: RerankerConfig, sample: int, seed: int) -> tuple[np.ndarray, int]:
     """Token counts of the training texts (prompt + label + end of turn) of all samples, or of a
     seeded uniform sample of `sample` of them; (lengths, how many were tokenized)."""
-    from rerank.prompting.prompts import label_tokens
+    from rerank.prompting.prompts import check_labels_shown, label_tokens
     from rerank.prompting.style import style_from_config
     from rerank.training.collate import TrainingTexts
 
     style = style_from_config(rcfg, tokenizer)
+    if rcfg.head == "label_tokens":
+        check_labels_shown(tokenizer, style)  # what training would refuse, before any GPU time
     texts = TrainingTexts(samples, ds.titles, tokenizer, style, rcfg.supervise_end_of_turn, label_tokens(tokenizer, style))
     idx = range(len(samples))
     if sample and len(samples) > sample:

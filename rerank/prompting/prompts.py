@@ -7,7 +7,7 @@ holds every setting that shapes the text; it is saved beside a model/adapter (pr
 and loaded back so inference uses exactly the format that was trained.
 
 Layout (LlamaRec-style): an instruction; "User history:" with the last `max_history` items
-numbered 1..n; "Candidate pool:" with each candidate after its label ("A. Title"); the answer
+numbered 1..n; "Candidate pool:" with each candidate after its label ("A) Title"); the answer
 instruction ("Answer with only one letter (A-T)."). With a chat template the instruction is the
 system turn and the rest the user turn, rendered with add_generation_prompt=True; without one, an
 Alpaca-style template ("### Instruction:" / "### Input:" / "### Response:\\n").
@@ -228,6 +228,27 @@ def label_tokens(
             per_tokenizer[key] = derive_label_tokens(style.scheme.labels, tokenizer, prompt, answer_end(tokenizer, style))
         return per_tokenizer[key]
     return derive_label_tokens(style.scheme.labels, tokenizer, prompt, answer_end(tokenizer, style))
+
+
+def check_labels_shown(tokenizer: PreTrainedTokenizerBase, style: PromptStyle) -> None:
+    """Refuse a style whose candidate lines do not hold each label as the very tokens the model
+    answers with (`label_tokens`): copying a label from its line to the answer is the label head's
+    task. Qwen's tokenizer merges "(A" into one token, so a "(A) Title" prompt never shows "A"."""
+    k = len(style.scheme.labels)
+    prompt = build_prompt(["History item"], [f"Candidate item {i}" for i in range(1, k + 1)], tokenizer, style)
+    answers = label_tokens(tokenizer, style).label_ids
+    enc = tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)
+    for i, lab in enumerate(style.scheme.labels):
+        line = style.candidate_format.format(label=lab, title=f"Candidate item {i + 1}")
+        start = prompt.index("\n" + line + "\n") + 1
+        ids = [t for t, (s, _) in zip(enc["input_ids"], enc["offset_mapping"]) if start <= s < start + len(line)]
+        want = list(answers[i])
+        if not any(ids[j : j + len(want)] == want for j in range(len(ids) - len(want) + 1)):
+            shown = [tokenizer.decode([t]) for t in ids]
+            raise PipelineError(
+                f"label {lab!r} is not its answer's tokens in its candidate line {line!r} (tokens {shown}): "
+                "the model would answer with a token the prompt never shows; use another label_position or labels"
+            )
 
 
 # tokenizer -> PromptStyle (as JSON) -> its reference LabelTokens (entries go with their tokenizer).

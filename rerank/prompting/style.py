@@ -20,15 +20,18 @@ from rerank.prompting.labels import LabelScheme, scheme_from_config
 STYLE_FILE = "prompt_style.json"  # saved beside a model / adapter
 
 # reranker.label_position -> the candidate line. Under causal attention a label written BEFORE its
-# title (LlamaRec's "(A) Title") is read before the title exists, so its state carries nothing of
+# title (LlamaRec's "(A) Title", ours "A) Title") is read before the title exists, so its state carries nothing of
 # the title; written AFTER it, the label token's state can carry the title's content, and the answer
 # becomes "copy the label that follows the matching content". "both" writes it on each side.
 # "after" starts its line with "- " so the title follows a space, as in the history's "1. Title":
 # line-initial, "Toy" is "T"+"oy" where the history has " Toy", and the copy has nothing to match.
+# "before" is "A) Title", not the paper's "(A) Title": Qwen's tokenizer merges "(A" into one token, so
+# that prompt never shows the token "A" the model answers with (digits never merge: numbers did
+# show theirs, and the letters-vs-numbers comparison measured tokenisation). `check_labels_shown`.
 CANDIDATE_FORMATS = {
-    "before": "({label}) {title}",
+    "before": "{label}) {title}",
     "after": "- {title} ({label})",
-    "both": "({label}) {title} ({label})",
+    "both": "{label}) {title} ({label})",
 }
 
 FORMAT_VERSION = 1  # bump when the rendering code changes the text for the same PromptStyle
@@ -62,9 +65,9 @@ class PromptStyle:
     history_header: str = "User history:"
     candidate_header: str = "Candidate pool:"
     history_item_format: str = "{index}. {title}"  # index = 1..n, oldest first
-    # "(A) Title": set apart from the numbered history, so "(3)" never reads as history item 3.
-    # Where the label sits is reranker.label_position (CANDIDATE_FORMATS).
-    candidate_format: str = "({label}) {title}"
+    # "A) Title": set apart from the numbered history ("3. Title"), so "3)" never reads as history
+    # item 3. Where the label sits is reranker.label_position (CANDIDATE_FORMATS).
+    candidate_format: str = CANDIDATE_FORMATS["before"]
     # Extra chat-template variables: Qwen3 templates think unless told not to; others ignore it.
     chat_template_kwargs: dict[str, Any] = field(default_factory=lambda: {"enable_thinking": False})
     # Fingerprint of the tokenizer's chat template this style was made for (None for alpaca);

@@ -48,7 +48,7 @@ from rerank.model.compat import checkpointing_args
 from rerank.model.readout import AUX_MODULE, attach_readout, readout_scores
 from rerank.model.sources import mixed_precision
 from rerank.prompting.labels import LabelTokens
-from rerank.prompting.prompts import label_tokens
+from rerank.prompting.prompts import check_labels_shown, label_tokens
 from rerank.prompting.style import PromptStyle
 from rerank.training.collate import TrainingTexts, collator_for
 from rerank.training.finite_loss import TRAINING_LOG_ARGS, FiniteLossCallback
@@ -290,6 +290,8 @@ def train_adapter(
     tensorboard = TensorBoardCallback()
     tensorboard.logging_dir = str(out / RERANKER_TENSORBOARD)
     tokens = label_tokens(tokenizer, style)
+    if cfg.head == "label_tokens":
+        check_labels_shown(tokenizer, style)
     train_dataset = TrainingTexts(
         train_samples, ds.titles, tokenizer, style, cfg.supervise_end_of_turn, tokens,
         reshuffle_seed=seed if cfg.reshuffle_each_epoch else None, readout=cfg.head == "readout" or cfg.readout_aux_weight > 0,

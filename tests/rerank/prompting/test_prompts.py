@@ -31,14 +31,14 @@ def test_qwen_prompt_layout():
     prompt = build_prompt(["Toy Story (1995)", "Heat (1995)"], ["Se7en (1995)", "Fargo (1996)", "Babe (1995)"], tok, style)
     assert prompt.startswith("<|im_start|>system\n" + style.instruction + "<|im_end|>\n<|im_start|>user\n")
     assert _history_lines(prompt) == ["1. Toy Story (1995)", "2. Heat (1995)"]
-    assert _candidate_lines(prompt) == ["(A) Se7en (1995)", "(B) Fargo (1996)", "(C) Babe (1995)"]
+    assert _candidate_lines(prompt) == ["A) Se7en (1995)", "B) Fargo (1996)", "C) Babe (1995)"]
     assert prompt.endswith("\n\nAnswer with only one letter (A-C).<|im_end|>\n<|im_start|>assistant\n")
 
 
 def test_numbers_scheme_labels_candidates_with_numbers():
     tok = qwen_tokenizer()
     prompt = build_prompt(["Heat (1995)"], ["Se7en (1995)", "Fargo (1996)"], tok, make_style(tok, NUMBERS))
-    assert _candidate_lines(prompt) == ["(1) Se7en (1995)", "(2) Fargo (1996)"]
+    assert _candidate_lines(prompt) == ["1) Se7en (1995)", "2) Fargo (1996)"]
     assert "Answer with only one number (1-2)." in prompt
 
 
@@ -80,7 +80,7 @@ def test_long_prompt_drops_oldest_history_first_and_keeps_every_candidate():
     assert 0 < len(kept) < 20
     n = len(kept)
     assert kept == [f"{j}. Movie number {i} (1990)" for j, i in enumerate(range(20 - n, 20), start=1)]  # most recent
-    assert _candidate_lines(prompt) == [f"({lab}) {t}" for lab, t in zip(LETTERS.labels, cands)]
+    assert _candidate_lines(prompt) == [f"{lab}) {t}" for lab, t in zip(LETTERS.labels, cands)]
     assert len(encode(tok, prompt)) <= limit
     # Maximal: one more (older) item would not have fitted.
     one_more = build_prompt(history[-(n + 1) :], cands, tok, make_style(tok, LETTERS))
@@ -105,7 +105,7 @@ def test_titles_are_cut_to_n_tokens():
     style = make_style(tok, LETTERS, title_max_tokens=8)
     prompt = build_prompt([long_title], [long_title, "Heat (1995)"], tok, style)
     assert _history_lines(prompt) == [f"1. {cut}"]
-    assert _candidate_lines(prompt) == [f"(A) {cut}", "(B) Heat (1995)"]
+    assert _candidate_lines(prompt) == [f"A) {cut}", "B) Heat (1995)"]
 
 
 def test_title_cut_never_leaves_half_a_character():
@@ -205,12 +205,12 @@ def test_label_position_moves_only_the_label(tok_name):
         prompts[position] = build_prompt(history, cands, tok, style)
         for i in range(3):
             assert build_training_text(history, cands, i, tok, style) == prompts[position] + "ABC"[i] + "<|im_end|>\n"
-    assert _candidate_lines(prompts["before"]) == ["(A) Se7en (1995)", "(B) Fargo (1996)", "(C) Babe (1995)"]
+    assert _candidate_lines(prompts["before"]) == ["A) Se7en (1995)", "B) Fargo (1996)", "C) Babe (1995)"]
     assert _candidate_lines(prompts["after"]) == ["- Se7en (1995) (A)", "- Fargo (1996) (B)", "- Babe (1995) (C)"]
-    assert _candidate_lines(prompts["both"]) == ["(A) Se7en (1995) (A)", "(B) Fargo (1996) (B)", "(C) Babe (1995) (C)"]
+    assert _candidate_lines(prompts["both"]) == ["A) Se7en (1995) (A)", "B) Fargo (1996) (B)", "C) Babe (1995) (C)"]
     outside = {p: prompts[p].replace("\n".join(_candidate_lines(prompts[p])), "<POOL>") for p in prompts}
     assert outside["before"] == outside["after"] == outside["both"]  # the rest of the prompt is the same text
-    assert load_config(None).reranker.label_position == "before"  # the paper's "(A) Title"
+    assert load_config(None).reranker.label_position == "before"  # the paper's placement ("A) Title")
     with pytest.raises(PipelineError, match="label_position"):
         load_config(None, ["reranker.label_position=middle"])
 
@@ -232,6 +232,26 @@ def test_a_title_is_the_same_tokens_in_the_history_and_the_candidates(tok_name, 
         want = encode(tok, " " + title)[:-1]  # a line-final ")" merges with the newline in Qwen (")\n")
         hits = [i for i in range(len(ids) - len(want) + 1) if ids[i : i + len(want)] == want]
         assert len(hits) == 2, (title, [tok.decode([i]) for i in ids])  # once in the history, once in the pool
+
+
+@pytest.mark.parametrize("tok_name", ["qwen", "smollm2"])
+@pytest.mark.parametrize("position", ["before", "after", "both"])
+@pytest.mark.parametrize("scheme", ["letters", "numbers"])
+def test_each_label_is_its_answer_tokens_in_its_candidate_line(tok_name, position, scheme):
+    """The label head copies a label from its line to the answer: every placement of both schemes
+    shows each label as the exact tokens the model answers with. The paper's "(A) Title" does not
+    with Qwen ("(A" is one token, while "(1" is "(" + "1"), and training refuses it."""
+    from rerank.prompting.prompts import check_labels_shown
+
+    tok = TOKENIZERS[tok_name]()
+    cfg = load_config(None, [f"reranker.label_position={position}", f"reranker.label_scheme={scheme}"]).reranker
+    check_labels_shown(tok, style_from_config(cfg, tok))
+    paper = make_style(tok, LETTERS, candidate_format="({label}) {title}")
+    if tok_name == "qwen":
+        with pytest.raises(PipelineError, match=r"label 'A' is not its answer's tokens in its candidate line '\(A\) Candidate item 1'"):
+            check_labels_shown(tok, paper)
+    else:
+        check_labels_shown(tok, paper)  # SmolLM2 writes "(" + "A"
 
 
 @pytest.mark.parametrize("make_tok", [qwen_tokenizer, smollm2_tokenizer])
