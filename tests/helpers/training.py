@@ -10,7 +10,7 @@ from pipeline.config import RerankerConfig
 from rerank.model.sources import load_model_and_tokenizer
 from rerank.model.standins import TINY_QWEN2
 from rerank.training.collate import collator_for
-from rerank.training.trainer import RerankTrainer
+from rerank.training.rerank_trainer import RerankTrainer
 from tests.helpers.tokenizers import CACHE_DIR
 
 

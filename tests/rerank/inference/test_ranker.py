@@ -205,7 +205,7 @@ def _fake_scorer(tok, favourite: str, calls: list):
         out = []
         for ids in prompts_ids:
             text = tok.decode(ids)
-            slots = [line for line in text.split("\n") if line.startswith("(")]
+            slots = [line for line in text.split("\n") if line.partition(") ")[0] in lt.labels]  # "A) Title"
             assert len(slots) == len(lt.labels)  # labels for this prompt's K
             calls.append(slots)
             out.append([(10.0 if favourite in line else 0.0) - 0.1 * s for s, line in enumerate(slots)])

@@ -15,7 +15,7 @@ from rerank.prompting.style import make_style
 from rerank.training.collate import TrainingTexts, collator_for, epoch_order
 from rerank.training.samples import build_samples
 from rerank.training.stages import train_reranker
-from rerank.training.trainer import RerankTrainer
+from rerank.training.rerank_trainer import RerankTrainer
 from tests.helpers.data import make_ds
 from tests.helpers.training import cfg, fresh_model, labels_trainer, tok, val_rows
 

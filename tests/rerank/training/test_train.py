@@ -21,7 +21,7 @@ from rerank.training.collate import IGNORE_INDEX, TrainingTexts, collator_for
 from rerank.training.loss import supervised_logits
 from rerank.training.samples import build_samples
 from rerank.training.stages import train_reranker
-from rerank.training.trainer import RerankTrainer
+from rerank.training.rerank_trainer import RerankTrainer
 from rerank.training.validation import ranking_metrics, select_val_rows
 from tests.helpers.data import make_ds
 from tests.helpers.training import cfg, fresh_model, tok, val_rows
