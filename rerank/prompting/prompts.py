@@ -234,12 +234,12 @@ def check_labels_shown(tokenizer: PreTrainedTokenizerBase, style: PromptStyle) -
     """Refuse a style whose candidate lines do not hold each label as the very tokens the model
     answers with (`label_tokens`): copying a label from its line to the answer is the label head's
     task. Qwen's tokenizer merges "(A" into one token, so a "(A) Title" prompt never shows "A"."""
-    k = len(style.scheme.labels)
-    prompt = build_prompt(["History item"], [f"Candidate item {i}" for i in range(1, k + 1)], tokenizer, style)
+    title = "Item"  # one token: title_max_tokens never cuts it, so each line reads as formatted here
+    prompt = build_prompt([title], [title] * len(style.scheme.labels), tokenizer, style)
     answers = label_tokens(tokenizer, style).label_ids
     enc = tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)
     for i, lab in enumerate(style.scheme.labels):
-        line = style.candidate_format.format(label=lab, title=f"Candidate item {i + 1}")
+        line = style.candidate_format.format(label=lab, title=title)
         start = prompt.index("\n" + line + "\n") + 1
         ids = [t for t, (s, _) in zip(enc["input_ids"], enc["offset_mapping"]) if start <= s < start + len(line)]
         want = list(answers[i])

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 
 import pytest
@@ -246,9 +247,10 @@ def test_each_label_is_its_answer_tokens_in_its_candidate_line(tok_name, positio
     tok = TOKENIZERS[tok_name]()
     cfg = load_config(None, [f"reranker.label_position={position}", f"reranker.label_scheme={scheme}"]).reranker
     check_labels_shown(tok, style_from_config(cfg, tok))
+    check_labels_shown(tok, style_from_config(dataclasses.replace(cfg, title_max_tokens=1), tok))  # titles cut to 1 token
     paper = make_style(tok, LETTERS, candidate_format="({label}) {title}")
     if tok_name == "qwen":
-        with pytest.raises(PipelineError, match=r"label 'A' is not its answer's tokens in its candidate line '\(A\) Candidate item 1'"):
+        with pytest.raises(PipelineError, match=r"label 'A' is not its answer's tokens in its candidate line '\(A\) Item'"):
             check_labels_shown(tok, paper)
     else:
         check_labels_shown(tok, paper)  # SmolLM2 writes "(" + "A"
