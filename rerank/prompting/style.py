@@ -20,14 +20,15 @@ from rerank.prompting.labels import LabelScheme, scheme_from_config
 STYLE_FILE = "prompt_style.json"  # saved beside a model / adapter
 
 # reranker.label_position -> the candidate line. Under causal attention a label written BEFORE its
-# title (LlamaRec's "(A) Title", ours "A) Title") is read before the title exists, so its state carries nothing of
-# the title; written AFTER it, the label token's state can carry the title's content, and the answer
-# becomes "copy the label that follows the matching content". "both" writes it on each side.
+# title (LlamaRec's "(A) Title", ours "A) Title") is read before the title exists, so its state
+# carries nothing of the title; written AFTER it, the label token's state can carry the title's
+# content, and the answer becomes "copy the label that follows the matching content". "both" writes
+# it on each side.
 # "after" starts its line with "- " so the title follows a space, as in the history's "1. Title":
 # line-initial, "Toy" is "T"+"oy" where the history has " Toy", and the copy has nothing to match.
 # "before" is "A) Title", not the paper's "(A) Title": Qwen's tokenizer merges "(A" into one token, so
 # that prompt never shows the token "A" the model answers with (digits never merge: numbers did
-# show theirs, and the letters-vs-numbers comparison measured tokenisation). `check_labels_shown`.
+# show theirs, so under Qwen letters-vs-numbers partly measured tokenisation). `check_labels_shown`.
 CANDIDATE_FORMATS = {
     "before": "{label}) {title}",
     "after": "- {title} ({label})",
