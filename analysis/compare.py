@@ -26,9 +26,10 @@ from pipeline.config import Config, variant_config
 from pipeline.errors import PipelineError
 from pipeline.markdown import markdown_table
 from pipeline.metrics import candidate_rank, per_user_metrics
-from pipeline.run_files import CONFIG_YAML, METRICS_JSON
+from pipeline.run_files import ADAPTER_DIR, CONFIG_YAML, METRICS_JSON
 from pipeline.rundir import RunDir
 from pipeline.significance import paired_tests
+from rerank.prompting.style import PromptStyle, style_difference
 from rerank.training.pretrain import PRETRAIN_SUMMARY
 
 RETRIEVER_DIR = "retriever"
@@ -85,6 +86,14 @@ def _finished_variant(vdir: Path, vcfg: Config) -> bool:
     if not (vdir / METRICS_JSON).is_file() or not rankings_path(vdir, SPLIT).is_file():
         return False
     RunDir(vdir).check(vcfg, resume=True)
+    # The same config can mean another prompt once the code's formats change: the saved style decides.
+    diff = style_difference(PromptStyle.load(vdir / ADAPTER_DIR), vcfg.reranker)
+    if diff is not None:
+        field_name, old, new = diff
+        raise PipelineError(
+            f"{vdir} was trained on other prompts ({field_name}: {old!r} there, {new!r} in this code): "
+            f"delete {vdir} to retrain it under the current prompts, or check out the code that made it"
+        )
     return True
 
 

@@ -156,17 +156,40 @@ def make_style(
     return style
 
 
+def _config_settings(cfg: RerankerConfig) -> dict[str, Any]:
+    """The PromptStyle fields a RerankerConfig sets directly (the template is resolved with a tokenizer)."""
+    return {
+        "max_history": cfg.max_history,
+        "title_max_tokens": cfg.title_max_tokens,
+        "max_prompt_tokens": cfg.max_prompt_tokens,
+        "candidate_format": CANDIDATE_FORMATS[cfg.label_position],
+    }
+
+
 def style_from_config(cfg: RerankerConfig, tokenizer: PreTrainedTokenizerBase) -> PromptStyle:
     """The PromptStyle a `pipeline.config.RerankerConfig` asks for."""
-    return make_style(
-        tokenizer,
-        scheme_from_config(cfg),
-        template=cfg.prompt_template,
-        max_history=cfg.max_history,
-        title_max_tokens=cfg.title_max_tokens,
-        max_prompt_tokens=cfg.max_prompt_tokens,
-        candidate_format=CANDIDATE_FORMATS[cfg.label_position],
-    )
+    return make_style(tokenizer, scheme_from_config(cfg), template=cfg.prompt_template, **_config_settings(cfg))
+
+
+# Fields make_style resolves from the tokenizer (its chat template), not from the config and this code.
+_TOKENIZER_FIELDS = ("template", "instruction_role", "chat_template_sha256")
+
+
+def style_difference(saved: PromptStyle, cfg: RerankerConfig) -> Optional[tuple[str, Any, Any]]:
+    """(field, saved value, value now) of the first text-shaping field in which `saved` (a finished
+    run's prompt_style.json) differs from what this code writes for `cfg`; None when they agree.
+    A run's config can be unchanged while the code's formats changed (e.g. "(A) Title" became
+    "A) Title"): its figures then belong to another prompt than the config says."""
+    now = PromptStyle(scheme=scheme_from_config(cfg), **_config_settings(cfg))
+    for f in dataclasses.fields(PromptStyle):
+        if f.name in _TOKENIZER_FIELDS:
+            continue
+        old, new = getattr(saved, f.name), getattr(now, f.name)
+        if f.name == "scheme":
+            old, new = old.to_dict(), new.to_dict()
+        if old != new:
+            return f.name, old, new
+    return None
 
 
 def check_tokenizer(style: PromptStyle, tokenizer: PreTrainedTokenizerBase) -> None:

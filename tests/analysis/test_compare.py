@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import pytest
 
@@ -68,6 +69,21 @@ def test_a_finished_variant_made_with_another_config_is_not_reused(labels_run, s
     proc = compare("compare_labels", out, smoke_run[0], "{letters: {label_scheme: letters, lora_r: 4}}", "--resume")
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "another config" in proc.stderr and "lora_r" in proc.stderr
+
+
+def test_a_finished_variant_trained_on_other_prompts_is_not_reused(labels_run, smoke_run, tmp_path):
+    """Same config, other prompt text (a run made before the code's candidate lines changed): its
+    figures belong to another prompt, so a re-run refuses it instead of tabling it as current."""
+    out = tmp_path / "labels"
+    shutil.copytree(labels_run[0], out)
+    style_file = out / "letters" / "adapter" / "prompt_style.json"
+    style = json.loads(style_file.read_text())
+    style["candidate_format"] = "({label}) {title}"  # the paper's line, which this code no longer writes
+    style_file.write_text(json.dumps(style))
+    proc = compare("compare_labels", out, smoke_run[0], "{letters: {label_scheme: letters}}", "--resume")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0
+    assert "other prompts (candidate_format: '({label}) {title}' there" in proc.stderr and "delete" in proc.stderr
 
 
 @pytest.mark.parametrize("variants, message", [
