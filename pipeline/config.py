@@ -254,6 +254,12 @@ class RerankerConfig:
     # Binding warm-up (`binding_warmup_stage`): optimizer steps on copy prompts (the answer is the candidate
     # whose title closes the history) before the real training, which continues that adapter. 0 = off.
     binding_warmup_steps: int = 0
+    # Copy prompts mixed into the real training at a falling share (`rerank.training.collate.TrainingTexts`):
+    # in epoch e (from 0) each prompt is shown as its copy prompt with probability 1 - e / N, seeded
+    # per prompt and epoch, so by epoch N only real prompts remain. After a warm-up alone the real
+    # task drops the copy circuit (the letters fall back to uniform); the mix keeps asking for it while
+    # the real task asks it to carry a predicted content score (readout_aux_weight). 0 = off.
+    binding_mix_epochs: float = 0.0
 
     def validate(self) -> None:
         if self.dtype != "auto" and self.dtype not in DTYPE_NAMES:
@@ -285,7 +291,7 @@ class RerankerConfig:
             raise PipelineError("reranker.fusion_weights is empty: give at least one weight (0 = the LLM alone)")
         if self.train_candidates < 2:
             raise PipelineError(f"reranker.train_candidates must be >= 2: the target and at least one negative (got {self.train_candidates})")
-        for name in ("train_min_history", "warmup_steps", "dataloader_workers", "pretrain_steps", "binding_warmup_steps"):
+        for name in ("train_min_history", "warmup_steps", "dataloader_workers", "pretrain_steps", "binding_warmup_steps", "binding_mix_epochs"):
             if getattr(self, name) < 0:
                 raise PipelineError(f"reranker.{name} must be >= 0 (got {getattr(self, name)})")
         for name in ("train_max_prefixes_per_user", "max_train_samples", "val_max_users"):

@@ -18,3 +18,4 @@ EPOCH_ORDER = 7  # each training prompt's candidate order in each epoch (reranke
 DRY_RUN_SAMPLE = 11  # the prompts a dry run tokenizes to measure lengths
 OVERFIT_ORDERS = 11  # the learnability check's fresh scoring orders (see above)
 CALIBRATION_USERS = 17  # the validation users whose permuted orders estimate the position prior
+BINDING_MIX = 19  # which training prompts are shown as copy prompts in each epoch (reranker.binding_mix_epochs)

@@ -26,7 +26,7 @@ from rerank.model.readout import padded_ends
 from rerank.prompting.labels import LabelTokens, encode
 from rerank.prompting.prompts import build_training_text, encode_prompt, encode_prompt_ends, label_tokens
 from rerank.prompting.style import PromptStyle
-from rerank.training.samples import TrainSample
+from rerank.training.samples import TrainSample, copy_sample
 
 IGNORE_INDEX = -100  # label value that torch's cross_entropy and the HF losses skip
 
@@ -81,8 +81,10 @@ class TrainingTexts(torch.utils.data.Dataset):
         tokens: Optional[LabelTokens] = None,  # derived from (tokenizer, style) when None
         reshuffle_seed: Optional[int] = None,  # re-draw candidate orders every epoch from this seed; None = never
         readout: bool = False,  # examples carry candidate_ends (reranker.head readout)
+        copy_mix: Optional[tuple[int, float]] = None,  # (seed, N): copy prompts at share 1 - epoch / N; None = never
     ) -> None:
         self.readout = readout
+        self.copy_mix = copy_mix
         self.samples = list(samples)
         self.titles = titles
         self.tokenizer = tokenizer
@@ -97,6 +99,8 @@ class TrainingTexts(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict[str, list[int]]:
         s = epoch_order(self.samples[index], self.epoch, self.reshuffle_seed)
+        if self.copy_mix is not None and shown_as_copy(s, self.epoch, *self.copy_mix):
+            s = copy_sample(s)
         return encode_example(
             [self.titles[i] for i in s.history],
             [self.titles[i] for i in s.candidates],
@@ -121,6 +125,14 @@ def epoch_order(sample: TrainSample, epoch: int, seed: Optional[int]) -> TrainSa
     return dataclasses.replace(sample, candidates=cands, target_index=int(np.flatnonzero(order == sample.target_index)[0]))
 
 
+
+def shown_as_copy(sample: TrainSample, epoch: int, seed: int, mix_epochs: float) -> bool:
+    """Whether `sample` is shown as its copy prompt in `epoch` (reranker.binding_mix_epochs = `mix_epochs`):
+    with probability 1 - epoch / mix_epochs, drawn from (seed, user, position, epoch); never without a history."""
+    share = 1.0 - epoch / mix_epochs
+    if share <= 0 or not sample.history:
+        return False
+    return bool(np.random.default_rng([seed, sample.user, sample.position, epoch, rng_streams.BINDING_MIX]).random() < share)
 
 
 @dataclass(frozen=True)

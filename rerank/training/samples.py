@@ -32,6 +32,8 @@ are kept, so capping with `max_samples` / `max_prefixes_per_user` does not chang
 """
 from __future__ import annotations
 
+import dataclasses
+
 import logging
 from dataclasses import dataclass
 from typing import Any, Literal, Mapping, Optional, Sequence
@@ -62,6 +64,15 @@ class TrainSample:
     @property
     def target(self) -> int:
         return self.candidates[self.target_index]
+
+
+def copy_sample(s: TrainSample) -> TrainSample:
+    """`s` with its target replaced by its last history item, in the target's slot: the copy prompt of
+    the binding warm-up and mix (reranker.binding_warmup_steps, binding_mix_epochs). The negatives never
+    hold an item of the history so far (`build_samples`), so the answer is the only candidate whose
+    title the history shows last. `s` needs a history."""
+    i = s.target_index
+    return dataclasses.replace(s, candidates=(*s.candidates[:i], s.history[-1], *s.candidates[i + 1 :]))
 
 
 def build_samples(

@@ -141,6 +141,7 @@ def train_adapter(
     train_dataset = TrainingTexts(
         train_samples, ds.titles, tokenizer, style, cfg.supervise_end_of_turn, tokens,
         reshuffle_seed=seed if cfg.reshuffle_each_epoch else None, readout=cfg.head == "readout" or cfg.readout_aux_weight > 0,
+        copy_mix=(seed, cfg.binding_mix_epochs) if cfg.binding_mix_epochs > 0 else None,
     )
     if cfg.readout_aux_weight > 0:
         # Trained by the Trainer (a new, trainable submodule), never saved with the adapter, removed below.

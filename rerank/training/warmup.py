@@ -18,21 +18,15 @@ from typing import Any, Optional, Sequence
 from pipeline.config import RerankerConfig
 from pipeline.errors import PipelineError
 from pipeline.run_files import ADAPTER_DIR, TRAIN_SUMMARY
-from rerank.training.samples import TrainSample
+from rerank.training.samples import TrainSample, copy_sample
 from rerank.training.trainer import train_adapter
 
 WARMUP_DIR = "binding_warmup"  # the warm-up's own training run inside the reranker run
 
 
 def copy_samples(samples: Sequence[TrainSample]) -> list[TrainSample]:
-    """Each sample with its target replaced by its last history item, in the target's slot. The
-    negatives never hold an item of the history so far (`build_samples`), so the answer is the only
-    candidate whose title the history shows last. Samples without history are dropped."""
-    out = [
-        dataclasses.replace(s, candidates=(*s.candidates[: s.target_index], s.history[-1], *s.candidates[s.target_index + 1 :]))
-        for s in samples
-        if s.history
-    ]
+    """Each sample's copy prompt (`copy_sample`); samples without history are dropped."""
+    out = [copy_sample(s) for s in samples if s.history]
     if not out:
         raise PipelineError("the binding warm-up needs training prompts with a history: lower reranker.binding_warmup_steps to 0")
     return out
@@ -46,6 +40,7 @@ def warmup_config(cfg: RerankerConfig, n_samples: int) -> RerankerConfig:
         cfg,
         num_epochs=cfg.binding_warmup_steps * per_step / n_samples,
         binding_warmup_steps=0,
+        binding_mix_epochs=0.0,  # its prompts are all copies already
         pretrain_steps=0,
         eval_steps=10**9,
         resume=False,

@@ -113,3 +113,36 @@ def test_binding_warmup_prompts_answer_with_the_item_that_closes_the_history(tmp
     assert summary["binding_warmup_adapter"] == str(tmp_path / WARMUP_DIR / "adapter")
     text = TrainingTexts(copies, ds.titles, tok(), style)[0]
     assert ds.titles[copies[0].target] in tok().decode(text["input_ids"]).split("Candidate pool:")[0]  # shown in the history
+
+
+def test_the_binding_mix_shows_copy_prompts_at_a_falling_share():
+    """reranker.binding_mix_epochs = N: in epoch e each prompt is its copy prompt (answer: the item that
+    closes the history, in the target's slot) with probability 1 - e / N, so all of them in epoch 0,
+    about half at N / 2, none from N on; the rest are the real prompts, unchanged."""
+    from rerank.training.collate import TrainingTexts, shown_as_copy
+    from rerank.training.samples import build_samples, copy_sample
+    from tests.helpers.data import make_ds
+
+    ds = make_ds()
+    samples = build_samples(ds, n_candidates=5, seed=0, history_len=3, max_samples=40)
+    assert all(s.history for s in samples)
+    style = make_style(tok(), LETTERS, max_history=3)
+    texts = TrainingTexts(samples, ds.titles, tok(), style, copy_mix=(0, 4.0))
+    plain = TrainingTexts(samples, ds.titles, tok(), style)
+
+    def copies_in(epoch):
+        texts.epoch = plain.epoch = epoch
+        n = 0
+        for i, s in enumerate(samples):
+            got = texts[i]["input_ids"]
+            if got != plain[i]["input_ids"]:
+                want = TrainingTexts([copy_sample(s)], ds.titles, tok(), style)[0]["input_ids"]
+                assert got == want  # a copy prompt: the target's slot holds the last history item
+                n += 1
+        return n
+
+    assert copies_in(0) == len(samples)
+    assert 0.25 * len(samples) < copies_in(2) < 0.75 * len(samples)
+    assert copies_in(4) == copies_in(7) == 0
+    assert [shown_as_copy(s, 2, 0, 4.0) for s in samples] == [shown_as_copy(s, 2, 0, 4.0) for s in samples]  # seeded
+    assert [shown_as_copy(s, 2, 0, 4.0) for s in samples] != [shown_as_copy(s, 2, 1, 4.0) for s in samples]

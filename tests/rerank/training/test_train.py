@@ -169,6 +169,8 @@ def test_config_checks_and_missing_adapter(tmp_path):
         RerankerConfig(lora_dropout=1.0).validate()
     with pytest.raises(PipelineError, match="train_candidates"):
         RerankerConfig(train_candidates=1).validate()
+    with pytest.raises(PipelineError, match="binding_mix_epochs must be >= 0"):
+        RerankerConfig(binding_mix_epochs=-1.0).validate()
     with pytest.raises(PipelineError, match="adapter_config.json"):
         load_adapter(fresh_model(), tmp_path)
     with pytest.raises(PipelineError, match="lora_target_modules"):
