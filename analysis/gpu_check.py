@@ -37,6 +37,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from pipeline.candidates import raw_scores
 from pipeline.markdown import markdown_table
 from pipeline.run_files import CONFIG_YAML, METRICS_JSON, RUN_JSON
 
@@ -193,8 +194,9 @@ def nf4_details(run_dir: Path) -> dict[str, Any]:
 
 
 def _test_scores(run_dir: Path) -> dict[str, list[float]]:
+    """Per user, the model's own test scores (before calibration and fusion): what two builds must agree on."""
     rows = [json.loads(line) for line in (run_dir / "rankings_test.jsonl").read_text().splitlines() if line.strip()]
-    return {row["user"]: row.get("llm_scores", row["scores"]) for row in rows}
+    return {row["user"]: raw_scores(row) for row in rows}
 
 
 def nf4_rank_details(run_dir: Path, trained_dir: Path) -> dict[str, Any]:
