@@ -105,7 +105,8 @@ def train_adapter(
         gradient_accumulation_steps=cfg.grad_accum_steps,
         num_train_epochs=cfg.num_epochs,
         learning_rate=cfg.learning_rate,
-        lr_scheduler_type="linear",  # warm-up then linear decay (the paper's Trainer default)
+        # warm-up, then linear decay (the paper's Trainer default) or the peak rate to the end
+        lr_scheduler_type={"linear": "linear", "constant": "constant_with_warmup"}[cfg.lr_schedule],
         warmup_steps=cfg.warmup_steps,
         weight_decay=cfg.weight_decay,
         max_grad_norm=cfg.max_grad_norm,
@@ -189,7 +190,11 @@ def train_adapter(
         for e in state.log_history
         if f"eval_{VAL_METRIC}" in e
     ]
-    losses = [{"step": e["step"], "loss": e["loss"]} for e in state.log_history if "loss" in e and "step" in e]
+    losses = [
+        {"step": e["step"], "loss": e["loss"], **({"learning_rate": e["learning_rate"]} if "learning_rate" in e else {})}
+        for e in state.log_history
+        if "loss" in e and "step" in e
+    ]
     summary = {
         "loss": cfg.loss,
         "head": cfg.head,
