@@ -125,7 +125,6 @@ def epoch_order(sample: TrainSample, epoch: int, seed: Optional[int]) -> TrainSa
     return dataclasses.replace(sample, candidates=cands, target_index=int(np.flatnonzero(order == sample.target_index)[0]))
 
 
-
 def shown_as_copy(sample: TrainSample, epoch: int, seed: int, mix_epochs: float) -> bool:
     """Whether `sample` is shown as its copy prompt in `epoch` (reranker.binding_mix_epochs = `mix_epochs`):
     with probability 1 - epoch / mix_epochs, drawn from (seed, user, position, epoch); never without a history."""

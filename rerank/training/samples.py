@@ -33,7 +33,6 @@ are kept, so capping with `max_samples` / `max_prefixes_per_user` does not chang
 from __future__ import annotations
 
 import dataclasses
-
 import logging
 from dataclasses import dataclass
 from typing import Any, Literal, Mapping, Optional, Sequence
