@@ -21,6 +21,7 @@ Runs under `accelerate launch` too: all training goes through the Trainer.
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
@@ -260,6 +261,13 @@ def check_start(out: Path, cfg: RerankerConfig, train_samples: Sequence[TrainSam
     the checkpoints in <out>/checkpoints."""
     if not train_samples:
         raise PipelineError("no training samples: check the dataset and reranker.max_train_samples")
+    # The mix's share falls per whole epoch (`shown_as_copy`): epochs 0..ceil(N)-1 hold copy prompts.
+    if cfg.binding_mix_epochs > 0 and math.ceil(cfg.binding_mix_epochs) >= cfg.num_epochs:
+        raise PipelineError(
+            f"reranker.binding_mix_epochs {cfg.binding_mix_epochs:g} mixes copy prompts into every one of the "
+            f"{cfg.num_epochs:g} epochs (the share falls per whole epoch): raise reranker.num_epochs above "
+            f"{math.ceil(cfg.binding_mix_epochs)}, or lower binding_mix_epochs"
+        )
     ckpt_dir = out / CHECKPOINT_DIR
     last = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
     if cfg.resume and last is None:

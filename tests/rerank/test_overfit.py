@@ -146,3 +146,21 @@ def test_the_binding_mix_shows_copy_prompts_at_a_falling_share():
     assert copies_in(4) == copies_in(7) == 0
     assert [shown_as_copy(s, 2, 0, 4.0) for s in samples] == [shown_as_copy(s, 2, 0, 4.0) for s in samples]  # seeded
     assert [shown_as_copy(s, 2, 0, 4.0) for s in samples] != [shown_as_copy(s, 2, 1, 4.0) for s in samples]
+
+
+def test_a_binding_mix_without_an_epoch_of_real_prompts_is_refused(tmp_path):
+    """The share falls per whole epoch: binding_mix_epochs 0.5 in a 1-epoch run would train on copy
+    prompts only. Refused before any step, naming the fix."""
+    import pytest
+
+    from pipeline.errors import PipelineError
+    from rerank.training.samples import build_samples
+    from rerank.training.stages import train_reranker
+    from tests.helpers.data import make_ds
+
+    ds = make_ds()
+    samples = build_samples(ds, n_candidates=4, seed=0, history_len=3, max_samples=4)
+    style = make_style(tok(), LETTERS, max_history=3)
+    with pytest.raises(PipelineError, match="binding_mix_epochs 0.5 mixes copy prompts into every one of the 1 epochs"):
+        train_reranker(fresh_model(), tok(), style, ds, samples, [], cfg(binding_mix_epochs=0.5, num_epochs=1), tmp_path, seed=0)
+    assert not (tmp_path / "checkpoints").exists()
