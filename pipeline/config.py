@@ -207,10 +207,7 @@ class RerankerConfig:
     num_epochs: float = 1.0  # passes over the samples (paper: 1); early stopping may end training sooner
     train_batch_size: int = 16  # prompts per device per forward pass (paper: 16 on MovieLens, 12 on Amazon)
     grad_accum_steps: int = 1  # batches per optimizer step (paper: 1)
-    warmup_steps: int = 100  # linear warm-up steps, then the lr_schedule (paper: 100)
-    # After the warm-up: "linear" decay to 0 at the last step (paper), or "constant" at the peak, so
-    # the last epochs of a short many-epoch run still learn (the learnability check).
-    lr_schedule: Literal["linear", "constant"] = "linear"
+    warmup_steps: int = 100  # linear warm-up steps, then linear decay to 0 (paper: 100)
     weight_decay: float = 0.0  # AdamW weight decay on the LoRA weights (paper: the Trainer's default, 0)
     max_grad_norm: float = 1.0  # gradient clipping (paper: the Trainer's default, 1.0)
     # A transformers optimizer name; the paper's "paged_adamw_32bit" needs bitsandbytes on CUDA.

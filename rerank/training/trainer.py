@@ -106,8 +106,9 @@ def train_adapter(
         gradient_accumulation_steps=cfg.grad_accum_steps,
         num_train_epochs=cfg.num_epochs,
         learning_rate=cfg.learning_rate,
-        # warm-up, then linear decay (the paper's Trainer default) or the peak rate to the end
-        lr_scheduler_type={"linear": "linear", "constant": "constant_with_warmup"}[cfg.lr_schedule],
+        # Warm-up, then linear decay (the paper's Trainer default). A constant rate after the warm-up
+        # did not fit the learnability check better (overfit.yaml), so there is no key for it.
+        lr_scheduler_type="linear",
         warmup_steps=cfg.warmup_steps,
         weight_decay=cfg.weight_decay,
         max_grad_norm=cfg.max_grad_norm,
