@@ -31,6 +31,22 @@ def test_the_check_config_is_the_default_recipe():
     assert redrawn.max_train_samples == 32 and redrawn.num_epochs == 12 and redrawn.logging_steps == 1
 
 
+def test_the_letters_check_is_the_check_with_the_binding_levers():
+    """overfit_letters.yaml is overfit.yaml with only the letters head's levers changed: a drifting copy
+    would measure another recipe than the header's figures say."""
+    letters = yaml.safe_load((CONFIGS / "overfit_letters.yaml").read_text())
+    check = yaml.safe_load((CONFIGS / "overfit.yaml").read_text())
+    assert {k: v for k, v in letters.items() if k not in ("reranker", "overfit")} == {k: v for k, v in check.items() if k not in ("reranker", "overfit")}
+    changed = {k: v for k, v in letters["reranker"].items() if check["reranker"].get(k) != v}
+    assert changed == {
+        "head": "label_tokens", "label_position": "after", "readout_aux_weight": 1.0, "readout_aux_layer": 18,
+        "binding_mix_epochs": 6, "lora_layers": 16, "train_batch_size": 1,
+    }
+    assert set(check["reranker"]) <= set(letters["reranker"]) and letters["overfit"]["modes"] == ["redrawn"]
+    redrawn = check_config(load_config(CONFIGS / "overfit_letters.yaml"), "redrawn").reranker
+    assert redrawn.num_epochs == 12 > redrawn.binding_mix_epochs  # the mix leaves epochs of real prompts only
+
+
 def planted(n_users: int = 8, k: int = 4) -> tuple[SplitDataset, list[TrainSample]]:
     """A learnable task: every prompt's target is one of two 'planted' titles, the negatives are
     other items; whichever slot the target sits in, its content gives it away."""
