@@ -89,7 +89,8 @@ class RunDir:
         except yaml.YAMLError:
             raise PipelineError(f"{stored_path} is not valid YAML: choose a fresh --out") from None
         want = yaml.safe_load(yaml.safe_dump(to_dict(cfg), sort_keys=False))  # lists, not tuples, as stored
-        diff = _first_difference(stored, want)
+        defaults = yaml.safe_load(yaml.safe_dump(to_dict(type(cfg)()), sort_keys=False))
+        diff = _first_difference(stored, want, defaults)
         if diff is not None:
             key, old, new = diff
             raise PipelineError(
@@ -266,14 +267,19 @@ def fail_started(message: str, since: int = 0) -> list[str]:
     return [n for n in notes if n]
 
 
-def _first_difference(stored, want, key: str = "") -> tuple[str, object, object] | None:
-    """(dotted key, stored value, wanted value) of the first difference of two configs."""
+def _first_difference(stored, want, defaults=None, key: str = "") -> tuple[str, object, object] | None:
+    """(dotted key, stored value, wanted value) of the first difference of two configs. A key the
+    stored config lacks (the run predates it) is no difference while it is at its default (`defaults`,
+    the config class's own): a new key's default keeps what the code computed before it existed."""
     if isinstance(stored, dict) and isinstance(want, dict):
+        defaults = defaults if isinstance(defaults, dict) else {}
         for k in [*want, *(k for k in stored if k not in want)]:
             name = f"{key}.{k}" if key else str(k)
             if tuple(name.split(".")) in _RESUME_KEYS:
                 continue
-            diff = _first_difference(stored.get(k), want.get(k), name)
+            if k not in stored and k in defaults and want.get(k) == defaults[k]:
+                continue
+            diff = _first_difference(stored.get(k), want.get(k), defaults.get(k), name)
             if diff is not None:
                 return diff
         return None

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from pipeline.candidates import read_rows
 from pipeline.config import load_config
@@ -145,6 +146,13 @@ def test_run_directory_refuses_a_second_fresh_run_and_another_config_on_resume(t
 
     with pytest.raises(PipelineError, match=r"another config \(reranker.rank_batch_size: 8 there, 1 now\)"):
         RunDir(tmp_path / "run").start(load_config(SMOKE, ["reranker.rank_batch_size=1"]), resume=True)
+    # A run made before a key existed lacks it: at its default it is the same computation, set otherwise it is not.
+    stored = yaml.safe_load((run / "config.yaml").read_text())
+    del stored["reranker"]["binding_mix_epochs"]
+    (run / "config.yaml").write_text(yaml.safe_dump(stored, sort_keys=False))
+    RunDir(tmp_path / "run").check(load_config(SMOKE), resume=True)
+    with pytest.raises(PipelineError, match=r"another config \(reranker.binding_mix_epochs: None there, 2.0 now\)"):
+        RunDir(tmp_path / "run").check(load_config(SMOKE, ["reranker.binding_mix_epochs=2"]), resume=True)
     # The sections only analysis scripts read may differ (a comparison keeps a variant run made before).
     RunDir(tmp_path / "run").check(load_config(SMOKE, ["probe.steps=7", "overfit.epochs=2", "analysis.split=val"]), resume=True)
     # Nothing to resume yet: --resume starts the run.
