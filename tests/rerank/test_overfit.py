@@ -4,10 +4,12 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
 import yaml
 
 from pipeline.config import Config, load_config
 from pipeline.data.dataset import SplitDataset
+from pipeline.errors import PipelineError
 from rerank.overfit import check_config, check_mode, sample_rows, top1_accuracy, write_result
 from rerank.prompting.labels import LETTERS
 from rerank.prompting.style import make_style
@@ -167,9 +169,6 @@ def test_the_binding_mix_shows_copy_prompts_at_a_falling_share():
 def test_a_binding_mix_without_an_epoch_of_real_prompts_is_refused(tmp_path):
     """The share falls per whole epoch: binding_mix_epochs 0.5 in a 1-epoch run would train on copy
     prompts only. Refused before any step, naming the fix."""
-    import pytest
-
-    from pipeline.errors import PipelineError
     from rerank.training.samples import build_samples
     from rerank.training.stages import train_reranker
     from tests.helpers.data import make_ds
