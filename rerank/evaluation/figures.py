@@ -122,7 +122,8 @@ OVERFIT_STYLE = {"redrawn": "tab:blue", "fixed": "tab:orange"}  # candidate orde
 
 def overfit_figure(result: Mapping[str, Any], title: str = "") -> Figure:
     """overfit.json as two panels per epoch: training loss (ln K dotted: a uniform answer) and
-    top-1 accuracy on the training prompts in fresh orders (chance dotted), one line per mode."""
+    top-1 accuracy on the training prompts in fresh orders (chance dotted, the item-only score's
+    top-1 dashed), one line per mode."""
     fig = new_figure(11, 3.6)
     loss_ax, top1_ax = fig.subplots(1, 2)
     chance = result["chance"]
@@ -133,6 +134,8 @@ def overfit_figure(result: Mapping[str, Any], title: str = "") -> Figure:
             top1_ax.plot(curve["epoch"], curve["train_top1"], marker="o", ms=3, color=colour, label=mode)
     loss_ax.axhline(math.log(1 / chance), color="0.5", lw=1, ls=":", label="ln K (uniform)")
     top1_ax.axhline(chance, color="0.5", lw=1, ls=":", label="chance 1/K")
+    if result.get("item_only_top1") is not None:  # absent from checks written before it, null when unsolved
+        top1_ax.axhline(result["item_only_top1"], color="0.3", lw=1, ls="--", label="item-only score")
     top1_ax.set_ylim(0, 1.02)
     loss_ax.set_title(f"training loss ({result['n_prompts']} prompts)")
     top1_ax.set_title("top-1 on the training prompts, fresh orders")

@@ -10,7 +10,7 @@ import yaml
 from pipeline.config import Config, load_config
 from pipeline.data.dataset import SplitDataset
 from pipeline.errors import PipelineError
-from rerank.overfit import check_config, check_mode, sample_rows, top1_accuracy, write_result
+from rerank.overfit import check_config, check_mode, item_only_top1, sample_rows, top1_accuracy, write_result
 from rerank.prompting.labels import LETTERS
 from rerank.prompting.style import make_style
 from rerank.training.samples import TrainSample
@@ -82,6 +82,45 @@ def test_fresh_check_orders_keep_the_prompt_and_move_the_target():
     assert top1_accuracy([s0, s1], [r0, r1]) == (1.0 + (r1["candidates"][0] == r1["target"])) / 2
 
 
+def _prompt(user, candidates, answer):
+    return TrainSample(user=user, position=1, history=(99,), candidates=tuple(candidates), target_index=candidates.index(answer))
+
+
+def test_the_item_only_bound_is_the_most_answers_one_score_per_item_ranks_first():
+    """Hand-counted: x beats y in prompt 0 and y beats x in prompt 1, so one of the two is lost
+    whatever the scores; prompt 2 (x over z) and prompt 3 (w over x and z) can both be kept with
+    them (w > x > z, x > y): 3 of 4. Without the clash every answer can be first."""
+    x, y, z, w = 1, 2, 3, 4
+    clash = [_prompt(0, [x, y], x), _prompt(1, [y, x], y), _prompt(2, [z, x], x), _prompt(3, [x, z, w], w)]
+    assert item_only_top1(clash) == 0.75
+    assert item_only_top1(clash[1:]) == 1.0
+    # a cycle x > y > z > x over three prompts: at most 2 of 3
+    cycle = [_prompt(0, [x, y], x), _prompt(1, [y, z], y), _prompt(2, [z, x], z)]
+    assert item_only_top1(cycle) == pytest.approx(2 / 3, abs=1e-6)
+    # the bound sees the candidate set only, not its order or the history
+    assert item_only_top1([_prompt(0, [y, x], x), _prompt(1, [x, y], y)]) == 0.5
+
+
+def test_an_item_only_bound_out_of_time_is_never_below_the_maximum(monkeypatch):
+    """Past its time budget the check reports the solver's proven upper bound (or None), never less
+    than the true maximum: a bound below it would say a head beat item preferences when it did not."""
+    import random
+
+    import rerank.overfit as overfit
+
+    rng = random.Random(0)
+    prompts = []
+    for u in range(60):
+        items = rng.sample(range(1, 40), 8)
+        prompts.append(_prompt(u, items, items[rng.randrange(8)]))
+    exact = item_only_top1(prompts)
+    assert exact == 0.5  # 30 of 60: solved within the budget
+    for seconds in (0.0, 0.01):
+        monkeypatch.setattr(overfit, "ITEM_ONLY_SECONDS", seconds)
+        limited = item_only_top1(prompts)
+        assert limited is None or limited >= exact
+
+
 def test_the_check_sees_a_learnable_task_learned_in_redrawn_orders(tmp_path):
     """The mechanism: on a planted task whose answer is given away by its content, the readout head
     reaches top-1 1.0 on the training prompts in fresh orders, and the loss falls below ln K."""
@@ -93,9 +132,11 @@ def test_the_check_sees_a_learnable_task_learned_in_redrawn_orders(tmp_path):
     assert curve["epoch"] == list(range(1, 11))
     assert len(curve["train_loss"]) == len(curve["train_top1"]) == 10
     assert curve["train_top1"][-1] == 1.0 and curve["train_loss"][-1] < min(0.2 * math.log(4), curve["train_loss"][0] / 2), curve
-    write_result(tmp_path, {"redrawn": curve, "n_prompts": len(samples), "chance": 0.25})
+    write_result(tmp_path, {"redrawn": curve, "n_prompts": len(samples), "chance": 0.25, "item_only_top1": item_only_top1(samples)})
     saved = json.loads((tmp_path / "overfit.json").read_text())
     assert saved["redrawn"]["train_top1"] == curve["train_top1"] and (tmp_path / "overfit.png").stat().st_size > 1000
+    # the planted task: every prompt's answer is its own item, never another's rival
+    assert saved["item_only_top1"] == 1.0
 
 
 def test_the_label_comparison_trains_the_default_recipe():
@@ -179,3 +220,20 @@ def test_a_binding_mix_without_an_epoch_of_real_prompts_is_refused(tmp_path):
     with pytest.raises(PipelineError, match="binding_mix_epochs 0.5 mixes copy prompts into every one of the 1 epochs"):
         train_reranker(fresh_model(), tok(), style, ds, samples, [], cfg(binding_mix_epochs=0.5, num_epochs=1), tmp_path, seed=0)
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_the_check_script_writes_its_curves_and_the_item_only_bound(tmp_path):
+    """scripts/overfit_check.py end to end on the tiny model (random negatives: no retriever to train)."""
+    from tests.helpers.scripts import ONE_THREAD, run_script
+
+    out = tmp_path / "check"
+    sets = ["reranker.train_negatives=random", "reranker.train_covered_only=false", "reranker.train_batch_size=2",
+            "overfit.n_prompts=4", "overfit.epochs=2", "overfit.modes=[redrawn]"]
+    proc = run_script("scripts/overfit_check.py", "--config", "configs/experiments/smoke.yaml", "--out", str(out),
+                      *[a for s in sets for a in ("--set", s)], timeout=300, env=ONE_THREAD)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads((out / "overfit.json").read_text())
+    assert set(result) == {"redrawn", "n_prompts", "chance", "item_only_top1"}
+    assert result["redrawn"]["epoch"] == [1, 2] and result["n_prompts"] == 4 and result["chance"] == 1 / 20
+    assert 0 < result["item_only_top1"] <= 1.0 and (out / "overfit.png").is_file()
+    assert "no item-only score (no history) gets a top-1 above" in proc.stdout
