@@ -84,6 +84,8 @@ def item_only_top1(samples: Sequence[TrainSample]) -> Optional[float]:
     from scipy.optimize import Bounds, LinearConstraint, milp
     from scipy.sparse import coo_matrix
 
+    if not samples:
+        return None
     items = sorted({c for s in samples for c in s.candidates})
     index = {item: i for i, item in enumerate(items)}
     n, m = len(items), len(samples)
