@@ -90,15 +90,12 @@ def item_only_top1(samples: Sequence[TrainSample]) -> Optional[float]:
     index = {item: i for i, item in enumerate(items)}
     n, m = len(items), len(samples)
     big = n + 1  # switches a prompt's constraints off when z_p = 0 (the score gap is at least -n)
-    rows, cols, vals = [], [], []
-    for p, s in enumerate(samples):
-        for j, rival in enumerate(s.candidates):
-            if j != s.target_index:
-                r = len(rows) // 3
-                rows += [r, r, r]
-                cols += [index[s.target], index[rival], n + p]
-                vals += [1.0, -1.0, -float(big)]
-    a = coo_matrix((vals, (rows, cols)), shape=(len(rows) // 3, n + m))
+    # One constraint row per (prompt, rival): s_answer - s_rival - big * z_p >= 1 - big.
+    pairs = [(p, s.target, rival) for p, s in enumerate(samples) for j, rival in enumerate(s.candidates) if j != s.target_index]
+    rows = np.repeat(np.arange(len(pairs)), 3)
+    cols = [c for p, answer, rival in pairs for c in (index[answer], index[rival], n + p)]
+    vals = np.tile([1.0, -1.0, -float(big)], len(pairs))
+    a = coo_matrix((vals, (rows, cols)), shape=(len(pairs), n + m))
     res = milp(
         c=np.r_[np.zeros(n), -np.ones(m)],  # maximise the hits
         constraints=LinearConstraint(a, lb=1.0 - big, ub=np.inf),
