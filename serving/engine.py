@@ -28,7 +28,7 @@ from pipeline.errors import PipelineError
 from pipeline.run_files import CONFIG_YAML, METRICS_JSON
 from rerank.inference.calibration import Prior  # candidate count K -> the prior of each slot
 from rerank.prompting.labels import LabelTokens
-from rerank.prompting.prompts import encode_prompt, encode_prompt_ends, label_tokens
+from rerank.prompting.prompts import LineSpans, check_readout_for_style, encode_prompt, encode_prompt_ends, label_tokens
 from rerank.prompting.style import PromptStyle, check_tokenizer
 from serving.schema import RerankRequest, TextItem
 from serving.scorer import Scorer
@@ -49,7 +49,7 @@ class Prepared:
     prompt_ids: list[int]
     titles: list[str]  # the documents' titles, request order
     ids: list[Optional[str]]  # the documents' item ids (None for {text} documents)
-    ends: Optional[list[int]] = None  # each candidate line's last token (the readout head), else None
+    ends: Optional[list[int] | LineSpans] = None  # each candidate line's last token (the readout head; isolated lines: LineSpans), else None
 
 
 class RerankEngine:
@@ -63,6 +63,7 @@ class RerankEngine:
         name: str,
         info: Mapping[str, Any],
     ) -> None:
+        check_readout_for_style(style, scorer.readout)  # isolated lines: only the readout head reads them
         self.scorer, self.tokenizer, self.style = scorer, tokenizer, style
         self.titles, self.prior, self.name = titles, prior, name
         self._title_set = frozenset(titles.values()) if titles is not None else frozenset()  # text mode's id check

@@ -29,7 +29,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from pipeline.errors import PipelineError
 from rerank.model.readout import has_readout, padded_ends, readout_scores
 from rerank.prompting.labels import LabelTokens
-from rerank.prompting.prompts import encode_prompt, encode_prompt_ends, label_tokens
+from rerank.prompting.prompts import LineSpans, check_readout_for_style, encode_prompt, encode_prompt_ends, label_tokens
 from rerank.prompting.style import PromptStyle
 
 # Prompts per forward pass. 16 prompts of ~600 tokens (20 history + 20 candidates) take a few GB
@@ -78,7 +78,7 @@ def score_prompts(
     batch_size: int = DEFAULT_BATCH_SIZE,
     pad_id: int | None = None,
     progress: bool = True,
-    ends: Optional[Sequence[Sequence[int]]] = None,
+    ends: Optional[Sequence[Sequence[int] | LineSpans]] = None,
 ) -> list[list[float]]:
     """log P(label_tokens.scored_ids[i] | prompt) for every prompt (row) and label i (column); for
     a model with the readout head (`rerank.model.readout`), its score of candidate i, read at `ends`
@@ -265,7 +265,7 @@ def candidate_orders(k: int, permutations: int, seed: int, user: str) -> list[li
 
 
 # (row index, candidate order slot by slot, prompt token ids, each candidate line's last token or None)
-PromptJob = tuple[int, list[int], np.ndarray, Optional[list[int]]]
+PromptJob = tuple[int, list[int], np.ndarray, Optional[list[int] | LineSpans]]
 
 
 def encode_rows(
@@ -282,6 +282,7 @@ def encode_rows(
     use, and so the scored sequences, depend on K): one prompt per row and candidate order
     (`candidate_orders`). This is everything the ranker does before the model runs. `with_ends`:
     also each candidate line's last token (`prompts.encode_prompt_ends`), what the readout head reads."""
+    check_readout_for_style(style, with_ends)
     jobs: dict[int, list[PromptJob]] = defaultdict(list)
     for r, row in enumerate(tqdm(rows, desc="prompts", unit="row", disable=not progress)):
         cands = list(row["candidates"])

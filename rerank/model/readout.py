@@ -23,6 +23,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from pipeline.errors import PipelineError
+from rerank.prompting.prompts import LineSpans
 
 READOUT_MODULE = "rerank_readout"  # attribute of the base causal LM holding the linear unit
 READOUT_FILE = "readout.safetensors"  # the unit's weights in a merged model folder
@@ -84,9 +85,15 @@ def line_end_hidden(
     token of left-padded prompts; `ends` as in `readout_scores`. What the readout unit reads.
     `layer` (1..number of layers): the output of that decoder layer (counted from 1, the first
     layer's output) through the same final norm, so a unit reads every layer on one scale; None or
-    the last layer = the last hidden state."""
-    positions = (mask.cumsum(1) - 1).clamp(min=0)  # real tokens only, as the label heads count them
+    the last layer = the last hidden state.
+    `ends` (B, 2, K) = each line's first and last token (`padded_ends` of `LineSpans`): the lines
+    are shown isolated (`isolated_attention`)."""
     decoder = model.get_decoder()
+    if ends.dim() == 3:
+        allowed, positions = isolated_attention(mask, ends[:, 0], ends[:, 1])
+        attention, ends = _as_kernel_mask(model, allowed), ends[:, 1]
+    else:
+        attention, positions = mask, (mask.cumsum(1) - 1).clamp(min=0)  # real tokens only, as the label heads count them
     n_layers = len(decoder.layers)
     if layer is not None and not 1 <= layer <= n_layers:
         raise PipelineError(f"readout layer {layer} is outside the model's layers 1..{n_layers}: choose one of them")
@@ -94,7 +101,7 @@ def line_end_hidden(
     captured = []
     hook = decoder.layers[layer - 1].register_forward_hook(lambda mod, args, output: captured.append(output)) if middle else None
     try:
-        out = decoder(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=False)
+        out = decoder(input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=False)
     finally:
         if hook is not None:
             hook.remove()
@@ -106,13 +113,67 @@ def line_end_hidden(
     return hidden.gather(1, ends[:, :, None].expand(-1, -1, hidden.shape[-1]))
 
 
-def padded_ends(ends: Sequence[Sequence[int]], lengths: Sequence[int], width: int, device: torch.device) -> torch.Tensor:
+def padded_ends(ends: Sequence[Sequence[int] | LineSpans], lengths: Sequence[int], width: int, device: torch.device) -> torch.Tensor:
     """Each prompt's candidate-line ends (token indices in its own ids) as columns of a batch padded
-    on the LEFT to `width` (prompt r starts at column width - lengths[r])."""
-    rows = [[width - n + e for e in row] for row, n in zip(ends, lengths)]
-    if len({len(r) for r in rows}) != 1:
+    on the LEFT to `width` (prompt r starts at column width - lengths[r]): (B, K). For `LineSpans`
+    (candidate_attention isolated) each line's first and last token: (B, 2, K)."""
+    spans = [isinstance(row, LineSpans) for row in ends]
+    if any(spans) != all(spans):
+        raise PipelineError("a batch mixes isolated and causal candidate lines: encode every prompt with one prompt style")
+    if all(spans) and spans:
+        rows = [[[width - n + t for t in part] for part in row] for row, n in zip(ends, lengths)]
+    else:
+        rows = [[width - n + e for e in row] for row, n in zip(ends, lengths)]
+    if len({len(r[-1]) if spans[0] else len(r) for r in rows}) != 1:
         raise PipelineError("prompts of one batch have different candidate counts: batch the readout by K")
     return torch.tensor(rows, dtype=torch.long, device=device)
+
+
+def isolated_attention(mask: torch.Tensor, starts: torch.Tensor, ends: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(boolean 4D attention mask (B, 1, L, L), True = may attend, position ids (B, L)) that show
+    each candidate line of left-padded prompts apart from the others; `mask` (B, L) the padding
+    mask, `starts` / `ends` (B, K) each line's first and last column.
+
+    A line's tokens attend to the prefix (every real token before the first line) and to their own
+    line, causally, at positions that restart where the first line starts: a line's states are
+    those of the prompt "prefix + that line" wherever it is drawn. Tokens between lines (a newline
+    token of its own) are seen by no line. Tokens after the last line (the answer instruction)
+    attend to every real token before them, at positions after the longest line."""
+    B, L = mask.shape
+    col = torch.arange(L, device=mask.device)
+    in_line = (col[None, None, :] >= starts[:, :, None]) & (col[None, None, :] <= ends[:, :, None])  # (B, K, L)
+    line = torch.where(in_line.any(1), in_line.float().argmax(1) + 1, 0)  # 1..K inside line k, 0 elsewhere
+    prefix = (col[None, :] < starts[:, :1]) & mask.bool()
+    after = col[None, :] > ends[:, -1:]
+    causal_pos = (mask.cumsum(1) - 1).clamp(min=0)
+    first = causal_pos.gather(1, starts[:, :1])  # the first line's first position: the prefix's length
+    own_start = starts.gather(1, (line - 1).clamp(min=0))  # (B, L): the start of the line a token is in
+    longest = (ends - starts + 1).max(1, keepdim=True).values
+    positions = torch.where(line > 0, first + col[None, :] - own_start, causal_pos)
+    positions = torch.where(after, first + longest + col[None, :] - ends[:, -1:] - 1, positions)
+    key_real = mask.bool()[:, None, :]
+    same_line = (line[:, :, None] == line[:, None, :]) & (line[:, :, None] > 0)
+    sees = prefix[:, None, :] | same_line | after[:, :, None]  # (B, query, key); a prefix query sees only prefix keys anyway
+    allowed = sees & key_real & (col[:, None] >= col[None, :])[None]
+    allowed = allowed | torch.eye(L, dtype=torch.bool, device=mask.device)[None]  # padding rows: never an empty row
+    return allowed[:, None], positions
+
+
+def _as_kernel_mask(model: Any, allowed: torch.Tensor) -> torch.Tensor:
+    """`allowed` in the form the model's attention kernel applies as given (transformers' masking
+    utilities pass a 4D mask through unchanged): boolean for SDPA (any query dtype; a float mask
+    must match the query's, which differs from the weights' under autocast or a kbit-prepared
+    model), additive float32 for eager (added to the scores, then promoted). Flash-attention kernels
+    take only padding and would silently drop the mask: refused."""
+    impl = getattr(model.config, "_attn_implementation", None) or "eager"
+    if impl == "sdpa":
+        return allowed
+    if impl == "eager":
+        return torch.zeros(allowed.shape, dtype=torch.float32, device=allowed.device).masked_fill_(~allowed, torch.finfo(torch.float32).min)
+    raise PipelineError(
+        f"candidate_attention isolated needs an attention kernel that applies a custom mask (sdpa or eager), "
+        f"not {impl}: load the model with attn_implementation='sdpa'"
+    )
 
 
 def save_readout_unit(model: torch.nn.Module, directory: str | Path) -> None:

@@ -20,7 +20,7 @@ import bisect
 import dataclasses
 import json
 import weakref
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 from transformers import PreTrainedTokenizerBase
 
@@ -91,13 +91,24 @@ def encode_prompt(
     return _fit(history, candidates, tokenizer, style)[2]
 
 
+class LineSpans(NamedTuple):
+    """Each candidate line's first and last token in the prompt's ids: what the readout reads under
+    candidate_attention "isolated" (each line attends to the shared prefix and to itself only)."""
+
+    starts: list[int]
+    ends: list[int]
+
+
 def encode_prompt_ends(
     history: Sequence[str], candidates: Sequence[str], tokenizer: PreTrainedTokenizerBase, style: PromptStyle
-) -> tuple[list[int], list[int]]:
+) -> tuple[list[int], list[int] | LineSpans]:
     """(`encode_prompt(...)`, the index of the token that ends each candidate's line): what the
     readout head (`rerank.model.readout`) reads. Measured from the tokenizer's character offsets on the
     prompt text (the token holding the line's last character), and checked: that token must lie
-    inside the line (it may also hold the newlines after it, never the next line's text)."""
+    inside the line (it may also hold the newlines after it, never the next line's text).
+    Under `style.candidate_attention` "isolated" the second item is a `LineSpans`: also the token
+    holding each line's first character (it may also hold the newlines before it, never the
+    previous line's text), so the model can be shown each line apart from the others."""
     prompt, user_text, ids = _fit(history, candidates, tokenizer, style)
     enc = tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)
     if list(enc["input_ids"]) != ids:
@@ -114,7 +125,7 @@ def encode_prompt_ends(
             raise PipelineError(f"candidate {j + 1}'s prompt line is not where the prompt builder puts it: a bug in _input_text")
     starts = [base + sum(len(x) + 1 for x in lines[:i]) for i in range(len(lines))]
     token_ends = [end for _, end in enc["offset_mapping"]]
-    out = []
+    out, firsts = [], []
     for j in range(len(candidates)):
         line_start, line = starts[first + j], lines[first + j]
         last_char = line_start + len(line) - 1
@@ -126,7 +137,24 @@ def encode_prompt_ends(
                 "the readout head cannot read it; use reranker.head=label_tokens"
             )
         out.append(t)
-    return ids, out
+        t0 = bisect.bisect_right(token_ends, line_start)  # the token holding the line's first character
+        if prompt[enc["offset_mapping"][t0][0] : line_start].strip("\n") or (firsts and t0 <= out[-2]):
+            raise PipelineError(
+                f"candidate {j + 1}'s line does not start on a token boundary with this tokenizer: "
+                "its line cannot be shown apart; use reranker.candidate_attention=causal"
+            )
+        firsts.append(t0)
+    return (ids, LineSpans(firsts, out)) if style.candidate_attention == "isolated" else (ids, out)
+
+
+def check_readout_for_style(style: PromptStyle, readout: bool) -> None:
+    """Refuse to score isolated candidate lines with anything but the readout head: a label head's
+    forward would show the lines as written, another prompt than the one trained."""
+    if style.candidate_attention == "isolated" and not readout:
+        raise PipelineError(
+            "this prompt style shows candidate lines isolated, which only the readout head reads: "
+            "load the adapter or merged model it was trained with (it carries the readout unit)"
+        )
 
 
 def _fit(

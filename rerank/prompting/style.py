@@ -52,7 +52,7 @@ ALPACA_PREAMBLE = (
 
 @dataclass(frozen=True)
 class PromptStyle:
-    """Everything that shapes the prompt text. Serialisable; see `save` / `load`."""
+    """Everything that shapes the prompt text (and how the readout sees its lines). Serialisable; see `save` / `load`."""
 
     scheme: LabelScheme  # candidate labels and the answer instruction
     template: Literal["chat", "alpaca"] = "chat"  # the tokenizer's chat template, or Alpaca-style text
@@ -69,6 +69,11 @@ class PromptStyle:
     # "A) Title": set apart from the numbered history ("3. Title"), so "3)" never reads as history
     # item 3. Where the label sits is reranker.label_position (CANDIDATE_FORMATS).
     candidate_format: str = CANDIDATE_FORMATS["before"]
+    # How the readout head's forward shows the candidate lines (reranker.candidate_attention): "causal"
+    # = as written; "isolated" = each line attends to the shared prefix (instruction, history,
+    # header) and to itself only, from the same positions, so a line's state never depends on the
+    # lines drawn before it. Not text, but the prompt as the model reads it: saved with the adapter.
+    candidate_attention: Literal["causal", "isolated"] = "causal"
     # Extra chat-template variables: Qwen3 templates think unless told not to; others ignore it.
     chat_template_kwargs: dict[str, Any] = field(default_factory=lambda: {"enable_thinking": False})
     # Fingerprint of the tokenizer's chat template this style was made for (None for alpaca);
@@ -83,6 +88,8 @@ class PromptStyle:
             raise PipelineError(f"prompt title_max_tokens must be >= 1 (got {self.title_max_tokens})")
         if self.max_prompt_tokens < 1:
             raise PipelineError(f"prompt max_prompt_tokens must be >= 1 (got {self.max_prompt_tokens})")
+        if self.candidate_attention not in ("causal", "isolated"):
+            raise PipelineError(f"prompt candidate_attention must be causal or isolated (got {self.candidate_attention!r})")
         if self.format_version != FORMAT_VERSION:
             raise PipelineError(
                 f"prompt style format_version {self.format_version} != {FORMAT_VERSION} of this code: "
@@ -163,6 +170,7 @@ def _config_settings(cfg: RerankerConfig) -> dict[str, Any]:
         "title_max_tokens": cfg.title_max_tokens,
         "max_prompt_tokens": cfg.max_prompt_tokens,
         "candidate_format": CANDIDATE_FORMATS[cfg.label_position],
+        "candidate_attention": cfg.candidate_attention,
     }
 
 

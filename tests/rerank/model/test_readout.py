@@ -73,12 +73,14 @@ def test_readout_scores_equal_a_slow_per_candidate_reference():
     assert len({round(x, 4) for x in fast[0]}) > 1  # candidates get different scores
 
 
-def test_readout_loss_is_the_cross_entropy_of_its_scores(tmp_path):
+@pytest.mark.parametrize("attention", ["causal", "isolated"])
+def test_readout_loss_is_the_cross_entropy_of_its_scores(tmp_path, attention):
     ds = make_ds()
     samples = build_samples(ds, n_candidates=6, seed=0, max_samples=3)
-    style = make_style(tok(), LETTERS, max_history=3)
+    style = make_style(tok(), LETTERS, max_history=3, candidate_attention=attention)
     texts = TrainingTexts(samples, ds.titles, tok(), style, readout=True)
     batch = collator_for(tok())([texts[i] for i in range(3)])
+    assert batch["candidate_ends"].dim() == (3 if attention == "isolated" else 2)  # isolated: first and last tokens
     model = _readout_model()
     rows = [
         {"user": ds.user_ids[s.user], "history": [ds.item_ids[i] for i in s.history],
@@ -122,9 +124,11 @@ def test_the_readout_head_is_trained_with_the_k_way_loss():
     assert load_config(None).reranker.head == "label_tokens"
 
 
-def test_a_readout_run_exports_and_serves_its_unit(tmp_path):
+@pytest.mark.parametrize("attention", ["causal", "isolated"])
+def test_a_readout_run_exports_and_serves_its_unit(tmp_path, attention):
     """The merged export keeps the unit (readout.safetensors, attached again on load) and the HTTP
-    engine scores a readout model from each candidate line's end: both equal the adapter's ranking."""
+    engine scores a readout model from each candidate line's end: both equal the adapter's ranking
+    (isolated lines too: the style carries how the lines are shown)."""
     from rerank.export import save_merged
     from rerank.model.adapter import merge_lora
     from rerank.model.readout import READOUT_FILE
@@ -134,7 +138,7 @@ def test_a_readout_run_exports_and_serves_its_unit(tmp_path):
     from serving.scorer import LocalScorer
 
     model = _readout_model()
-    style = make_style(tok(), LETTERS, max_history=3)
+    style = make_style(tok(), LETTERS, max_history=3, candidate_attention=attention)
     ds = make_ds()
     rows = val_rows(ds)[:3]
     titles_by = dict(zip(ds.item_ids[1:], ds.titles[1:]))
