@@ -182,11 +182,12 @@ class RerankerConfig:
     # the end of the candidate's own prompt line (`rerank.model.readout`), label-free, so it needs no
     # binding of content to a symbol; trained with loss "labels" (the same K-way cross-entropy).
     head: Literal["label_tokens", "readout"] = "label_tokens"
-    # Readout head only: how its forward shows the candidate lines. "causal": as written, so a line's
-    # state also reads the lines drawn above it (a re-drawn order changes every score). "isolated":
-    # each line attends to the shared prefix (instruction, history, header) and to itself only, at
-    # the same positions wherever it is drawn (one 4D attention mask, still one forward pass): its
-    # score depends on the history and its own line, never on the other candidates or their order.
+    # How the forward shows the candidate lines. "causal": as written, so a line's states also read
+    # the lines drawn above it (a re-drawn order changes every line's state). "isolated": each line
+    # attends to the shared prefix (instruction, history, header) and to itself only, at the same
+    # positions wherever it is drawn (one 4D attention mask, still one forward pass): a readout score
+    # depends on the history and its own line only. The answer position (label heads) sees every
+    # line. Loss labels only; local scoring only (vLLM and generation show the prompt as written).
     candidate_attention: Literal["causal", "isolated"] = "causal"
     # Label head only: + this x the readout loss of a training-only unit at each candidate's line end
     # (a second forward pass), so the model learns to put each candidate's content score at the end of
@@ -329,10 +330,10 @@ class RerankerConfig:
             raise PipelineError(f"reranker.vocab_loss_weight must be >= 0 (got {self.vocab_loss_weight})")
         if self.head == "readout" and (self.loss != "labels" or self.vocab_loss_weight > 0):
             raise PipelineError("reranker.head readout is trained with the K-way loss alone: set reranker.loss=labels and vocab_loss_weight=0")
-        if self.candidate_attention == "isolated" and self.head != "readout":
+        if self.candidate_attention == "isolated" and (self.loss != "labels" or self.vocab_loss_weight > 0):
             raise PipelineError(
-                "reranker.candidate_attention isolated shows the readout head each candidate line apart: "
-                "set reranker.head=readout, or candidate_attention=causal for a label head"
+                "reranker.candidate_attention isolated is trained through the ranker's own scores (loss labels): "
+                "set reranker.loss=labels and vocab_loss_weight=0, or candidate_attention=causal"
             )
         if self.readout_aux_weight < 0:
             raise PipelineError(f"reranker.readout_aux_weight must be >= 0 (got {self.readout_aux_weight})")

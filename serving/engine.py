@@ -28,7 +28,7 @@ from pipeline.errors import PipelineError
 from pipeline.run_files import CONFIG_YAML, METRICS_JSON
 from rerank.inference.calibration import Prior  # candidate count K -> the prior of each slot
 from rerank.prompting.labels import LabelTokens
-from rerank.prompting.prompts import LineSpans, check_readout_for_style, encode_prompt, encode_prompt_ends, label_tokens
+from rerank.prompting.prompts import LineSpans, check_lines_shown, encode_prompt, encode_prompt_ends, label_tokens, needs_lines
 from rerank.prompting.style import PromptStyle, check_tokenizer
 from serving.schema import RerankRequest, TextItem
 from serving.scorer import Scorer
@@ -63,7 +63,8 @@ class RerankEngine:
         name: str,
         info: Mapping[str, Any],
     ) -> None:
-        check_readout_for_style(style, scorer.readout)  # isolated lines: only the readout head reads them
+        self.lines = needs_lines(style, scorer.readout)  # each line's tokens: the readout reads them, isolated lines need them
+        check_lines_shown(style, self.lines and scorer.shows_isolated_lines)  # vLLM shows the prompt as written
         self.scorer, self.tokenizer, self.style = scorer, tokenizer, style
         self.titles, self.prior, self.name = titles, prior, name
         self._title_set = frozenset(titles.values()) if titles is not None else frozenset()  # text mode's id check
@@ -125,7 +126,7 @@ class RerankEngine:
         else:
             docs = [self._title(item, f"documents[{i}]") for i, item in enumerate(req.documents)]
         titles = [t for t, _ in docs]
-        if self.scorer.readout:
+        if self.lines:
             ids, ends = encode_prompt_ends(history, titles, self.tokenizer, self.style)
             return Prepared(ids, titles, [i for _, i in docs], ends)
         return Prepared(encode_prompt(history, titles, self.tokenizer, self.style), titles, [i for _, i in docs])
@@ -189,7 +190,7 @@ class RerankEngine:
         for i, p in enumerate(batch):
             by_k.setdefault(len(p.titles), []).append(i)
         for k, idx in by_k.items():
-            ends = [batch[i].ends for i in idx] if self.scorer.readout else None
+            ends = [batch[i].ends for i in idx] if self.lines else None
             scores = self.scorer.score([batch[i].prompt_ids for i in idx], self.tokens.for_k(k), ends)
             offsets = self.prior.get(k, [0.0] * k)  # the slot's prior; slot j shows documents[j]
             for i, row in zip(idx, scores):

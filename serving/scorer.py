@@ -22,6 +22,7 @@ from rerank.prompting.labels import LabelTokens
 class Scorer(Protocol):
     name: str  # "local" or "vllm", shown by GET /info
     readout: bool  # the model scores candidates with the readout head: score() needs each line's end
+    shows_isolated_lines: bool  # score() takes LineSpans and shows those lines apart (candidate_attention isolated)
 
     def check(self, label_tokens: LabelTokens) -> None:
         """Raise PipelineError (one line, with the fix) if these labels cannot be scored here."""
@@ -41,6 +42,7 @@ class LocalScorer:
     def __init__(self, model: PreTrainedModel, pad_id: int, max_prompts: int) -> None:
         self.model, self.pad_id, self.max_prompts = model, pad_id, max_prompts
         self.readout = has_readout(model)
+        self.shows_isolated_lines = True  # score_prompts builds the isolated mask from LineSpans
         self.model.eval()
 
     def check(self, label_tokens: LabelTokens) -> None:

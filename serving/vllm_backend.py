@@ -38,6 +38,7 @@ class VLLMScorer:
 
     name = "vllm"
     readout = False  # vLLM returns token log-probabilities, never hidden states: label heads only
+    shows_isolated_lines = False  # vLLM takes token ids, no attention mask: candidate_attention causal only
 
     def __init__(self, base_url: str, model: str, timeout_s: float = 60.0, max_prompts: int = 64) -> None:
         if max_prompts < 1:

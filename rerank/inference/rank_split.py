@@ -21,6 +21,7 @@ from pipeline.metrics import check_finite
 from rerank.inference.progress import PartialRankings
 from rerank.inference.ranker import average_orders, encode_rows, length_ordered_batches, rank_rows, score_prompts
 from rerank.model.readout import has_readout
+from rerank.prompting.prompts import needs_lines
 from rerank.prompting.prompts import label_tokens
 from rerank.prompting.style import PromptStyle
 
@@ -84,8 +85,8 @@ def _rank_in_batches(
     """`rank_rows`, batch by batch: resumable from `partial`, shared among processes. Each scored
     batch is checked finite before the progress file keeps it."""
     main = is_main()
-    readout = has_readout(model)  # the readout head reads each candidate line's end
-    jobs = encode_rows(tokenizer, style, covered, titles, cfg.rank_permutations, seed, progress and main, with_ends=readout)
+    lines = needs_lines(style, has_readout(model))  # the readout reads each line's end; isolated lines are shown apart
+    jobs = encode_rows(tokenizer, style, covered, titles, cfg.rank_permutations, seed, progress and main, with_ends=lines)
     tokens = label_tokens(tokenizer, style)
     # The batches of one uninterrupted pass (score_prompts' batching per candidate count K), in its
     # order, so the scores are the same bits as rank_rows'.
@@ -116,7 +117,7 @@ def _rank_in_batches(
         if mine is not None:
             k, idx = batches[mine]
             ids = [jobs[k][i][2] for i in idx]
-            ends = [jobs[k][i][3] for i in idx] if readout else None
+            ends = [jobs[k][i][3] for i in idx] if lines else None
             scored = (mine, score_prompts(model, ids, tokens.for_k(k), len(ids), tokenizer.pad_token_id, progress=False, ends=ends))
             check_scores([covered[jobs[k][i][0]] for i in idx], scored[1], f"LLM scores ({split or 'ranking'})")
         results = [x for x in gather(scored) if x is not None]

@@ -27,9 +27,9 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from pipeline.errors import PipelineError
-from rerank.model.readout import has_readout, padded_ends, readout_scores
+from rerank.model.readout import has_readout, isolated_inputs, padded_ends, readout_scores
 from rerank.prompting.labels import LabelTokens
-from rerank.prompting.prompts import LineSpans, check_readout_for_style, encode_prompt, encode_prompt_ends, label_tokens
+from rerank.prompting.prompts import LineSpans, check_lines_shown, encode_prompt, encode_prompt_ends, label_tokens, needs_lines
 from rerank.prompting.style import PromptStyle
 
 # Prompts per forward pass. 16 prompts of ~600 tokens (20 history + 20 candidates) take a few GB
@@ -96,10 +96,13 @@ def score_prompts(
         raise PipelineError("no pad token id for batched scoring: pass the tokenizer's pad_token_id")
     if any(len(p) == 0 for p in prompts_ids):
         raise PipelineError("an empty prompt cannot be scored: build prompts with rerank.prompting.prompts.build_prompt")
-    if has_readout(model) != (ends is not None):
+    readout = has_readout(model)
+    if readout and ends is None:
+        raise PipelineError("the readout head scores candidates at their line ends: pass ends (prompts.encode_prompt_ends)")
+    if not readout and ends is not None and not all(isinstance(e, LineSpans) for e in ends):
         raise PipelineError(
-            "the readout head scores candidates at their line ends: pass ends exactly when the model has a readout "
-            "(prompts.encode_prompt_ends)"
+            "a label head reads candidate lines only to show them isolated: pass ends only for a readout model "
+            "or a candidate_attention isolated style (prompts.encode_prompt_ends)"
         )
     scored = label_tokens.scored_ids
     plan = _plan(scored)
@@ -112,12 +115,12 @@ def score_prompts(
         with torch.inference_mode():
             for idx in tqdm(batches, desc="ranking", unit="batch", disable=not progress or len(batches) <= 1):
                 batch = [prompts_ids[i] for i in idx]
-                if ends is None:
-                    scores = _score_batch(model, batch, scored, plan, pad_id, device)
-                else:
+                lines = None if ends is None else [ends[i] for i in idx]
+                if readout:
                     input_ids, mask = pad_left(batch, pad_id, device)
-                    cols = padded_ends([ends[i] for i in idx], [len(p) for p in batch], input_ids.shape[1], device)
-                    scores = readout_scores(model, input_ids, mask, cols)
+                    scores = readout_scores(model, input_ids, mask, padded_ends(lines, [len(p) for p in batch], input_ids.shape[1], device))
+                else:
+                    scores = _score_batch(model, batch, scored, plan, pad_id, device, lines)
                 for i, row in zip(idx, scores.tolist()):
                     out[i] = row
     finally:
@@ -141,10 +144,13 @@ def _score_batch(
     plan: _Plan,
     pad_id: int,
     device: torch.device,
+    lines: Optional[Sequence[LineSpans]] = None,
 ) -> torch.Tensor:
-    """(B, K) label scores for one batch: the prompt pass, then the trie's continuations."""
+    """(B, K) label scores for one batch: the prompt pass, then the trie's continuations. `lines`:
+    each prompt's candidate lines, shown isolated (candidate_attention isolated)."""
     input_ids, mask = pad_left(batch, pad_id, device)
-    return label_scores(model, input_ids, mask, scored, plan, pad_id)
+    spans = None if lines is None else padded_ends(lines, [len(p) for p in batch], input_ids.shape[1], device)
+    return label_scores(model, input_ids, mask, scored, plan, pad_id, spans=spans)
 
 
 def pad_left(batch: Sequence[Sequence[int] | np.ndarray], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -172,6 +178,7 @@ def label_scores(
     plan: _Plan,
     pad_id: int,
     normalized: bool = True,
+    spans: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """(B, K): log P(scored[k] | prompt) for left-padded prompts: THE definition of a label's score,
     used by the ranker (no grad) and by the "labels" training loss (with grad).
@@ -180,9 +187,14 @@ def label_scores(
     rows of the output layer only, not the whole vocabulary: the scores then lack the answer
     position's log-partition, a constant per prompt, so any softmax over the K labels is unchanged.
     Continuation positions (multi-token labels) are always normalised over the vocabulary, since
-    their partitions differ between labels."""
-    # Positions count real tokens only, so a padded prompt sees the positions it has alone.
-    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    their partitions differ between labels.
+    `spans` (B, 2, K): each candidate line's first and last column (`padded_ends` of `LineSpans`):
+    the lines are shown isolated (`rerank.model.readout.isolated_attention`); the answer position
+    and the label's continuation see them all."""
+    if spans is None:  # positions count real tokens only, so a padded prompt sees the positions it has alone
+        attention, positions = mask, (mask.cumsum(1) - 1).clamp(min=0)
+    else:
+        attention, positions = isolated_inputs(model, mask, spans)
     need_cache = bool(plan.paths)
     first_ids = [seq[0] for seq in scored]
     # A wrapper without the model's methods (DistributedDataParallel in multi-process training) must
@@ -196,13 +208,13 @@ def label_scores(
         and getattr(config, "logit_scale", None) is None
     )
     if rows_only:
-        out = model.get_decoder()(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=need_cache)
+        out = model.get_decoder()(input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=need_cache)
         rows = torch.as_tensor(first_ids, device=input_ids.device)
         bias = head.bias[rows] if head.bias is not None else None
         scores = F.linear(out.last_hidden_state[:, -1], head.weight[rows], bias).float()  # (B, K) label logits
     else:
         out = model(
-            input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=need_cache, logits_to_keep=1
+            input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=need_cache, logits_to_keep=1
         )
         if out.logits.shape[1] != 1:
             raise PipelineError(
@@ -213,7 +225,7 @@ def label_scores(
         scores = first[:, first_ids]  # (B, K)
     if not need_cache:
         return scores
-    cont = _continuations(model, out.past_key_values, mask, plan, pad_id)  # (B, M, D, V)
+    cont = _continuations(model, out.past_key_values, mask, positions[:, -1] + 1, plan, pad_id)  # (B, M, D, V)
     k_idx, m_idx, d_idx, tok = [], [], [], []
     for k, seq in enumerate(scored):
         for d in range(1, len(seq)):
@@ -223,8 +235,9 @@ def label_scores(
     return scores.index_add(1, torch.as_tensor(k_idx, device=scores.device), terms)
 
 
-def _continuations(model: PreTrainedModel, cache: Any, mask: torch.Tensor, plan: _Plan, pad_id: int) -> torch.Tensor:
-    """Log-probs after every token of every trie path, fed on the prompt's KV cache: (B, M, D, V)."""
+def _continuations(model: PreTrainedModel, cache: Any, mask: torch.Tensor, start: torch.Tensor, plan: _Plan, pad_id: int) -> torch.Tensor:
+    """Log-probs after every token of every trie path, fed on the prompt's KV cache: (B, M, D, V).
+    `start` (B,): the position of the answer's first token (after the prompt's last)."""
     n, m, depth = mask.shape[0], len(plan.paths), plan.depth
     if not hasattr(cache, "batch_repeat_interleave"):
         raise PipelineError(
@@ -236,8 +249,8 @@ def _continuations(model: PreTrainedModel, cache: Any, mask: torch.Tensor, plan:
     paths = torch.tensor([p + (pad_id,) * (depth - len(p)) for p in plan.paths], device=mask.device)
     ids = paths.repeat(n, 1)  # (B*M, D), path j of prompt r at row r*m + j
     cont_mask = torch.cat([mask.repeat_interleave(m, 0), torch.ones_like(ids)], dim=1)
-    lengths = mask.sum(1).repeat_interleave(m)  # the continuation starts right after the prompt
-    positions = lengths[:, None] + torch.arange(depth, device=mask.device)[None, :]
+    # The continuation attends to every real prompt token (the 2D mask) from the position after it.
+    positions = start.repeat_interleave(m)[:, None] + torch.arange(depth, device=mask.device)[None, :]
     out = model(
         input_ids=ids, attention_mask=cont_mask, position_ids=positions, past_key_values=cache, use_cache=True,
         logits_to_keep=depth,
@@ -282,7 +295,7 @@ def encode_rows(
     use, and so the scored sequences, depend on K): one prompt per row and candidate order
     (`candidate_orders`). This is everything the ranker does before the model runs. `with_ends`:
     also each candidate line's last token (`prompts.encode_prompt_ends`), what the readout head reads."""
-    check_readout_for_style(style, with_ends)
+    check_lines_shown(style, with_ends)
     jobs: dict[int, list[PromptJob]] = defaultdict(list)
     for r, row in enumerate(tqdm(rows, desc="prompts", unit="row", disable=not progress)):
         cands = list(row["candidates"])
@@ -316,11 +329,11 @@ def score_orders(
     averages them."""
     tokens = label_tokens(tokenizer, style)  # one derivation holds for every prompt of the style
     out: list[list[tuple[list[int], list[float]]]] = [[] for _ in rows]
-    readout = has_readout(model)
-    for k, group in encode_rows(tokenizer, style, rows, titles_by_item, permutations, seed, progress, with_ends=readout).items():
+    lines = needs_lines(style, has_readout(model))
+    for k, group in encode_rows(tokenizer, style, rows, titles_by_item, permutations, seed, progress, with_ends=lines).items():
         scores = score_prompts(
             model, [ids for _, _, ids, _ in group], tokens.for_k(k), batch_size, tokenizer.pad_token_id, progress,
-            ends=[ends for _, _, _, ends in group] if readout else None,
+            ends=[ends for _, _, _, ends in group] if lines else None,
         )
         for (r, order, _, _), slot_scores in zip(group, scores):
             out[r].append((order, slot_scores))

@@ -90,8 +90,7 @@ def line_end_hidden(
     are shown isolated (`isolated_attention`)."""
     decoder = model.get_decoder()
     if ends.dim() == 3:
-        allowed, positions = isolated_attention(mask, ends[:, 0], ends[:, 1])
-        attention, ends = _as_kernel_mask(model, allowed), ends[:, 1]
+        (attention, positions), ends = isolated_inputs(model, mask, ends), ends[:, 1]
     else:
         attention, positions = mask, (mask.cumsum(1) - 1).clamp(min=0)  # real tokens only, as the label heads count them
     n_layers = len(decoder.layers)
@@ -157,6 +156,13 @@ def isolated_attention(mask: torch.Tensor, starts: torch.Tensor, ends: torch.Ten
     allowed = sees & key_real & (col[:, None] >= col[None, :])[None]
     allowed = allowed | torch.eye(L, dtype=torch.bool, device=mask.device)[None]  # padding rows: never an empty row
     return allowed[:, None], positions
+
+
+def isolated_inputs(model: Any, mask: torch.Tensor, spans: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(attention mask, position ids) for `model`'s forward over left-padded prompts whose candidate
+    lines `spans` (B, 2, K: first and last columns) are shown isolated (`isolated_attention`)."""
+    allowed, positions = isolated_attention(mask, spans[:, 0], spans[:, 1])
+    return _as_kernel_mask(model, allowed), positions
 
 
 def _as_kernel_mask(model: Any, allowed: torch.Tensor) -> torch.Tensor:

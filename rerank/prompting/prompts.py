@@ -147,13 +147,19 @@ def encode_prompt_ends(
     return (ids, LineSpans(firsts, out)) if style.candidate_attention == "isolated" else (ids, out)
 
 
-def check_readout_for_style(style: PromptStyle, readout: bool) -> None:
-    """Refuse to score isolated candidate lines with anything but the readout head: a label head's
-    forward would show the lines as written, another prompt than the one trained."""
-    if style.candidate_attention == "isolated" and not readout:
+def needs_lines(style: PromptStyle, readout: bool) -> bool:
+    """Whether scoring needs each candidate line's tokens (`encode_prompt_ends`): the readout head
+    reads them, and isolated lines are shown apart by them (either head)."""
+    return readout or style.candidate_attention == "isolated"
+
+
+def check_lines_shown(style: PromptStyle, with_lines: bool) -> None:
+    """Refuse to score a style with isolated candidate lines without their tokens: the forward would
+    show the lines as written, another prompt than the one trained (e.g. generation, vLLM)."""
+    if style.candidate_attention == "isolated" and not with_lines:
         raise PipelineError(
-            "this prompt style shows candidate lines isolated, which only the readout head reads: "
-            "load the adapter or merged model it was trained with (it carries the readout unit)"
+            "this prompt style shows candidate lines isolated, which only the one-pass ranker on a local model does: "
+            "score it with rank_rows / the local backend, or train with reranker.candidate_attention=causal"
         )
 
 

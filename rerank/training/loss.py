@@ -1,6 +1,8 @@
 """The answer-only training losses: vocabulary cross-entropy at the supervised positions, and the labels loss."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
@@ -37,12 +39,14 @@ def labels_loss_sum(
     target_index: torch.Tensor,
     tokens: LabelTokens,
     pad_id: int,
+    spans: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Sum over the batch of the cross-entropy over the K candidate labels: -log softmax_k(score_k)
     at the target's label, score_k the ranker's own label score (`ranker.label_scores`, one
     definition for training and ranking). Only the label rows of the output layer are used at the
-    answer position (the log-partition there is the same for every label and cancels)."""
+    answer position (the log-partition there is the same for every label and cancels). `spans`: the
+    candidate lines shown isolated (`label_scores`)."""
     from rerank.inference.ranker import label_scores, plan_for
 
-    scores = label_scores(model, prompt_ids, prompt_mask, tokens.scored_ids, plan_for(tokens), pad_id, normalized=False)
+    scores = label_scores(model, prompt_ids, prompt_mask, tokens.scored_ids, plan_for(tokens), pad_id, normalized=False, spans=spans)
     return F.cross_entropy(scores, target_index, reduction="sum")

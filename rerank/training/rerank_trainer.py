@@ -94,7 +94,9 @@ class RerankTrainer(Trainer):
             if self.head == "readout":  # the readout head's K scores (`readout_scores`)
                 term = F.cross_entropy(readout_scores(model, prompts, mask, inputs["candidate_ends"]), target, reduction="sum")
             else:
-                term = labels_loss_sum(model, prompts, mask, target, self.train_tokens, self.pad_id)
+                lines = inputs.get("candidate_ends")  # (B, 2, K) spans when the lines are shown isolated
+                spans = lines if lines is not None and lines.dim() == 3 else None
+                term = labels_loss_sum(model, prompts, mask, target, self.train_tokens, self.pad_id, spans=spans)
             term = self._mean(term, counts.get("prompts"), target.numel())
             loss = loss + self._keep_term("labels", term, model)
             if self.readout_aux_weight > 0:  # the training-only unit beside a label head

@@ -143,7 +143,7 @@ def train_adapter(
         check_labels_shown(tokenizer, style)
     train_dataset = TrainingTexts(
         train_samples, ds.titles, tokenizer, style, cfg.supervise_end_of_turn, tokens,
-        reshuffle_seed=seed if cfg.reshuffle_each_epoch else None, readout=cfg.head == "readout" or cfg.readout_aux_weight > 0,
+        reshuffle_seed=seed if cfg.reshuffle_each_epoch else None, readout=cfg.head == "readout" or cfg.readout_aux_weight > 0 or cfg.candidate_attention == "isolated",
         copy_mix=(seed, cfg.binding_mix_epochs) if cfg.binding_mix_epochs > 0 else None,
     )
     if cfg.readout_aux_weight > 0:

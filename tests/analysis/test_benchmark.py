@@ -52,7 +52,7 @@ def test_floor_batches_are_the_rankers(monkeypatch):
     """The floor must pad exactly the batches score_prompts runs: same members, same order."""
     seen: list[list[int]] = []
 
-    def record(model, batch, scored, plan, pad_id, device):
+    def record(model, batch, scored, plan, pad_id, device, lines=None):
         seen.append([len(p) for p in batch])
         return torch.zeros(len(batch), len(scored))
 

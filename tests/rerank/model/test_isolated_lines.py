@@ -105,11 +105,14 @@ def test_a_batch_mixing_isolated_and_causal_lines_is_refused():
         padded_ends([iso[1], causal[1]], [len(iso[0]), len(causal[0])], max(len(iso[0]), len(causal[0])), torch.device("cpu"))
 
 
-def test_isolation_is_a_readout_setting_saved_with_the_style(tmp_path):
+def test_isolation_is_trained_through_the_ranker_scores_and_saved_with_the_style(tmp_path):
     with pytest.raises(PipelineError, match="candidate_attention isolated"):
-        load_config(None, ["reranker.candidate_attention=isolated"])  # the label head reads the answer position
-    cfg = load_config(None, ["reranker.head=readout", "reranker.loss=labels", "reranker.candidate_attention=isolated"])
-    assert cfg.reranker.candidate_attention == "isolated"
+        load_config(None, ["reranker.candidate_attention=isolated"])  # loss vocab reads the training text's own forward
+    with pytest.raises(PipelineError, match="candidate_attention isolated"):
+        load_config(None, ["reranker.candidate_attention=isolated", "reranker.loss=labels", "reranker.vocab_loss_weight=0.5"])
+    for head in ("readout", "label_tokens"):
+        cfg = load_config(None, [f"reranker.head={head}", "reranker.loss=labels", "reranker.candidate_attention=isolated"])
+        assert cfg.reranker.candidate_attention == "isolated"
     style = _isolated(tok())
     style.save(tmp_path)
     assert PromptStyle.load(tmp_path).candidate_attention == "isolated"  # inference shows the lines as trained
@@ -131,3 +134,95 @@ def test_eager_and_sdpa_kernels_give_the_same_isolated_scores_and_flash_is_refus
     monkeypatch.setattr(model.config, "_attn_implementation", "flash_attention_2", raising=False)
     with pytest.raises(PipelineError, match="flash_attention_2"):
         readout_scores(model, *args)
+
+
+def _label_model():
+    from rerank.model.adapter import add_lora
+    from tests.helpers.training import cfg, fresh_model
+
+    model = add_lora(fresh_model(), cfg(loss="labels", lora_target_modules="all-linear"), seed=0)
+    with torch.no_grad():  # LoRA B starts at zero: make the adapter do something
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(2)))
+    return model.eval()
+
+
+def _permute_lines(ids, spans, order):
+    """The prompt with its candidate lines (each with its own label) in `order`: isolated lines sit
+    at the same positions wherever they are, so only the columns move."""
+    assert all(spans.starts[j + 1] == spans.ends[j] + 1 for j in range(len(order) - 1))  # no tokens between lines
+    head, tail = ids[: spans.starts[0]], ids[spans.ends[-1] + 1 :]
+    chunks = [ids[a : b + 1] for a, b in zip(spans.starts, spans.ends)]
+    out, starts, ends = list(head), [], []
+    for j in order:
+        starts.append(len(out))
+        out += chunks[j]
+        ends.append(len(out) - 1)
+    return out + list(tail), LineSpans(starts, ends)
+
+
+@pytest.mark.parametrize("scheme", [LETTERS, NUMBERS])
+@pytest.mark.parametrize("attention", ["causal", "isolated"])
+def test_a_label_head_on_isolated_lines_reads_them_as_a_set(scheme, attention):
+    """Moving whole lines (title AND label) leaves every label's score unchanged when the lines are
+    isolated: the answer position sees the same lines at the same positions. Numbers (two-token
+    labels from 10) check the continuation's positions too. Causal lines change."""
+    model = _label_model()
+    style = make_style(tok(), scheme, max_history=3, candidate_format=CANDIDATE_FORMATS["after"], candidate_attention="isolated")
+    k = 12 if scheme is NUMBERS else 6
+    ids, spans = encode_prompt_ends(titles(3, "h "), titles(k, "c "), tok(), style)
+    order = list(reversed(range(k)))
+    moved, moved_spans = _permute_lines(ids, spans, order)
+    lt = label_tokens(tok(), style).for_k(k)
+    ends = None if attention == "causal" else [spans, moved_spans]
+    a, b = score_prompts(model, [ids, moved], lt, batch_size=2, pad_id=tok().pad_token_id, progress=False, ends=ends)
+    if attention == "isolated":
+        assert a == pytest.approx(b, abs=1e-4)
+    else:
+        assert a != pytest.approx(b, abs=1e-3)
+    assert len({round(x, 3) for x in a}) > 1
+
+
+def test_the_labels_loss_on_isolated_lines_is_the_cross_entropy_of_the_ranker_scores(tmp_path):
+    import torch.nn.functional as F
+
+    from rerank.inference.ranker import rank_rows
+    from rerank.training.collate import TrainingTexts, collator_for
+    from rerank.training.samples import build_samples
+    from tests.helpers.data import make_ds
+    from tests.helpers.training import labels_trainer
+
+    ds = make_ds()
+    samples = build_samples(ds, n_candidates=6, seed=0, max_samples=3)
+    style = make_style(tok(), LETTERS, max_history=3, candidate_attention="isolated")
+    texts = TrainingTexts(samples, ds.titles, tok(), style, readout=True)
+    batch = collator_for(tok())([texts[i] for i in range(3)])
+    assert batch["candidate_ends"].dim() == 3
+    model = _label_model()
+    rows = [
+        {"user": ds.user_ids[s.user], "history": [ds.item_ids[i] for i in s.history],
+         "candidates": [ds.item_ids[i] for i in s.candidates], "target": ds.item_ids[s.target]}
+        for s in samples
+    ]
+    titles_by = dict(zip(ds.item_ids[1:], ds.titles[1:]))
+    with torch.no_grad():
+        ranked = torch.tensor(rank_rows(model, tok(), style, rows, titles_by, batch_size=2, progress=False))
+        causal = torch.tensor(rank_rows(model, tok(), dataclasses.replace(style, candidate_attention="causal"), rows, titles_by, progress=False))
+    assert not torch.allclose(ranked, causal, atol=1e-3)  # the ranker did show the lines isolated
+    trainer = labels_trainer(tmp_path, model, label_tokens(tok(), style).for_k(6))
+    want = F.cross_entropy(ranked, batch["target_index"]).item()  # ranked: log-probabilities, the same softmax over K
+    assert trainer.compute_loss(model, batch).item() == pytest.approx(want, rel=1e-4)
+
+
+def test_isolated_lines_are_refused_where_the_prompt_is_shown_as_written():
+    from rerank.inference.ranker import encode_rows
+    from serving.engine import RerankEngine
+    from serving.vllm_backend import VLLMScorer
+
+    style = _isolated(tok())
+    rows = [{"user": "1", "history": ["a"], "candidates": ["a", "b"], "target": "a"}]
+    with pytest.raises(PipelineError, match="isolated"):  # e.g. the generation baseline's prompts
+        encode_rows(tok(), style, rows, {"a": "A film", "b": "B film"}, with_ends=False, progress=False)
+    with pytest.raises(PipelineError, match="isolated"):
+        RerankEngine(VLLMScorer.__new__(VLLMScorer), tok(), style, {"a": "A film"}, {}, "x", {})
