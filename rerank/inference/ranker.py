@@ -82,7 +82,8 @@ def score_prompts(
 ) -> list[list[float]]:
     """log P(label_tokens.scored_ids[i] | prompt) for every prompt (row) and label i (column); for
     a model with the readout head (`rerank.model.readout`), its score of candidate i, read at `ends`
-    (per prompt, each candidate line's last token: `prompts.encode_prompt_ends`).
+    (per prompt, each candidate line's last token: `prompts.encode_prompt_ends`). `LineSpans` for
+    `ends` (a candidate_attention isolated style, either head) show each prompt's lines isolated.
 
     `prompts_ids`: token ids of prompts that end where the answer starts (`labels.encode` of
     `build_prompt`); `label_tokens`: already `for_k(K)` for K-candidate prompts; `pad_id`: the

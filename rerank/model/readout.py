@@ -171,7 +171,9 @@ def _as_kernel_mask(model: Any, allowed: torch.Tensor) -> torch.Tensor:
     must match the query's, which differs from the weights' under autocast or a kbit-prepared
     model), additive float32 for eager (added to the scores, then promoted). Flash-attention kernels
     take only padding and would silently drop the mask: refused."""
-    impl = getattr(model.config, "_attn_implementation", None) or "eager"
+    # DistributedDataParallel (multi-process label-head training) holds the model as .module.
+    config = getattr(model, "config", None) or getattr(getattr(model, "module", None), "config", None)
+    impl = getattr(config, "_attn_implementation", None) or "eager"
     if impl == "sdpa":
         return allowed
     if impl == "eager":
