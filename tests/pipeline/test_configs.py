@@ -2,7 +2,7 @@
 
 import pytest
 
-from pipeline.config import Config, load_config
+from pipeline.config import Config, load_config, variant_config
 from tests.helpers.scripts import REPO
 
 CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
@@ -17,6 +17,8 @@ def test_there_are_configs():
 def test_config_loads_and_header_names_its_command(path):
     cfg = load_config(path)
     assert isinstance(cfg, Config)
+    for name in cfg.analysis.variants or {}:  # a comparison's variants validate at load too, not mid-run
+        assert isinstance(variant_config(cfg, name), Config)
     header = [line for line in path.read_text().splitlines() if line.startswith("#")]
     rel = path.relative_to(path.parents[2]).as_posix()
     assert any("python scripts/" in line and f"--config {rel}" in line for line in header), f"{rel}: header lacks its command"
