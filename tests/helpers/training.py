@@ -52,3 +52,23 @@ def labels_trainer(tmp_path, model, tokens, vocab_weight=0.0):
         model=model, args=args, data_collator=collator_for(tok()), loss="labels", vocab_loss_weight=vocab_weight,
         train_tokens=tokens, pad_id=tok().pad_token_id,
     )
+
+
+def samples_batch_and_rows(style, n: int = 3, k: int = 6):
+    """(a collated batch of n training prompts with k candidates, each line's tokens included; the
+    same prompts as candidates-file rows; titles by item id): a training step's view and the ranker's
+    view of one set of prompts."""
+    from rerank.training.collate import TrainingTexts
+    from rerank.training.samples import build_samples
+    from tests.helpers.data import make_ds
+
+    ds = make_ds()
+    samples = build_samples(ds, n_candidates=k, seed=0, max_samples=n)
+    texts = TrainingTexts(samples, ds.titles, tok(), style, readout=True)
+    batch = collator_for(tok())([texts[i] for i in range(n)])
+    rows = [
+        {"user": ds.user_ids[s.user], "history": [ds.item_ids[i] for i in s.history],
+         "candidates": [ds.item_ids[i] for i in s.candidates], "target": ds.item_ids[s.target]}
+        for s in samples
+    ]
+    return batch, rows, dict(zip(ds.item_ids[1:], ds.titles[1:]))

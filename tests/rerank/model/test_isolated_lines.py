@@ -188,24 +188,12 @@ def test_the_labels_loss_on_isolated_lines_is_the_cross_entropy_of_the_ranker_sc
     import torch.nn.functional as F
 
     from rerank.inference.ranker import rank_rows
-    from rerank.training.collate import TrainingTexts, collator_for
-    from rerank.training.samples import build_samples
-    from tests.helpers.data import make_ds
-    from tests.helpers.training import labels_trainer
+    from tests.helpers.training import labels_trainer, samples_batch_and_rows
 
-    ds = make_ds()
-    samples = build_samples(ds, n_candidates=6, seed=0, max_samples=3)
     style = make_style(tok(), LETTERS, max_history=3, candidate_attention="isolated")
-    texts = TrainingTexts(samples, ds.titles, tok(), style, readout=True)
-    batch = collator_for(tok())([texts[i] for i in range(3)])
+    batch, rows, titles_by = samples_batch_and_rows(style)
     assert batch["candidate_ends"].dim() == 3
     model = _label_model()
-    rows = [
-        {"user": ds.user_ids[s.user], "history": [ds.item_ids[i] for i in s.history],
-         "candidates": [ds.item_ids[i] for i in s.candidates], "target": ds.item_ids[s.target]}
-        for s in samples
-    ]
-    titles_by = dict(zip(ds.item_ids[1:], ds.titles[1:]))
     with torch.no_grad():
         ranked = torch.tensor(rank_rows(model, tok(), style, rows, titles_by, batch_size=2, progress=False))
         causal = torch.tensor(rank_rows(model, tok(), dataclasses.replace(style, candidate_attention="causal"), rows, titles_by, progress=False))

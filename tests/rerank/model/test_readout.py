@@ -17,7 +17,7 @@ from rerank.training.collate import TrainingTexts, collator_for
 from rerank.training.samples import build_samples
 from tests.helpers.data import make_ds
 from tests.helpers.tokenizers import TOKENIZERS, titles
-from tests.helpers.training import cfg, fresh_model, labels_trainer, tok, val_rows
+from tests.helpers.training import cfg, fresh_model, labels_trainer, samples_batch_and_rows, tok, val_rows
 
 
 @pytest.mark.parametrize("tok_name", ["qwen", "smollm2"])
@@ -75,19 +75,10 @@ def test_readout_scores_equal_a_slow_per_candidate_reference():
 
 @pytest.mark.parametrize("attention", ["causal", "isolated"])
 def test_readout_loss_is_the_cross_entropy_of_its_scores(tmp_path, attention):
-    ds = make_ds()
-    samples = build_samples(ds, n_candidates=6, seed=0, max_samples=3)
     style = make_style(tok(), LETTERS, max_history=3, candidate_attention=attention)
-    texts = TrainingTexts(samples, ds.titles, tok(), style, readout=True)
-    batch = collator_for(tok())([texts[i] for i in range(3)])
+    batch, rows, titles_by = samples_batch_and_rows(style)
     assert batch["candidate_ends"].dim() == (3 if attention == "isolated" else 2)  # isolated: first and last tokens
     model = _readout_model()
-    rows = [
-        {"user": ds.user_ids[s.user], "history": [ds.item_ids[i] for i in s.history],
-         "candidates": [ds.item_ids[i] for i in s.candidates], "target": ds.item_ids[s.target]}
-        for s in samples
-    ]
-    titles_by = dict(zip(ds.item_ids[1:], ds.titles[1:]))
     with torch.no_grad():
         ranked = torch.tensor(rank_rows(model, tok(), style, rows, titles_by, batch_size=2, progress=False))
         trained = readout_scores(model, batch["prompt_input_ids"], batch["prompt_attention_mask"], batch["candidate_ends"])
