@@ -42,7 +42,7 @@ def test_the_letters_check_is_the_check_with_the_binding_levers():
     changed = {k: v for k, v in letters["reranker"].items() if check["reranker"].get(k) != v}
     assert changed == {
         "head": "label_tokens", "label_position": "after", "readout_aux_weight": 1.0, "readout_aux_layer": 18,
-        "binding_mix_epochs": 6, "lora_layers": 16, "train_batch_size": 1,
+        "binding_mix_epochs": 6, "lora_layers": 16, "train_batch_size": 1, "candidate_attention": "causal",
     }
     assert set(check["reranker"]) <= set(letters["reranker"]) and letters["overfit"]["modes"] == ["redrawn"]
     redrawn = check_config(load_config(CONFIGS / "overfit_letters.yaml"), "redrawn").reranker
@@ -146,7 +146,9 @@ def test_the_label_comparison_trains_the_default_recipe():
     default = yaml.safe_load((CONFIGS / "default.yaml").read_text())
     assert {k: v for k, v in compare.items() if k not in ("analysis", "retriever_run")} == default
     variants = load_config(CONFIGS / "compare_labels.yaml").analysis.variants
-    assert list(variants) == ["letters", "numbers", "letters_after", "letters_both", "readout"]
+    assert list(variants) == ["letters", "numbers", "letters_after", "letters_both", "readout", "readout_isolated", "letters_after_isolated"]
+    # the paper's rows show the prompt as written; the default recipe's own row is readout_isolated
+    assert all(v["candidate_attention"] == "causal" for name, v in variants.items() if not name.endswith("_isolated"))
 
 
 def test_binding_warmup_prompts_answer_with_the_item_that_closes_the_history(tmp_path):
