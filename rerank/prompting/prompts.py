@@ -92,8 +92,9 @@ def encode_prompt(
 
 
 class LineSpans(NamedTuple):
-    """Each candidate line's first and last token in the prompt's ids: what the readout reads under
-    candidate_attention "isolated" (each line attends to the shared prefix and to itself only)."""
+    """Each candidate line's first and last token in the prompt's ids: what a forward needs to show
+    the lines apart under candidate_attention "isolated" (each line attends to the shared prefix and
+    to itself only; either head)."""
 
     starts: list[int]
     ends: list[int]
