@@ -17,6 +17,7 @@ from analysis.benchmark.timing import make_figure, median, reported_timing, safe
 from pipeline.config import Config
 from pipeline.data import load_dataset
 from pipeline.errors import PipelineError
+from rerank.model.readout import padded_positions
 from rerank.prompting.prompts import label_tokens
 from rerank.prompting.style import PromptStyle, style_from_config
 from rerank.training.loss import labels_loss_sum, supervised_logits
@@ -31,7 +32,7 @@ def ours_loss(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> torc
 def stock_loss(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """transformers' causal-LM loss (`labels=`): logits at every position, the whole vocabulary.
     Given the same position ids as ours, so the two losses are equal and only their cost differs."""
-    positions = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    positions = padded_positions(batch["attention_mask"])
     return model(
         input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=positions,
         labels=batch["labels"], use_cache=False,

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from pipeline.errors import PipelineError
-from rerank.model.readout import has_readout, isolated_inputs, padded_ends, readout_scores
+from rerank.model.readout import forward_inputs, has_readout, padded_ends, readout_scores
 from rerank.prompting.labels import LabelTokens
 from rerank.prompting.prompts import LineSpans, check_lines_shown, encode_prompt, encode_prompt_ends, label_tokens, needs_lines
 from rerank.prompting.style import PromptStyle
@@ -192,10 +192,7 @@ def label_scores(
     `spans` (B, 2, K): each candidate line's first and last column (`padded_ends` of `LineSpans`):
     the lines are shown isolated (`rerank.model.readout.isolated_attention`); the answer position
     and the label's continuation see them all."""
-    if spans is None:  # positions count real tokens only, so a padded prompt sees the positions it has alone
-        attention, positions = mask, (mask.cumsum(1) - 1).clamp(min=0)
-    else:
-        attention, positions = isolated_inputs(model, mask, spans)
+    attention, positions = forward_inputs(model, mask, spans)
     need_cache = bool(plan.paths)
     first_ids = [seq[0] for seq in scored]
     # A wrapper without the model's methods (DistributedDataParallel in multi-process training) must

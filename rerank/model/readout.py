@@ -89,10 +89,9 @@ def line_end_hidden(
     `ends` (B, 2, K) = each line's first and last token (`padded_ends` of `LineSpans`): the lines
     are shown isolated (`isolated_attention`)."""
     decoder = model.get_decoder()
-    if ends.dim() == 3:
-        (attention, positions), ends = isolated_inputs(model, mask, ends), ends[:, 1]
-    else:
-        attention, positions = mask, (mask.cumsum(1) - 1).clamp(min=0)  # real tokens only, as the label heads count them
+    spans = line_spans(ends)
+    attention, positions = forward_inputs(model, mask, spans)
+    ends = ends if spans is None else spans[:, 1]
     n_layers = len(decoder.layers)
     if layer is not None and not 1 <= layer <= n_layers:
         raise PipelineError(f"readout layer {layer} is outside the model's layers 1..{n_layers}: choose one of them")
@@ -144,7 +143,7 @@ def isolated_attention(mask: torch.Tensor, starts: torch.Tensor, ends: torch.Ten
     line = torch.where(in_line.any(1), in_line.float().argmax(1) + 1, 0)  # 1..K inside line k, 0 elsewhere
     prefix = (col[None, :] < starts[:, :1]) & mask.bool()
     after = col[None, :] > ends[:, -1:]
-    causal_pos = (mask.cumsum(1) - 1).clamp(min=0)
+    causal_pos = padded_positions(mask)
     first = causal_pos.gather(1, starts[:, :1])  # the first line's first position: the prefix's length
     own_start = starts.gather(1, (line - 1).clamp(min=0))  # (B, L): the start of the line a token is in
     longest = (ends - starts + 1).max(1, keepdim=True).values
@@ -158,9 +157,24 @@ def isolated_attention(mask: torch.Tensor, starts: torch.Tensor, ends: torch.Ten
     return allowed[:, None], positions
 
 
-def isolated_inputs(model: Any, mask: torch.Tensor, spans: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(attention mask, position ids) for `model`'s forward over left-padded prompts whose candidate
-    lines `spans` (B, 2, K: first and last columns) are shown isolated (`isolated_attention`)."""
+def padded_positions(mask: torch.Tensor) -> torch.Tensor:
+    """(B, L) position ids of left-padded prompts counting real tokens only, so a padded prompt sees
+    the positions it has alone: what every forward over candidate lines as written uses."""
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def line_spans(ends: torch.Tensor) -> Optional[torch.Tensor]:
+    """`padded_ends`' output as the spans that show candidate lines isolated ((B, 2, K): first and
+    last columns), or None when it holds line ends only ((B, K): the lines as written)."""
+    return ends if ends.dim() == 3 else None
+
+
+def forward_inputs(model: Any, mask: torch.Tensor, spans: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(attention mask, position ids) for `model`'s forward over left-padded prompts: the padding mask
+    and `padded_positions` when `spans` is None, else the candidate lines `spans` (B, 2, K) shown
+    isolated (`isolated_attention`)."""
+    if spans is None:
+        return mask, padded_positions(mask)
     allowed, positions = isolated_attention(mask, spans[:, 0], spans[:, 1])
     return _as_kernel_mask(model, allowed), positions
 

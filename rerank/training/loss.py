@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from pipeline.errors import PipelineError
 from rerank.model.compat import masked_logits
+from rerank.model.readout import padded_positions
 from rerank.prompting.labels import LabelTokens
 from rerank.training.collate import IGNORE_INDEX
 
@@ -20,7 +21,7 @@ def supervised_logits(
     output layer. Positions count real tokens only, as at ranking, so left padding changes nothing."""
     predicts = labels[:, 1:] != IGNORE_INDEX  # position p predicts token p + 1
     keep = F.pad(predicts, (0, 1), value=False)  # (B, L) bool: the positions whose logits we need
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    position_ids = padded_positions(attention_mask)
     # The boolean mask where this transformers takes one, its columns otherwise (`masked_logits`).
     logits = masked_logits(model, keep, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
     n = int(predicts.sum())

@@ -13,7 +13,7 @@ from transformers import Trainer
 from transformers.trainer_pt_utils import nested_gather
 
 from pipeline.errors import PipelineError
-from rerank.model.readout import AUX_MODULE, readout_scores
+from rerank.model.readout import AUX_MODULE, line_spans, readout_scores
 from rerank.prompting.labels import LabelTokens
 from rerank.training.loss import labels_loss_sum, supervised_logits
 from rerank.training.validation import ScoreRows, ranking_metrics, shuffled_rows
@@ -94,8 +94,8 @@ class RerankTrainer(Trainer):
             if self.head == "readout":  # the readout head's K scores (`readout_scores`)
                 term = F.cross_entropy(readout_scores(model, prompts, mask, inputs["candidate_ends"]), target, reduction="sum")
             else:
-                lines = inputs.get("candidate_ends")  # (B, 2, K) spans when the lines are shown isolated
-                spans = lines if lines is not None and lines.dim() == 3 else None
+                lines = inputs.get("candidate_ends")  # spans when the lines are shown isolated
+                spans = None if lines is None else line_spans(lines)
                 term = labels_loss_sum(model, prompts, mask, target, self.train_tokens, self.pad_id, spans=spans)
             term = self._mean(term, counts.get("prompts"), target.numel())
             loss = loss + self._keep_term("labels", term, model)
