@@ -43,6 +43,7 @@ def test_the_letters_check_is_the_check_with_the_binding_levers():
     assert changed == {
         "head": "label_tokens", "label_position": "after", "readout_aux_weight": 1.0, "readout_aux_layer": 18,
         "binding_mix_epochs": 6, "lora_layers": 16, "train_batch_size": 1, "train_negatives": "mix",
+        "learning_rate": 1.0e-3,
     }
     assert set(check["reranker"]) <= set(letters["reranker"]) and letters["overfit"]["modes"] == ["redrawn"]
     redrawn = check_config(load_config(CONFIGS / "overfit_letters.yaml"), "redrawn").reranker
