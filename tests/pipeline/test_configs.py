@@ -35,3 +35,19 @@ def test_exponent_without_a_dot_is_a_number_and_words_are_not():
         load_config(None, ["reranker.learning_rate=fast"])
     with pytest.raises(PipelineError, match="lora_target_modules"):
         load_config(None, ["reranker.lora_target_modules=every-linear"])
+
+
+def test_cpu_long_is_the_default_recipe_with_a_larger_budget():
+    """cpu_long.yaml is "the default recipe with more of the CPU": a drift in the head, the lines'
+    attention or the training prompts would make it measure another recipe than the main job's."""
+    import dataclasses
+
+    experiments = REPO / "configs" / "experiments"
+    default, long = (dataclasses.asdict(load_config(experiments / f"{n}.yaml")) for n in ("default", "cpu_long"))
+    for section in ("data", "retriever"):
+        assert long[section] == default[section], section
+    changed = {k: v for k, v in long["reranker"].items() if default["reranker"][k] != v}
+    assert changed == {
+        "max_train_samples": 800, "train_batch_size": 8, "learning_rate": 1.0e-3, "logging_steps": 10,
+        "eval_steps": 34, "patience": 5, "val_max_users": 64, "calibration_users": 64,
+    }
