@@ -40,10 +40,10 @@ def test_exponent_without_a_dot_is_a_number_and_words_are_not():
 def test_cpu_long_is_the_default_recipe_with_a_larger_budget():
     """cpu_long.yaml is "the default recipe with more of the CPU": a drift in the head, the lines'
     attention or the training prompts would make it measure another recipe than the main job's."""
-    import dataclasses
+    from pipeline.config import to_dict
 
     experiments = REPO / "configs" / "experiments"
-    default, long = (dataclasses.asdict(load_config(experiments / f"{n}.yaml")) for n in ("default", "cpu_long"))
+    default, long = (to_dict(load_config(experiments / f"{n}.yaml")) for n in ("default", "cpu_long"))
     for section in ("data", "retriever"):
         assert long[section] == default[section], section
     changed = {k: v for k, v in long["reranker"].items() if default["reranker"][k] != v}
